@@ -1,0 +1,167 @@
+"""The three Parquet tables of DESIGN §3, defined once, with their validation and atomic writer."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from seminar_ray.data.errors import DataError
+
+FEATURE_DIM = 512  # CLIP ViT-B/32 text and image embedding width (paper §4.1)
+EMPTY_QUERY = 0  # query id of a browse behaviour (paper §3.1)
+PAD_ITEM = 0  # item id 0 is padding
+
+ITEMS = pa.schema(
+    [
+        pa.field("item_id", pa.int64(), nullable=False),
+        pa.field("title", pa.string()),
+        pa.field("attr_ids", pa.list_(pa.int32())),
+        pa.field("image_ref", pa.string()),  # path or URL of the item's image, for feature extraction
+        pa.field("text_emb", pa.list_(pa.float32(), FEATURE_DIM)),
+        pa.field("image_emb", pa.list_(pa.float32(), FEATURE_DIM)),
+    ]
+)
+QUERIES = pa.schema(
+    [
+        pa.field("query_id", pa.int64(), nullable=False),
+        pa.field("token_ids", pa.list_(pa.int32())),
+        pa.field("text", pa.string()),
+        pa.field("text_emb", pa.list_(pa.float32(), FEATURE_DIM)),
+    ]
+)
+SEQUENCES = pa.schema(
+    [
+        pa.field("user_id", pa.int64(), nullable=False),
+        pa.field("item_ids", pa.list_(pa.int64())),
+        pa.field("query_ids", pa.list_(pa.int64())),
+        pa.field("timestamps", pa.list_(pa.int64())),
+    ]
+)
+TABLES = {"items": ITEMS, "queries": QUERIES, "sequences": SEQUENCES}
+
+
+@dataclass
+class DatasetMeta:
+    """Sizes the model needs to build its tables; written as meta.json beside the Parquet files."""
+
+    source: str
+    num_items: int  # item ids are 1..num_items
+    num_queries: int  # query ids are 0..num_queries (0 = empty query)
+    num_attrs: int  # attribute ids are 1..num_attrs (0 = padding)
+    num_tokens: int  # keyword token ids are 1..num_tokens (0 = padding)
+    num_users: int
+    num_behaviours: int
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def load(cls, data_dir: str | Path) -> "DatasetMeta":
+        path = Path(data_dir) / "meta.json"
+        if not path.exists():
+            raise DataError(f"{path}: missing; is {data_dir} a directory written by jobs/prepare_data.py?")
+        return cls(**json.loads(path.read_text()))
+
+
+def table_path(data_dir: str | Path, name: str) -> Path:
+    return Path(data_dir) / f"{name}.parquet"
+
+
+def conform(table: pa.Table, name: str) -> pa.Table:
+    """Cast `table` to the schema of table `name`, naming the column when it cannot."""
+    schema = TABLES[name]
+    missing = [f.name for f in schema if f.name not in table.column_names]
+    if missing:
+        raise DataError(f"{name}: missing column(s) {missing}")
+    try:
+        return table.select(schema.names).cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+        raise DataError(f"{name}: cannot cast to the schema ({exc})") from exc
+
+
+def _ids(table: pa.Table, column: str) -> np.ndarray:
+    return table.column(column).to_numpy()
+
+
+def validate(items: pa.Table, queries: pa.Table, sequences: pa.Table) -> None:
+    """Check the id contracts of DESIGN §3; each failure names the table, column and row."""
+    item_ids = _ids(items, "item_id")
+    if len(item_ids) == 0:
+        raise DataError("items: empty table")
+    if not np.array_equal(np.sort(item_ids), np.arange(1, len(item_ids) + 1)):
+        raise DataError("items.item_id: ids must be exactly 1..N (0 is padding)")
+    query_ids = _ids(queries, "query_id")
+    if not np.array_equal(np.sort(query_ids), np.arange(0, len(query_ids))):
+        raise DataError("queries.query_id: ids must be exactly 0..Q with 0 the empty query")
+    if len(sequences) == 0:
+        raise DataError("sequences: empty table")
+    lengths = {c: pa.compute.list_value_length(sequences.column(c)).to_numpy() for c in ("item_ids", "query_ids", "timestamps")}
+    bad = np.nonzero((lengths["item_ids"] != lengths["query_ids"]) | (lengths["item_ids"] != lengths["timestamps"]))[0]
+    if len(bad):
+        raise DataError(f"sequences row {bad[0]}: item_ids, query_ids and timestamps differ in length")
+    flat_items = pa.compute.list_flatten(sequences.column("item_ids")).to_numpy()
+    flat_queries = pa.compute.list_flatten(sequences.column("query_ids")).to_numpy()
+    row_of = np.repeat(np.arange(len(sequences)), lengths["item_ids"])
+    for col, flat, hi, lo in (("item_ids", flat_items, len(item_ids), 1), ("query_ids", flat_queries, len(query_ids) - 1, 0)):
+        bad = np.nonzero((flat < lo) | (flat > hi))[0]
+        if len(bad):
+            r = row_of[bad[0]]
+            uid = sequences.column("user_id")[int(r)].as_py()
+            raise DataError(f"sequences row {r} (user_id {uid}).{col}: unknown id {flat[bad[0]]}")
+
+
+def write_dataset(out_dir: str | Path, items: pa.Table, queries: pa.Table, sequences: pa.Table, meta: DatasetMeta,
+                  extra_files: dict[str, bytes] | None = None) -> Path:
+    """Validate, then write all tables into a temporary sibling directory and rename it into place."""
+    items, queries, sequences = conform(items, "items"), conform(queries, "queries"), conform(sequences, "sequences")
+    validate(items, queries, sequences)
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        for name, table in (("items", items), ("queries", queries), ("sequences", sequences)):
+            pq.write_table(table, table_path(tmp, name), row_group_size=4096)
+        (tmp / "meta.json").write_text(meta.to_json())
+        for fname, blob in (extra_files or {}).items():
+            (tmp / fname).write_bytes(blob)
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished directory `src` to `dst`, replacing an earlier `dst` only once `src` is complete."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.rename(dst, old)
+        os.rename(src, dst)
+        shutil.rmtree(old)
+    else:
+        os.rename(src, dst)
+
+
+def read_table(data_dir: str | Path, name: str, columns: list[str] | None = None) -> pa.Table:
+    path = table_path(data_dir, name)
+    if not path.exists():
+        raise DataError(f"{path}: missing table '{name}'")
+    return pq.read_table(path, columns=columns)
+
+
+def feature_matrix(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """A nullable fixed_size_list column as a dense float32 [N, 512] matrix (zeros where null) and a presence mask."""
+    col = table.column(column).combine_chunks()
+    present = ~col.is_null().to_numpy(zero_copy_only=False)
+    out = np.zeros((len(col), FEATURE_DIM), dtype=np.float32)
+    if present.any():
+        values = col.filter(pa.array(present)).flatten().to_numpy()
+        out[present] = values.reshape(-1, FEATURE_DIM)
+    return out, present

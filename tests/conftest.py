@@ -1,0 +1,44 @@
+"""Shared fixtures. One Ray cluster per test session: ray.init() costs ~10 s on this machine."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+RAY_CPUS = 4  # logical CPUs on 2 cores: every actor below asks for a fraction
+OBJECT_STORE_BYTES = 512 * 1024**2
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray cluster shared by every test in this pytest process."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address="local",
+            num_cpus=RAY_CPUS,
+            object_store_memory=OBJECT_STORE_BYTES,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A small synthetic dataset written once per session (DESIGN §3 tables)."""
+    from seminar_ray.data.synthetic import SyntheticConfig, generate_to_dir
+
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    cfg = SyntheticConfig.preset("tiny")
+    generate_to_dir(cfg, out)
+    return out

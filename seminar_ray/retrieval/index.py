@@ -1,0 +1,163 @@
+"""The retrieval index artefact: per-entity PQ codes, codebooks, fp16 exact tables and a version (DESIGN §5)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from seminar_ray.retrieval.quantizer import DimensionMismatchError, PQCodec
+from seminar_ray.retrieval.tables import GSUTables
+
+FORMAT_VERSION = 1
+ITEM_CHANNELS = ("item_T", "item_I", "item_A")  # order of GSUTables.item_channels
+CHANNEL_PARTS = (*ITEM_CHANNELS, "query_Q")  # the paper's per-channel form
+FOLDED_PARTS = ("item_folded", "query_folded")  # DESIGN §5: two look-ups per behaviour
+
+
+class UnknownIdError(KeyError):
+    """An entity id outside the index's table."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+def check_ids(kind: str, ids: np.ndarray, size: int) -> None:
+    """Raise UnknownIdError naming the first id outside [0, size)."""
+    bad = (ids < 0) | (ids >= size)
+    if bad.any():
+        raise UnknownIdError(f"unknown {kind} id {int(ids[bad][0])}: the {kind} table has {size} rows (ids 0..{size - 1})")
+
+
+@dataclass
+class PQIndex:
+    """Codebooks + codes [n, N_sub] per part + exact folded fp16 tables + per-entity γ (paper §3.3.3, DESIGN §5).
+
+    parts: "item_T", "item_I", "item_A", "query_Q" (per channel) and/or "item_folded", "query_folded".
+    A behaviour (q, i) has key k = Σ_j γ_ij x^(j)_i + λ x^Q_q = item_exact[i] + query_exact[q].
+    """
+
+    version: str
+    codecs: dict[str, PQCodec]
+    codes: dict[str, np.ndarray]
+    item_gamma: np.ndarray  # float32 [N+1, 3]
+    query_gamma: float
+    item_exact: np.ndarray  # float16 [N+1, d], folded
+    query_exact: np.ndarray  # float16 [Q+1, d], folded
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return int(self.item_exact.shape[1])
+
+    @property
+    def num_items(self) -> int:
+        return int(self.item_exact.shape[0])
+
+    @property
+    def num_queries(self) -> int:
+        return int(self.query_exact.shape[0])
+
+    def has_form(self, form: str) -> bool:
+        return all(p in self.codes for p in (FOLDED_PARTS if form == "folded" else CHANNEL_PARTS))
+
+    def check_history(self, query_ids: np.ndarray, item_ids: np.ndarray) -> None:
+        if query_ids.shape != item_ids.shape or query_ids.ndim != 1:
+            raise ValueError(f"history ids must be two 1-d arrays of one length, got {query_ids.shape} and {item_ids.shape}")
+        check_ids("item", item_ids, self.num_items)
+        check_ids("query", query_ids, self.num_queries)
+
+    def check_targets(self, u: np.ndarray) -> None:
+        if u.ndim != 2 or u.shape[1] != self.dim:
+            raise DimensionMismatchError(f"target vectors must be [C, {self.dim}], got {tuple(u.shape)}")
+
+    def part_weight(self, part: str, ids: np.ndarray) -> np.ndarray | float:
+        """γ of a part for the given entity ids (1 for folded parts)."""
+        if part in ITEM_CHANNELS:
+            return self.item_gamma[ids, ITEM_CHANNELS.index(part)]
+        return self.query_gamma if part == "query_Q" else 1.0
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Write .npy files + manifest.json atomically (tmp dir + rename); replaces an existing artefact."""
+        out = Path(out_dir)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
+        arrays = {"item_gamma": self.item_gamma, "item_exact": self.item_exact, "query_exact": self.query_exact}
+        for part, codec in self.codecs.items():
+            arrays[f"codebook_{part}"] = codec.centroids
+            arrays[f"codes_{part}"] = self.codes[part]
+        for name, arr in arrays.items():
+            np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr))
+        manifest = {
+            "format": FORMAT_VERSION, "version": self.version, "dim": self.dim, "query_gamma": self.query_gamma,
+            "num_items": self.num_items, "num_queries": self.num_queries, "extra": self.extra,
+            "parts": {p: {"n_sub": c.n_sub, "n_centroids": c.n_centroids, "nbits": c.nbits,
+                          "codes_shape": list(self.codes[p].shape)} for p, c in self.codecs.items()},
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+        return out
+
+    @classmethod
+    def load(cls, index_dir: str | os.PathLike, mmap: bool = True) -> "PQIndex":
+        """Read an artefact written by save(); codes and tables are memory-mapped when mmap."""
+        path = Path(index_dir)
+        manifest_path = path / "manifest.json"
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"no index manifest at {manifest_path}")
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("format") != FORMAT_VERSION:
+            raise ValueError(f"index format {manifest.get('format')} at {path} is not {FORMAT_VERSION}")
+        mode = "r" if mmap else None
+
+        def arr(name: str) -> np.ndarray:
+            return np.load(path / f"{name}.npy", mmap_mode=mode)
+
+        codecs, codes = {}, {}
+        for part, info in manifest["parts"].items():
+            codecs[part] = PQCodec.from_centroids(np.asarray(arr(f"codebook_{part}")))
+            codes[part] = arr(f"codes_{part}")
+            if list(codes[part].shape) != info["codes_shape"] or codecs[part].n_centroids != info["n_centroids"]:
+                raise ValueError(f"index part {part} at {path} does not match its manifest")
+        index = cls(manifest["version"], codecs, codes, arr("item_gamma"), float(manifest["query_gamma"]),
+                    arr("item_exact"), arr("query_exact"), manifest.get("extra", {}))
+        if index.dim != manifest["dim"]:
+            raise DimensionMismatchError(f"index tables have dim {index.dim}, manifest says {manifest['dim']}")
+        return index
+
+
+def build_index(tables: GSUTables, version: str, n_sub: int = 8, n_centroids: int = 256,
+                forms: tuple[str, ...] = ("folded", "channel"), max_train: int = 65536, seed: int = 0,
+                folded_n_sub: int | None = None, folded_n_centroids: int | None = None) -> PQIndex:
+    """Train one codebook per part on the entities (row 0 excluded) and encode every entity once (DESIGN §5)."""
+    if tables.item_channels.ndim != 3 or tables.item_channels.shape[1] != len(ITEM_CHANNELS):
+        raise DimensionMismatchError(f"item_channels must be [N+1, 3, d], got {tuple(tables.item_channels.shape)}")
+    if tables.query_channel.shape[-1] != tables.dim:
+        raise DimensionMismatchError(f"query_channel dim {tables.query_channel.shape[-1]} != item dim {tables.dim}")
+    sources: dict[str, tuple[np.ndarray, int, int]] = {}
+    if "channel" in forms:
+        for j, part in enumerate(ITEM_CHANNELS):
+            sources[part] = (tables.item_channels[:, j, :], n_sub, n_centroids)
+        sources["query_Q"] = (tables.query_channel, n_sub, n_centroids)
+    item_folded, query_folded = tables.item_folded(), tables.query_folded()
+    if "folded" in forms:
+        fs, fc = folded_n_sub or n_sub, folded_n_centroids or n_centroids
+        sources["item_folded"] = (item_folded, fs, fc)
+        sources["query_folded"] = (query_folded, fs, fc)
+    codecs, codes = {}, {}
+    for part, (x, ns, nc) in sources.items():
+        codecs[part] = PQCodec.fit(x[1:], ns, nc, max_train=max_train, seed=seed)
+        codes[part] = codecs[part].encode(x)
+    return PQIndex(version, codecs, codes, np.asarray(tables.item_gamma, dtype=np.float32),
+                   float(tables.query_gamma), item_folded.astype(np.float16), query_folded.astype(np.float16))

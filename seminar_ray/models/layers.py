@@ -1,0 +1,276 @@
+"""Layers shared by PSU, SEMINAR and the baselines: channels, γ, target attention (paper §3.2-§3.3, DESIGN §4b)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from seminar_ray.data.entities import EntityTables
+from seminar_ray.models.config import ModelConfig
+
+N_ITEM_CHANNELS = 3  # T, I, A
+CHANNELS = ("Q", "T", "I", "A")
+
+
+@dataclass
+class Channels:
+    """Decomposed representation of query-item pairs (paper §3.3.1): x = Σ_m γ_m x^(m) = Σ_m γ_m |x^(m)| x̂^(m)."""
+
+    x: Tensor  # [..., 4, d] channel vectors Q, T, I, A
+    gamma: Tensor  # [..., 4] γ = [λ, (1-λ)·w]
+
+    @property
+    def fused(self) -> Tensor:
+        return (self.gamma.unsqueeze(-1) * self.x).sum(-2)
+
+    @property
+    def norms(self) -> Tensor:
+        return self.x.norm(dim=-1)
+
+    @property
+    def units(self) -> Tensor:
+        return F.normalize(self.x, dim=-1)
+
+
+def masked_mean(values: Tensor, mask: Tensor, dim: int) -> Tensor:
+    """Mean of `values` over `dim` counting only positions where `mask` is True (padding excluded)."""
+    m = mask.to(values.dtype).unsqueeze(-1)
+    return (values * m).sum(dim) / m.sum(dim).clamp(min=1.0)
+
+
+def masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:
+    """Softmax over the last dim with exactly zero weight on masked positions (and all zeros if all are masked)."""
+    filled = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.softmax(filled, dim=-1) * mask.to(scores.dtype)
+
+
+def masked_topk(scores: Tensor, mask: Tensor, k: int) -> Tensor:
+    """Indices [..., k] of the k best real positions; -1 where fewer than k are real (pads are never chosen first)."""
+    k = min(k, scores.shape[-1])
+    idx = scores.masked_fill(~mask, float("-inf")).topk(k, dim=-1).indices
+    return idx.masked_fill(~mask.expand_as(scores).gather(-1, idx), -1)
+
+
+def gather_rows(table: Tensor, idx: Tensor) -> Tensor:
+    """table [B, L, ...], idx [B, C, K] (−1 allowed, gives row 0) → [B, C, K, ...] without expanding the table C times."""
+    b, length = table.shape[:2]
+    flat = table.reshape(b * length, *table.shape[2:])
+    offsets = (torch.arange(b, device=idx.device) * length).view(b, *([1] * (idx.dim() - 1)))
+    return flat[(idx.clamp(min=0) + offsets).reshape(-1)].reshape(*idx.shape, *table.shape[2:])
+
+
+def recent_positions(mask: Tensor, n: int, c: int) -> Tensor:
+    """[B, C, n] column indices of the n most recent behaviours of a left-padded history; -1 for padding."""
+    length = mask.shape[1]
+    n = min(n, length)
+    idx = torch.arange(length - n, length, device=mask.device).expand(mask.shape[0], n)
+    idx = idx.masked_fill(~mask[:, length - n:], -1)
+    return idx.unsqueeze(1).expand(-1, c, -1)
+
+
+class MLP(nn.Sequential):
+    """Linear-ReLU stack ending in a linear layer of width `out`."""
+
+    def __init__(self, d_in: int, hidden: tuple[int, ...], out: int = 1, out_bias: bool = True):
+        layers: list[nn.Module] = []
+        for h in hidden:
+            layers += [nn.Linear(d_in, h), nn.ReLU()]
+            d_in = h
+        layers.append(nn.Linear(d_in, out, bias=out_bias))
+        super().__init__(*layers)
+
+
+class MultiModalEmbedding(nn.Module):
+    """Channels Q, T, I, A and the gate w (paper §3.3.1, DESIGN §4b); frozen 512-d features are buffers, never trained.
+
+    Q = W_q(mean of keyword token embeddings, padding masked, + W_qt(query text_emb) where present)
+    T = W_t(text_emb), I = W_i(image_emb), A = W_a(item-ID embedding + mean attribute embedding);
+    a learned "missing" vector replaces a channel whose feature is absent.
+    """
+
+    def __init__(self, cfg: ModelConfig, tables: EntityTables):
+        super().__init__()
+        d, f = cfg.d, cfg.feature_dim
+        self.lam = cfg.lam
+        self.sizes = sizes = table_sizes(tables)  # the checkpoint fingerprint
+        if sizes["feature_dim"] != f:
+            raise ValueError(f"EntityTables feature width {sizes['feature_dim']} != ModelConfig.feature_dim {f}")
+        for name in ("item_text", "item_text_mask", "item_image", "item_image_mask", "item_attrs",
+                     "query_tokens", "query_text", "query_text_mask"):
+            # non-persistent: rebuilt from EntityTables at load time, so checkpoints stay small
+            self.register_buffer(name, torch.from_numpy(np.array(getattr(tables, name), copy=True)), persistent=False)
+        self.item_id = nn.Embedding(sizes["num_items"] + 1, d, padding_idx=0)
+        self.attr = nn.Embedding(sizes["num_attrs"] + 1, d, padding_idx=0)
+        self.token = nn.Embedding(sizes["num_tokens"] + 1, d, padding_idx=0)
+        self.W_qt = nn.Linear(f, d)
+        self.W_q = nn.Linear(d, d)
+        self.W_t = nn.Linear(f, d)
+        self.W_i = nn.Linear(f, d)
+        self.W_a = nn.Linear(d, d)
+        self.missing = nn.Parameter(torch.randn(3, d) * 0.1)  # Q (no tokens, no text), T, I
+        self.gate = MLP(N_ITEM_CHANNELS * d, (cfg.gate_hidden,), N_ITEM_CHANNELS)
+        for emb in (self.item_id, self.attr, self.token):
+            nn.init.normal_(emb.weight, std=0.1)
+            with torch.no_grad():
+                emb.weight[0].zero_()
+
+    def query_channel(self, query_ids: Tensor) -> Tensor:
+        """[..., d]: Q channel of each query id."""
+        tokens = self.query_tokens[query_ids]
+        has_tok = tokens != 0
+        pooled = masked_mean(self.token(tokens), has_tok, dim=-2)
+        has_text = self.query_text_mask[query_ids]
+        pooled = pooled + self.W_qt(self.query_text[query_ids]) * has_text.unsqueeze(-1)
+        present = (has_tok.any(-1) | has_text).unsqueeze(-1)
+        return torch.where(present, self.W_q(pooled), self.missing[0])
+
+    def item_channels(self, item_ids: Tensor) -> Tensor:
+        """[..., 3, d]: T, I, A channels of each item id."""
+        text = torch.where(self.item_text_mask[item_ids].unsqueeze(-1), self.W_t(self.item_text[item_ids]), self.missing[1])
+        image = torch.where(self.item_image_mask[item_ids].unsqueeze(-1), self.W_i(self.item_image[item_ids]),
+                            self.missing[2])
+        attrs = self.item_attrs[item_ids]
+        attr = self.W_a(self.item_id(item_ids) + masked_mean(self.attr(attrs), attrs != 0, dim=-2))
+        return torch.stack([text, image, attr], dim=-2)
+
+    def item_weights(self, item_channels: Tensor) -> Tensor:
+        """[..., 3]: w = softmax(gate(item's own T, I, A)), so γ depends on the item alone (DESIGN §4b)."""
+        return torch.softmax(self.gate(item_channels.flatten(-2)), dim=-1)
+
+    def gamma(self, w: Tensor) -> Tensor:
+        """[..., 4]: γ = [λ, (1-λ)·w]."""
+        lam = torch.full_like(w[..., :1], self.lam)
+        return torch.cat([lam, (1.0 - self.lam) * w], dim=-1)
+
+    def entity_channels(self, query_ids: Tensor, item_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-entity (Q [Uq, d], T/I/A [Ui, 3, d], w [Ui, 3]) for unique id tensors."""
+        items = self.item_channels(item_ids)
+        return self.query_channel(query_ids), items, self.item_weights(items)
+
+    def table(self, query_ids: list[Tensor], item_ids: list[Tensor],
+              project: ChannelProjection | None = None) -> tuple[PairTable, list[Tensor], list[Tensor]]:
+        """Channels of the distinct ids among several id tensors, computed once each, and each tensor's row indices.
+
+        `project` (GSU's G_j) maps the channels after the gate has read them, so w stays the item's own (DESIGN §4b).
+        """
+        uq, inv_q = torch.unique(torch.cat([q.reshape(-1) for q in query_ids]), return_inverse=True)
+        ui, inv_i = torch.unique(torch.cat([i.reshape(-1) for i in item_ids]), return_inverse=True)
+        q, items, w = self.entity_channels(uq, ui)
+        if project is not None:
+            q, items = project(q.unsqueeze(-2), slice(0, 1)).squeeze(-2), project(items, slice(1, None))
+        table = PairTable(query=q, items=items, gamma=self.gamma(w), lam=self.lam)
+        return table, _split_like(inv_q, query_ids), _split_like(inv_i, item_ids)
+
+
+@dataclass
+class PairTable:
+    """Per-entity channels of the distinct ids in a batch; behaviours and targets are row indices into it."""
+
+    query: Tensor  # [Uq, d] Q channel
+    items: Tensor  # [Ui, 3, d] T, I, A channels
+    gamma: Tensor  # [Ui, 4] γ = [λ, (1-λ)·w] of each item
+    lam: float
+
+    def __post_init__(self) -> None:
+        self.item_part = (self.gamma[:, 1:].unsqueeze(-1) * self.items).sum(-2)  # Σ_j γ_j x^(j)
+
+    def keys(self, q_rows: Tensor, i_rows: Tensor) -> Tensor:
+        """Fused pair vectors Σ_m γ_m x^(m) [..., d], without materialising the channels per behaviour."""
+        return self.lam * self.query[q_rows] + self.item_part[i_rows]
+
+    def channels(self, q_rows: Tensor, i_rows: Tensor) -> Channels:
+        x = torch.cat([self.query[q_rows].unsqueeze(-2), self.items[i_rows]], dim=-2)
+        return Channels(x=x, gamma=self.gamma[i_rows])
+
+
+def _split_like(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
+    parts = flat.split([t.numel() for t in like])
+    return [p.reshape(t.shape) for p, t in zip(parts, like)]
+
+
+class ChannelProjection(nn.Module):
+    """GSU's per-channel projections G_j ∈ R^{d×d}, j ∈ {Q, T, I, A} (paper §3.3.2), initialised to the identity."""
+
+    def __init__(self, d: int, n_channels: int = 4):
+        super().__init__()
+        self.G = nn.Parameter(torch.eye(d).repeat(n_channels, 1, 1))
+
+    def forward(self, x: Tensor, channels: slice = slice(None)) -> Tensor:
+        """x [..., m, d] with m = the selected channels → x^(j) G_j."""
+        return torch.einsum("...md,mde->...me", x, self.G[channels])
+
+
+class MultiHeadTargetAttention(nn.Module):
+    """Multi-head target attention with a padding mask (paper §3.3.1-§3.3.2); one class, separate weights per unit.
+
+    α_h = (q_t W_h^Q)(k_l W_h^K)^T / √d; head_h = Σ_l softmax(α_h)_l k_l W_h^V; out = Concat(head_h) W^O.
+    Fused form: the query side folds W_h^Q (W_h^K)^T, so keys are never projected per head.
+    """
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.d, self.heads = d, heads
+        self.W_Q = nn.Parameter(torch.randn(heads, d, d) / math.sqrt(d))
+        self.W_K = nn.Parameter(torch.randn(heads, d, d) / math.sqrt(d))
+        self.W_V = nn.Parameter(torch.randn(heads, d, d) / math.sqrt(d))
+        self.W_O = nn.Linear(heads * d, d)
+
+    def head_queries(self, q: Tensor) -> Tensor:
+        """[..., d] → [..., H, d]: q W_h^Q (W_h^K)^T / √d, the per-head vector whose inner product with k_l is α_h."""
+        return torch.einsum("...d,hde,hfe->...hf", q, self.W_Q, self.W_K) / math.sqrt(self.d)
+
+    def folded_query(self, q: Tensor) -> Tensor:
+        """[..., d] → [..., d]: u = mean_h q W_h^Q (W_h^K)^T / √d, so the mean-over-heads score is <u, k_l> (DESIGN §5)."""
+        return self.head_queries(q).mean(-2)
+
+    def scores(self, q: Tensor, keys: Tensor) -> Tensor:
+        """Fused α [B, C, H, L] for q [B, C, d] and keys [B, L, d] (shared) or [B, C, L, d] (per candidate)."""
+        u = self.head_queries(q)
+        if keys.dim() == 3:
+            return torch.einsum("bchd,bld->bchl", u, keys)
+        return torch.einsum("bchd,bcld->bchl", u, keys)
+
+    def scores_decomposed(self, q: Channels, k: Channels) -> Tensor:
+        """α [B, C, H, L] as Σ_ij γ_ij (x̂_t^i W_h^Q)(x̂_l^j W_h^K)^T / √d, γ_ij = γ_i γ_j |x_t^i| |x_l^j| (§3.3.1)."""
+        qi = torch.einsum("bcid,hde->bchie", q.units, self.W_Q)
+        kj = torch.einsum("blid,hde->bhlie", k.units, self.W_K)
+        unit_dots = torch.einsum("bchie,bhlje->bchlij", qi, kj)
+        q_w = (q.gamma * q.norms)[:, :, None, None, :, None]  # γ_i |x_t^i|
+        k_w = (k.gamma * k.norms)[:, None, None, :, None, :]  # γ_j |x_l^j|
+        return (unit_dots * q_w * k_w).sum((-1, -2)) / math.sqrt(self.d)
+
+    def pool(self, weights: Tensor, keys: Tensor) -> Tensor:
+        """Σ_l α_hl k_l W_h^V, heads concatenated and mixed by W^O → [B, C, d]."""
+        if keys.dim() == 3:
+            pooled = torch.einsum("bchl,bld->bchd", weights, keys)
+        else:
+            pooled = torch.einsum("bchl,bcld->bchd", weights, keys)
+        heads = torch.einsum("bchd,hde->bche", pooled, self.W_V)
+        return self.W_O(heads.flatten(-2))
+
+    def forward(self, q: Tensor, keys: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(out [B, C, d], weights [B, C, H, L]); mask [B, L] or [B, C, L] is True on real behaviours."""
+        scores = self.scores(q, keys)
+        mask = mask.unsqueeze(1) if mask.dim() == 2 else mask
+        weights = masked_softmax(scores, mask.unsqueeze(2))
+        return self.pool(weights, keys), weights
+
+
+def table_sizes(tables: EntityTables) -> dict[str, int]:
+    """The fingerprint a model's shapes depend on; a checkpoint stores it and loading checks it."""
+    meta = tables.meta
+    max_attr = int(tables.item_attrs.max(initial=0))
+    max_tok = int(tables.query_tokens.max(initial=0))
+    if max_attr > meta.num_attrs or max_tok > meta.num_tokens:
+        raise ValueError(f"EntityTables ids exceed meta: attr {max_attr} > {meta.num_attrs} "
+                         f"or token {max_tok} > {meta.num_tokens}")
+    return {
+        "num_items": int(tables.item_text.shape[0]) - 1, "num_queries": int(tables.query_tokens.shape[0]) - 1,
+        "num_attrs": int(meta.num_attrs), "num_tokens": int(meta.num_tokens),
+        "attr_width": int(tables.item_attrs.shape[1]), "token_width": int(tables.query_tokens.shape[1]),
+        "feature_dim": int(tables.item_text.shape[1]),
+    }

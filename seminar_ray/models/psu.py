@@ -1,0 +1,164 @@
+"""Pretraining Search Unit: next-pair prediction, chunked multi-modal alignment, query-item relevance (paper §3.3.1)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from seminar_ray.data.entities import EntityTables
+from seminar_ray.models.config import ModelConfig
+from seminar_ray.models.layers import MLP, MultiHeadTargetAttention, MultiModalEmbedding, PairTable
+
+ALIGN_PAIRS = ((0, 1), (0, 2), (1, 2))  # (T, I), (T, A), (I, A) among the item channels
+
+
+def soft_target_ce(logits: Tensor, labels: Tensor) -> Tensor:
+    """Softmax cross-entropy of the labelled candidate(s) among the C candidates of each row, mean over rows."""
+    log_p = torch.log_softmax(logits, dim=-1)
+    return (-(labels * log_p).sum(-1) / labels.sum(-1).clamp(min=1.0)).mean()
+
+
+def chunk(x: Tensor, n_chunks: int) -> Tensor:
+    """[B, L, ...] → [B, N_ch, ceil(L/N_ch), ...], left-padded with zeros so chunks line up with the recent end."""
+    b, length = x.shape[:2]
+    size = math.ceil(length / n_chunks)
+    pad = n_chunks * size - length
+    if pad:
+        x = torch.cat([x.new_zeros(b, pad, *x.shape[2:]), x], dim=1)
+    return x.reshape(b, n_chunks, size, *x.shape[2:])
+
+
+def clip_loss(a: Tensor, b: Tensor, valid: Tensor, same: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """Symmetric InfoNCE within chunks (summed, and count of rows) for unit vectors a, b [B, N, S, d].
+
+    Logits are cos / temperature; padding and missing features are masked out of rows and columns; another
+    behaviour with the same item is not used as a negative (`same` [B, N, S, S], True off the diagonal).
+    """
+    logits = torch.einsum("bnid,bnjd->bnij", a, b) / temperature
+    cols = valid.unsqueeze(-2) & ~same
+    fill = torch.finfo(logits.dtype).min
+    diag = torch.diagonal(logits, dim1=-2, dim2=-1)
+    a2b = torch.logsumexp(logits.masked_fill(~cols, fill), dim=-1) - diag
+    b2a = torch.logsumexp(logits.masked_fill(~cols.transpose(-1, -2), fill), dim=-2) - diag
+    per_row = torch.where(valid, 0.5 * (a2b + b2a), torch.zeros_like(diag))
+    return per_row.sum(), valid.sum().to(logits.dtype)
+
+
+def alignment_loss(units: Tensor, present: Tensor, item_ids: Tensor, n_chunks: int, temperature: float) -> Tensor:
+    """L_align = Σ_(i,j) L_CLIP(x̂^(i), x̂^(j)) over (T,I), (T,A), (I,A), each within N_ch chunks: O(L²/N_ch) memory.
+
+    units [B, L, 3, d] unit vectors; present [B, L, 3] True where the behaviour is real and the feature exists.
+    """
+    units, present, ids = chunk(units, n_chunks), chunk(present, n_chunks), chunk(item_ids, n_chunks)
+    size = ids.shape[-1]
+    same = (ids.unsqueeze(-1) == ids.unsqueeze(-2)) & ~torch.eye(size, dtype=torch.bool, device=ids.device)
+    total = units.new_zeros(())
+    for i, j in ALIGN_PAIRS:
+        valid = present[..., i] & present[..., j]
+        loss_sum, n = clip_loss(units[..., i, :], units[..., j, :], valid, same, temperature)
+        total = total + loss_sum / n.clamp(min=1.0)
+    return total
+
+
+def derangement(n: int, device: torch.device) -> Tensor:
+    """A random permutation with no fixed point (a single random cycle), n ≥ 2."""
+    order = torch.randperm(n, device=device)
+    out = torch.empty_like(order)
+    out[order] = order.roll(1)
+    return out
+
+
+class RelevanceHead(nn.Module):
+    """Bilinear query-item relevance logit s(q, i) = x^Q W x^item + b, W initialised to the identity (§3.3.1)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.W = nn.Parameter(torch.eye(d))
+        self.b = nn.Parameter(torch.zeros(()))
+
+    def forward(self, xq: Tensor, xi: Tensor) -> Tensor:
+        return torch.einsum("nd,de,ne->n", xq, self.W, xi) + self.b
+
+
+def relevance_loss(head: RelevanceHead, xq: Tensor, xi: Tensor, neg: Tensor, neg_ok: Tensor) -> Tensor:
+    """BCE: the behaviour's own (query, item) pair → 1, the same query with another behaviour's item → 0.
+
+    Minimising it raises matching pairs' logits and lowers shuffled ones (the reference code had the sign reversed).
+    """
+    pos = F.binary_cross_entropy_with_logits(head(xq, xi), torch.ones_like(xq[:, 0]))
+    neg_bce = F.binary_cross_entropy_with_logits(head(xq, xi[neg]), torch.zeros_like(xq[:, 0]), reduction="none")
+    return pos + (neg_bce * neg_ok).sum() / neg_ok.sum().clamp(min=1.0)
+
+
+class PSU(nn.Module):
+    """Pretraining Search Unit (paper §3.3.1): target attention of the next pair over the history + <EOS>."""
+
+    kind = "psu"
+
+    def __init__(self, cfg: ModelConfig, tables: EntityTables):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d
+        self.embedding = MultiModalEmbedding(cfg, tables)
+        self.eos = nn.Parameter(torch.randn(4, d) * 0.1)  # <EOS> channels Q, T, I, A appended after the history
+        self.attention = MultiHeadTargetAttention(d, cfg.heads)
+        self.next_head = MLP(3 * d, cfg.mlp_hidden, out_bias=False)  # softmax over C: a bias cancels
+        self.relevance = RelevanceHead(d)
+
+    def _encode(self, batch: dict[str, Tensor]) -> tuple[PairTable, list[Tensor], list[Tensor]]:
+        return self.embedding.table([batch["hist_queries"], batch["target_queries"]],
+                                    [batch["hist_items"], batch["target_items"]])
+
+    def _eos_key(self) -> Tensor:
+        w = self.embedding.item_weights(self.eos[1:])
+        return (self.embedding.gamma(w).unsqueeze(-1) * self.eos).sum(0)
+
+    def _next_logits(self, table: PairTable, q_rows: list[Tensor], i_rows: list[Tensor], hist_items: Tensor) -> Tensor:
+        keys = table.keys(q_rows[0], i_rows[0])
+        b = keys.shape[0]
+        keys = torch.cat([keys, self._eos_key().expand(b, 1, -1)], dim=1)
+        mask = torch.cat([hist_items != 0, hist_items.new_ones(b, 1, dtype=torch.bool)], dim=1)
+        target = table.keys(q_rows[1], i_rows[1])
+        out, _ = self.attention(target, keys, mask)
+        return self.next_head(torch.cat([out, target, out * target], dim=-1)).squeeze(-1)
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        """Next-pair logits [B, C] (candidate 0 is the true next pair)."""
+        table, q_rows, i_rows = self._encode(batch)
+        return self._next_logits(table, q_rows, i_rows, batch["hist_items"])
+
+    def _alignment(self, table: PairTable, i_rows: Tensor, hist_items: Tensor) -> Tensor:
+        e = self.embedding
+        units = F.normalize(table.items, dim=-1)[i_rows]
+        present = torch.stack([e.item_text_mask[hist_items], e.item_image_mask[hist_items],
+                               torch.ones_like(hist_items, dtype=torch.bool)], dim=-1) & (hist_items != 0).unsqueeze(-1)
+        return alignment_loss(units, present, hist_items, self.cfg.n_chunks, self.cfg.temperature)
+
+    def _relevance(self, table: PairTable, q_rows: Tensor, i_rows: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """Over behaviours with a non-empty query only; negatives keep the query and take another behaviour's item."""
+        real = (batch["hist_queries"] != 0) & (batch["hist_items"] != 0)
+        if int(real.sum()) < 2:
+            return table.query.new_zeros(())
+        xq, xi = table.query[q_rows[real]], table.item_part[i_rows[real]]
+        items = batch["hist_items"][real]
+        neg = derangement(len(items), items.device)
+        return relevance_loss(self.relevance, xq, xi, neg, (items[neg] != items).float())
+
+    def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        """L_PSU = w_next·L_next + w_align·L_align + w_rel·L_rel, each switchable (paper Table 3 ablation)."""
+        cfg = self.cfg
+        table, q_rows, i_rows = self._encode(batch)
+        terms: dict[str, Tensor] = {}
+        if cfg.use_next:
+            logits = self._next_logits(table, q_rows, i_rows, batch["hist_items"])
+            terms["next"] = cfg.w_next * soft_target_ce(logits, batch["labels"])
+        if cfg.use_align:
+            terms["align"] = cfg.w_align * self._alignment(table, i_rows[0], batch["hist_items"])
+        if cfg.use_rel:
+            terms["rel"] = cfg.w_rel * self._relevance(table, q_rows[0], i_rows[0], batch)
+        if not terms:
+            raise ValueError("PSU: use_next, use_align and use_rel are all False; nothing to train")
+        total = sum(terms.values())
+        return total, {**{k: float(v.detach()) for k, v in terms.items()}, "loss": float(total.detach())}

@@ -1,0 +1,83 @@
+"""SEMINAR's CTR model: PSU-restored embeddings, G_j, multi-head GSU top-K, ESU and MLP (paper §3.3.2)."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from seminar_ray.data.entities import EntityTables
+from seminar_ray.models.base import Encoded, LifelongCTR, SoftSearchGSU
+from seminar_ray.models.config import ModelConfig
+from seminar_ray.models.layers import ChannelProjection
+from seminar_ray.retrieval.tables import GSUTables
+
+EMBEDDING_PREFIX = "embedding."
+
+
+class SeminarCTR(LifelongCTR):
+    """GSU: x^GSU(j) = x^PSU(j) G_j, top-K by mean_h α_h^GSU; ESU: per-head attention over the K (paper §3.3.2)."""
+
+    kind = "seminar"
+
+    def __init__(self, cfg: ModelConfig, tables: EntityTables):
+        super().__init__(cfg, tables)
+        self.G = ChannelProjection(cfg.d)
+        self.gsu = SoftSearchGSU(cfg.d, cfg.heads, cfg.mlp_hidden[-1])
+
+    def projection(self) -> ChannelProjection:
+        return self.G
+
+    def retrieve(self, enc: Encoded, with_aux: bool) -> tuple[Tensor, Tensor | None]:
+        return self.gsu(enc, self.cfg.K, with_aux)
+
+    def load_pretrained(self, psu_state: Mapping[str, Tensor]) -> None:
+        """Restore PSU's embedding tables by name (every `embedding.*` tensor); any missing key or shape differs → error."""
+        restore_psu(self, psu_state)
+
+    def gsu_target_vectors(self, target_items: Tensor, target_queries: Tensor) -> Tensor:
+        """u [..., d] with <u, k_l> = mean over heads of α_h^GSU, k_l = GSUTables.keys(...)[l] (DESIGN §5)."""
+        table, (tq,), (ti,) = self.embedding.table([target_queries], [target_items], self.G)
+        return self.gsu.attention.folded_query(table.keys(tq, ti))
+
+    def gsu_scores(self, batch: dict[str, Tensor]) -> Tensor:
+        """The GSU's own mean-over-heads scores [B, C, L], what top-K ranks."""
+        enc = self.encode(batch["hist_items"], batch["hist_queries"], batch["target_items"], batch["target_queries"])
+        return self.gsu.attention.scores(enc.target, enc.keys).mean(2)
+
+
+def restore_psu(model: SeminarCTR, psu_state: Mapping[str, Tensor]) -> None:
+    """Copy PSU's `embedding.*` tensors into the CTR model's embedding exactly; raise naming the first bad key."""
+    own = model.embedding.state_dict()
+    for name, tensor in own.items():
+        key = EMBEDDING_PREFIX + name
+        if key not in psu_state:
+            raise KeyError(f"PSU state has no '{key}': not a PSU checkpoint of this model version?")
+        if tuple(psu_state[key].shape) != tuple(tensor.shape):
+            raise ValueError(f"PSU '{key}' has shape {tuple(psu_state[key].shape)}, the CTR model needs "
+                             f"{tuple(tensor.shape)}: pretrained on other data or another d?")
+    model.embedding.load_state_dict({n: psu_state[EMBEDDING_PREFIX + n] for n in own}, strict=True)
+
+
+@torch.no_grad()
+def export_gsu_tables(model: SeminarCTR, chunk: int = 65536) -> GSUTables:
+    """Every item's and query's GSU-space channels and γ (rows indexed by id) for the PQ retriever (DESIGN §5)."""
+    if not isinstance(model, SeminarCTR):
+        raise TypeError(f"export_gsu_tables needs a SeminarCTR, got {type(model).__name__}")
+    emb, G = model.embedding, model.G
+    device = emb.item_text.device
+    items, gammas, queries = [], [], []
+    for start in range(0, emb.item_text.shape[0], chunk):
+        ids = torch.arange(start, min(start + chunk, emb.item_text.shape[0]), device=device)
+        channels = emb.item_channels(ids)
+        gammas.append(emb.gamma(emb.item_weights(channels))[:, 1:].cpu())
+        items.append(G(channels, slice(1, None)).cpu())
+    for start in range(0, emb.query_tokens.shape[0], chunk):
+        ids = torch.arange(start, min(start + chunk, emb.query_tokens.shape[0]), device=device)
+        queries.append(G(emb.query_channel(ids).unsqueeze(-2), slice(0, 1)).squeeze(-2).cpu())
+    item_channels = torch.cat(items).numpy().astype(np.float32)
+    item_gamma = torch.cat(gammas).numpy().astype(np.float32)
+    item_channels[0], item_gamma[0] = 0.0, 0.0  # padding item
+    return GSUTables(item_channels=item_channels, item_gamma=item_gamma,
+                     query_channel=torch.cat(queries).numpy().astype(np.float32), query_gamma=float(model.cfg.lam))

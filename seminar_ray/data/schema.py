@@ -71,6 +71,20 @@ class DatasetMeta:
         return cls(**json.loads(path.read_text()))
 
 
+@dataclass
+class DatasetTables:
+    """What every source reader returns and `write_dataset` writes."""
+
+    items: pa.Table
+    queries: pa.Table
+    sequences: pa.Table
+    meta: DatasetMeta
+    extra_files: dict[str, bytes] = field(default_factory=dict)
+
+    def write(self, out_dir: str | Path) -> Path:
+        return write_dataset(out_dir, self.items, self.queries, self.sequences, self.meta, self.extra_files)
+
+
 def table_path(data_dir: str | Path, name: str) -> Path:
     return Path(data_dir) / f"{name}.parquet"
 
@@ -128,7 +142,7 @@ def write_dataset(out_dir: str | Path, items: pa.Table, queries: pa.Table, seque
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         for name, table in (("items", items), ("queries", queries), ("sequences", sequences)):
-            pq.write_table(table, table_path(tmp, name), row_group_size=4096)
+            pq.write_table(table, table_path(tmp, name), row_group_size=256 if name == "sequences" else 8192)
         (tmp / "meta.json").write_text(meta.to_json())
         for fname, blob in (extra_files or {}).items():
             (tmp / fname).write_bytes(blob)

@@ -1,0 +1,85 @@
+"""The Ray Data pipeline: read_parquet of sequences → training / evaluation samples → torch batches.
+
+Rows stay sequences of ids: entity features are looked up by the model. Training targets are a
+function of (seed, epoch, user), so a Ray Data dataset is built once and each epoch's samples are
+drawn by `TrainCollate(epoch)` from the Arrow batch of user sequences that a Ray Train worker takes
+from its shard: `get_dataset_shard("train").iter_torch_batches(collate_fn=TrainCollate(...))`.
+Evaluation samples are fixed, so they are drawn inside the dataset by `map_batches`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from ray.data.collate_fn import ArrowBatchCollateFn
+
+from seminar_ray.data.errors import DataError
+from seminar_ray.data.schema import DatasetMeta, table_path
+from seminar_ray.data.splits import SampleConfig, SequenceBatch, eval_batch, train_batch
+
+MAP_CPUS = 0.25  # fractional CPU for every map task: a 1-CPU task starves Train workers on 2 cores
+
+
+def sample_config(data_dir: str | Path, **overrides) -> SampleConfig:
+    """A SampleConfig whose item range comes from the dataset's meta.json."""
+    return SampleConfig(num_items=DatasetMeta.load(data_dir).num_items, **overrides)
+
+
+def read_sequences(data_dir: str | Path, min_blocks: int = 8):
+    """The sequences table as a Ray Dataset (one row per user), in at least `min_blocks` blocks so it shards."""
+    import ray.data
+
+    path = table_path(data_dir, "sequences")
+    if not path.exists():
+        raise DataError(f"{path}: missing table 'sequences'")
+    ds = ray.data.read_parquet(str(path))
+    return ds.repartition(min_blocks) if pq.ParquetFile(path).metadata.num_row_groups < min_blocks else ds
+
+
+def query_pool(data_dir: str | Path, size: int = 100_000, seed: int = 0) -> np.ndarray:
+    """A sample of behaviours' query ids (0 included at its base rate): PSU's negative-query distribution."""
+    ids = pa.compute.list_flatten(pq.read_table(table_path(data_dir, "sequences"), columns=["query_ids"]).column(0))
+    ids = ids.to_numpy()
+    if len(ids) > size:
+        ids = np.random.default_rng(seed).choice(ids, size=size, replace=False)
+    return ids.astype(np.int64)
+
+
+def to_torch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+
+
+class TrainCollate(ArrowBatchCollateFn):
+    """Arrow batch of user sequences → this epoch's training samples as torch tensors (batch contract)."""
+
+    def __init__(self, cfg: SampleConfig, epoch: int, queries: np.ndarray | None = None):
+        self.cfg, self.epoch, self.queries = cfg, epoch, queries
+
+    def __call__(self, batch: pa.Table) -> dict[str, torch.Tensor]:
+        return to_torch(train_batch(SequenceBatch.from_arrow(batch), self.cfg, self.epoch, self.queries))
+
+
+class _EvalSamples:
+    def __init__(self, cfg: SampleConfig, split: str):
+        self.cfg, self.split = cfg, split
+
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        return eval_batch(SequenceBatch.from_arrow(batch), self.split, self.cfg)
+
+
+def eval_dataset(data_dir: str | Path, split: str, cfg: SampleConfig):
+    """One row per user: its validation or test target with 99 seeded negatives sharing its query."""
+    return read_sequences(data_dir).map_batches(
+        _EvalSamples(cfg, split), batch_format="pyarrow", batch_size=256, num_cpus=MAP_CPUS
+    )
+
+
+def train_batches(ds, cfg: SampleConfig, epoch: int, users_per_batch: int, queries: np.ndarray | None = None,
+                  prefetch_batches: int = 2):
+    """Iterate one epoch of training samples from a Dataset or a DataIterator (a Train worker's shard)."""
+    return ds.iter_torch_batches(
+        batch_size=users_per_batch, collate_fn=TrainCollate(cfg, epoch, queries), prefetch_batches=prefetch_batches
+    )

@@ -58,9 +58,9 @@ def masked_topk(scores: Tensor, mask: Tensor, k: int) -> Tensor:
 def gather_rows(table: Tensor, idx: Tensor) -> Tensor:
     """table [B, L, ...], idx [B, C, K] (−1 allowed, gives row 0) → [B, C, K, ...] without expanding the table C times."""
     b, length = table.shape[:2]
-    flat = table.reshape(b * length, *table.shape[2:])
+    flat = table.reshape(b * length, -1)
     offsets = (torch.arange(b, device=idx.device) * length).view(b, *([1] * (idx.dim() - 1)))
-    return flat[(idx.clamp(min=0) + offsets).reshape(-1)].reshape(*idx.shape, *table.shape[2:])
+    return F.embedding(idx.clamp(min=0) + offsets, flat).reshape(*idx.shape, *table.shape[2:])
 
 
 def recent_positions(mask: Tensor, n: int, c: int) -> Tensor:
@@ -180,7 +180,8 @@ class PairTable:
 
     def keys(self, q_rows: Tensor, i_rows: Tensor) -> Tensor:
         """Fused pair vectors Σ_m γ_m x^(m) [..., d], without materialising the channels per behaviour."""
-        return self.lam * self.query[q_rows] + self.item_part[i_rows]
+        # F.embedding: its backward is a dense scatter-add, much faster on CPU than advanced indexing's index_put
+        return self.lam * F.embedding(q_rows, self.query) + F.embedding(i_rows, self.item_part)
 
     def channels(self, q_rows: Tensor, i_rows: Tensor) -> Channels:
         x = torch.cat([self.query[q_rows].unsqueeze(-2), self.items[i_rows]], dim=-2)

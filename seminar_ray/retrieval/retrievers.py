@@ -222,21 +222,30 @@ class CascadingHNSWRetriever(Retriever):
         super().__init__(tables.dim, len(tables.item_channels), len(tables.query_channel))
         self.tables, self.hnsw_m, self.ef_search = tables, hnsw_m, ef_search
         self.exact = ExactRetriever.from_tables(tables)
+        self._cached: tuple[bytes, list] | None = None  # the last history's indexes, reused across calls
+
+    def _channel_indexes(self, hq: np.ndarray, hi: np.ndarray) -> list:
+        key = hq.tobytes() + b"|" + hi.tobytes()
+        if self._cached is not None and self._cached[0] == key:
+            return self._cached[1]
+        built = []
+        for j in range(4):
+            uniq, inverse = np.unique(hi if j < 3 else hq, return_inverse=True)
+            vecs = self.tables.item_channels[uniq, j, :] if j < 3 else self.tables.query_channel[uniq]
+            hnsw = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            hnsw.add(np.ascontiguousarray(vecs, dtype=np.float32))
+            order = np.argsort(inverse, kind="stable")
+            built.append((hnsw, len(uniq), order, np.searchsorted(inverse[order], np.arange(len(uniq) + 1))))
+        self._cached = (key, built)
+        return built
 
     def _topk(self, hq, hi, u, K, tc):
         queries = [u] if tc is None else [np.ascontiguousarray(tc[0][:, i, :]) for i in range(4)]
         hits = [set() for _ in range(len(u))]
-        for j in range(4):
-            ids = hi if j < 3 else hq
-            uniq, inverse = np.unique(ids, return_inverse=True)
-            vecs = self.tables.item_channels[uniq, j, :] if j < 3 else self.tables.query_channel[uniq]
-            hnsw = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        for hnsw, n_uniq, order, starts in self._channel_indexes(hq, hi):
             hnsw.hnsw.efSearch = max(self.ef_search, K)
-            hnsw.add(np.ascontiguousarray(vecs, dtype=np.float32))
-            order = np.argsort(inverse, kind="stable")
-            starts = np.searchsorted(inverse[order], np.arange(len(uniq) + 1))
             for q in queries:
-                _, found = hnsw.search(q, min(K, len(uniq)))
+                _, found = hnsw.search(q, min(K, n_uniq))
                 for c in range(len(u)):
                     for e in found[c][found[c] >= 0]:
                         hits[c].update(order[starts[e]:starts[e + 1]].tolist())

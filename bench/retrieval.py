@@ -1,0 +1,268 @@
+"""Recall/latency of GSU top-K retrievers (paper §4.2.2, Figure 2, Table 4; DESIGN §5) → bench/out/retrieval.json.
+
+Scenarios: "paper" (i.i.d. N(μ,1) channels, d = 64, the three groups of Figure 2) and "catalog" (10^6 items,
+10^5 queries, Zipf histories by id, 64 candidates per user; baseline "exact_fp32" measured in the same run).
+Timings are single-threaded (BLAS and faiss pinned to one thread) on a shared machine: compare ratios.
+"""
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from seminar_ray.retrieval.index import build_index  # noqa: E402
+from seminar_ray.retrieval.retrievers import (ADCRetriever, CascadingHNSWRetriever, ExactRetriever,  # noqa: E402
+                                              LSHRetriever, RQRetriever, ServingRetriever, SymmetricPQRetriever)
+from seminar_ray.retrieval.tables import GSUTables  # noqa: E402
+
+D, KS, C = 64, (32, 64, 128, 256), 64
+PAPER_TABLE4 = {  # Alipay short video, L = 2,000 (paper Table 4)
+    "hnsw_cascade": {"name": "ANN (HNSW)", 32: 0.7881, 64: 0.8603, 128: 0.9288, 256: 0.9409},
+    "lsh_simhash": {"name": "LSH", 32: 0.7528, 64: 0.8175, 128: 0.8721, 256: 0.9257},
+    "rq": {"name": "RQ-VAE", 32: 0.8225, 64: 0.8422, 128: 0.8633, 256: 0.8995},
+    "symmetric_pq": {"name": "Multi-Modal PQ", 32: 0.9638, 64: 0.9769, 128: 0.9797, 256: 0.9874},
+}
+# Figure 2 groups; μ and γ in the order (Q, A, T, I) as the paper lists them
+GROUPS = {
+    "same_norm_same_gamma": ((1.0, 1.0, 1.0, 1.0), (0.25, 0.25, 0.25, 0.25)),
+    "diff_norm_same_gamma": ((0.25, 0.5, 1.0, 2.0), (0.25, 0.25, 0.25, 0.25)),
+    "same_norm_diff_gamma": ((1.0, 1.0, 1.0, 1.0), (0.1, 0.2, 0.3, 0.4)),
+}
+SERVING = {"folded_n_sub": 32, "folded_n_centroids": 16, "rerank_factor": 8}  # 16 B per entity, 4-bit fast-scan
+
+
+def channel_tables(rng, n_items: int, n_queries: int, mu, gamma, gate_noise: float = 0.0) -> GSUTables:
+    """Per-channel N(μ_j, 1) vectors; μ, γ in (Q, A, T, I) order; GSUTables keeps items as (T, I, A)."""
+    mq, ma, mt, mi = mu
+    items = np.empty((n_items + 1, 3, D), np.float32)
+    for j, m in enumerate((mt, mi, ma)):
+        for s in range(0, n_items + 1, 1 << 18):
+            blk = items[s:s + (1 << 18), j, :]
+            blk[...] = rng.standard_normal(blk.shape, dtype=np.float32)
+            blk += m
+    items[0] = 0
+    w = np.array([gamma[2], gamma[3], gamma[1]], np.float32)
+    if gate_noise:  # an item-dependent gate (the system's w_j(item)), keeping Σ_j γ_j = 1 - λ
+        logits = np.log(w) + gate_noise * rng.standard_normal((n_items + 1, 3)).astype(np.float32)
+        item_gamma = (1 - gamma[0]) * np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    else:
+        item_gamma = np.tile(w, (n_items + 1, 1))
+    item_gamma[0] = 0
+    queries = rng.standard_normal((n_queries + 1, D), dtype=np.float32) + mq
+    return GSUTables(items, item_gamma.astype(np.float32), queries, float(gamma[0]))
+
+
+def target_pairs(tables: GSUTables, q_ids, i_ids):
+    vectors = np.concatenate([tables.item_channels[i_ids], tables.query_channel[q_ids][:, None]], axis=1)
+    weights = np.concatenate([tables.item_gamma[i_ids], np.full((len(i_ids), 1), tables.query_gamma)], 1)
+    return tables.keys(q_ids, i_ids), (vectors, weights.astype(np.float32))
+
+
+def recall(got: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([np.isin(t[t >= 0], g).mean() for g, t in zip(got, truth)]))
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def evaluate(retrievers, bytes_of, users, scenario, group, L, n_alone, out):
+    """users: [(hq, hi, u, tc)]; exact_fp32 (first retriever) gives the truth."""
+    truths = {}
+    for r in retrievers:
+        for K in KS:
+            recs, batched, alone = [], [], []
+            for ui, (hq, hi, u, tc) in enumerate(users):
+                got, dt = timed(lambda: r.topk(hq, hi, u, K, tc))
+                batched.append(dt / len(u))
+                truth = truths.setdefault((ui, K), got)
+                recs.append(recall(got, truth))
+                if ui == 0:
+                    for c in range(n_alone.get(r.name, 4)):
+                        one = (tc[0][c:c + 1], tc[1][c:c + 1])
+                        alone.append(timed(lambda: r.topk(hq, hi, u[c:c + 1], K, one))[1])
+            row = {"scenario": scenario, "group": group, "method": r.name, "L": L, "K": K,
+                   "recall": round(float(np.mean(recs)), 4),
+                   "us_per_candidate": round(1e6 * float(np.median(alone)), 2),
+                   "us_per_candidate_batched": round(1e6 * float(np.median(batched)), 2),
+                   **bytes_of(r, K, L)}
+            if scenario == "paper" and r.name in PAPER_TABLE4:
+                row["paper_table4_recall_L2000"] = PAPER_TABLE4[r.name][K]
+            out.append(row)
+            print(json.dumps(row), flush=True)
+
+
+def code_bytes(index, part):
+    return index.codecs[part].bytes_per_code
+
+
+def make_bytes_of(index, rq_levels):
+    def bytes_of(r, K, L):
+        name = r.name
+        if name == "exact_fp32" or name == "lsh_simhash":
+            ent, beh = 4 * D, 8 * D
+        elif name.startswith("serving"):
+            ent = code_bytes(index, "item_folded") + 2 * D
+            beh = 2 * code_bytes(index, "item_folded") + 4 * D  # codes + the fp16 rows the batched re-rank gathers
+        elif name == "adc_folded":
+            ent = code_bytes(index, "item_folded")
+            beh = 2 * ent
+        elif name in ("adc_channel", "symmetric_pq"):
+            ent = 3 * code_bytes(index, "item_T") + 12  # three channel codes + γ fp32
+            beh = ent + code_bytes(index, "query_Q")
+        elif name == "rq":
+            ent, beh = rq_levels, 2 * rq_levels
+        else:  # hnsw: raw channel vectors in the per-request graphs
+            ent, beh = 3 * 4 * D, 4 * 4 * D
+        return {"bytes_per_entity": float(ent), "bytes_per_behaviour": float(beh)}
+    return bytes_of
+
+
+def paper_scenario(Ls, out, seed=0):
+    n = 39 * 512 + 32  # enough vectors to train 512 centroids per sub-space without the cap
+    for group, (mu, gamma) in GROUPS.items():
+        rng = np.random.default_rng(seed)
+        tables = channel_tables(rng, n, n, mu, gamma)
+        t0 = time.perf_counter()
+        faiss.omp_set_num_threads(2)
+        index = build_index(tables, f"paper-{group}", n_sub=8, n_centroids=512, forms=("channel",))
+        folded = build_index(tables, f"paper-{group}-folded", forms=("folded",), **{
+            "n_sub": SERVING["folded_n_sub"], "n_centroids": SERVING["folded_n_centroids"]})
+        faiss.omp_set_num_threads(1)
+        index.codecs.update(folded.codecs)
+        index.codes.update(folded.codes)
+        print(f"[paper/{group}] index built in {time.perf_counter() - t0:.1f}s", flush=True)
+        retrievers = [ExactRetriever.from_tables(tables), SymmetricPQRetriever(index), ADCRetriever(index, "channel"),
+                      ADCRetriever(index, "folded"), ServingRetriever(index, SERVING["rerank_factor"]),
+                      CascadingHNSWRetriever(tables), LSHRetriever(tables), RQRetriever(tables)]
+        for L in Ls:
+            perm = rng.permutation(n)[:L] + 1  # every behaviour its own i.i.d. query and item vectors
+            hq, hi = perm.copy(), rng.permutation(n)[:L] + 1
+            fresh = channel_tables(rng, C, C, mu, gamma)  # fresh i.i.d. target pairs
+            u, tc = target_pairs(fresh, np.arange(1, C + 1), np.arange(1, C + 1))
+            evaluate(retrievers, make_bytes_of(index, 8), [(hq, hi, u, tc)], "paper", group, L,
+                     {"hnsw_cascade": 1}, out)
+
+
+def zipf_sampler(rng, n: int, s: float = 1.0):
+    ids = rng.permutation(n) + 1
+    cdf = np.cumsum(1.0 / np.arange(1, n + 1) ** s)
+    cdf /= cdf[-1]
+    return lambda size: ids[np.minimum(np.searchsorted(cdf, rng.random(size)), n - 1)]
+
+
+def catalog_scenario(Ls, n_users, out, n_items=1_000_000, n_queries=100_000, seed=0):
+    rng = np.random.default_rng(seed)
+    mu, gamma = GROUPS["diff_norm_same_gamma"]
+    t0 = time.perf_counter()
+    tables = channel_tables(rng, n_items, n_queries, mu, (0.5, 0.5 / 3, 0.5 / 3, 0.5 / 3), gate_noise=0.5)
+    faiss.omp_set_num_threads(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        index = build_index(tables, "catalog", n_sub=8, n_centroids=256, forms=("channel",))
+        folded = build_index(tables, "catalog-folded", forms=("folded",), n_sub=SERVING["folded_n_sub"],
+                             n_centroids=SERVING["folded_n_centroids"])
+    faiss.omp_set_num_threads(1)
+    index.codecs.update(folded.codecs)
+    index.codes.update(folded.codes)
+    index.item_exact, index.query_exact = folded.item_exact, folded.query_exact
+    print(f"[catalog] tables + index built in {time.perf_counter() - t0:.1f}s", flush=True)
+    item_of, query_of = zipf_sampler(rng, n_items), zipf_sampler(rng, n_queries)
+    histories = {}
+    for L in Ls:
+        users = []
+        for _ in range(n_users):
+            hi = item_of(L)
+            hq = np.where(rng.random(L) < 0.3, query_of(L), 0)  # 30 % search behaviours
+            cand = item_of(C)
+            q = np.full(C, query_of(1)[0] if rng.random() < 0.5 else 0)  # candidates share the target's query
+            u, tc = target_pairs(tables, q, cand)
+            users.append((hq, hi, u, tc))
+        histories[L] = users
+    rq_items = np.unique(np.concatenate([h[1] for us in histories.values() for h in us]))
+    rq_queries = np.unique(np.concatenate([h[0] for us in histories.values() for h in us]))
+    retrievers = [ExactRetriever.from_tables(tables), ServingRetriever(index, SERVING["rerank_factor"]),
+                  ADCRetriever(index, "folded"), ADCRetriever(index, "channel"), SymmetricPQRetriever(index),
+                  RQRetriever(tables, encode_ids=(rq_items, rq_queries)), LSHRetriever(tables),
+                  CascadingHNSWRetriever(tables)]
+    for L in Ls:
+        evaluate(retrievers, make_bytes_of(index, 8), histories[L], "catalog", "zipf", L,
+                 {"hnsw_cascade": 1, "symmetric_pq": 2, "adc_channel": 2, "rq": 2, "lsh_simhash": 2}, out)
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results if r["scenario"] == "paper"]
+    Ls = sorted({r["L"] for r in rows})
+    fig, axes = plt.subplots(len(GROUPS), len(Ls), figsize=(4 * len(Ls), 3.2 * len(GROUPS)), squeeze=False)
+    for gi, group in enumerate(GROUPS):
+        for li, L in enumerate(Ls):
+            ax = axes[gi][li]
+            for m in dict.fromkeys(r["method"] for r in rows if r["method"] != "exact_fp32"):
+                pts = sorted((r["K"], r["recall"]) for r in rows if r["group"] == group and r["L"] == L and r["method"] == m)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+            ax.set(title=f"{group}, L={L}", xlabel="K", ylabel="Recall@K", xscale="log", ylim=(0, 1.02))
+            ax.set_xticks(KS, [str(k) for k in KS])
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default="bench/out/retrieval.json")
+    ap.add_argument("--quick", action="store_true", help="L = 2,000 and 10,000 only, fewer users")
+    ap.add_argument("--scenarios", default="paper,catalog")
+    ap.add_argument("--checkpoint", help="a fine-tuned checkpoint: recall on its real GSU tables (needs --data)")
+    ap.add_argument("--data", help="the dataset directory the checkpoint was trained on")
+    args = ap.parse_args(argv)
+    if args.checkpoint:
+        raise SystemExit("--checkpoint is not available yet: seminar_ray.models has no export_gsu_tables")
+    faiss.omp_set_num_threads(1)
+    Ls = (2000, 10000) if args.quick else (2000, 5000, 10000)
+    results, t0 = [], time.perf_counter()
+    if "paper" in args.scenarios:
+        paper_scenario(Ls, results)
+    if "catalog" in args.scenarios:
+        catalog_scenario((2000, 10000), 3 if args.quick else 8, results)
+    serving = ServingRetriever.__name__
+    names = {r["method"] for r in results if r["method"].startswith("serving")}
+    serving = sorted(names)[0] if names else serving
+    summary = {}
+    for L in (2000, 10000):
+        ex = {r["K"]: r for r in results if r["scenario"] == "catalog" and r["L"] == L and r["method"] == "exact_fp32"}
+        sv = {r["K"]: r for r in results if r["scenario"] == "catalog" and r["L"] == L and r["method"] == serving}
+        if ex and sv:
+            summary[f"L{L}"] = {f"K{K}": {"recall": sv[K]["recall"], "batched_cost_vs_exact_fp32": round(
+                sv[K]["us_per_candidate_batched"] / ex[K]["us_per_candidate_batched"], 3)} for K in KS}
+    doc = {"serving_method": serving, "serving_config": SERVING, "catalog_target_check": summary,
+           "threads": 1, "elapsed_s": round(time.perf_counter() - t0, 1), "quick": args.quick,
+           "paper_table4": {m: {str(k): v for k, v in t.items()} for m, t in PAPER_TABLE4.items()},
+           "results": results}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1))
+    if any(r["scenario"] == "paper" for r in results):
+        plot(results, out.parent / "retrieval_recall.png")
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()

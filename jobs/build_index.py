@@ -1,0 +1,94 @@
+"""Build the PQ retrieval index from a fine-tuned SEMINAR checkpoint (paper §3.3.3, DESIGN §5).
+
+Codebooks are trained on the driver; every item and query is encoded in parallel with Ray Data
+(map_batches, fractional CPUs); the artefact is written atomically (tmp dir + rename) by PQIndex.save.
+Plain `python jobs/build_index.py ...` starts an embedded local Ray.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from seminar_ray.retrieval.index import CHANNEL_PARTS, FOLDED_PARTS, ITEM_CHANNELS, PQIndex  # noqa: E402
+from seminar_ray.retrieval.quantizer import PQCodec  # noqa: E402
+from seminar_ray.retrieval.tables import GSUTables  # noqa: E402
+
+
+class EncodeBatch:
+    """A Ray Data callable: codes of one batch of vectors with a codebook given as an array."""
+
+    def __init__(self, centroids: np.ndarray):
+        self.codec = PQCodec.from_centroids(centroids)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"codes": self.codec.encode(np.stack(batch["data"]))}
+
+
+def part_vectors(gsu: GSUTables) -> dict[str, np.ndarray]:
+    parts = {p: gsu.item_channels[:, j, :] for j, p in enumerate(ITEM_CHANNELS)}
+    parts["query_Q"] = gsu.query_channel
+    parts["item_folded"], parts["query_folded"] = gsu.item_folded(), gsu.query_folded()
+    return parts
+
+
+def encode_with_ray(x: np.ndarray, codec: PQCodec, batch_size: int, concurrency: int) -> np.ndarray:
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ds = ray.data.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).map_batches(
+        EncodeBatch, fn_constructor_args=(codec.centroids,), batch_size=batch_size, batch_format="numpy",
+        num_cpus=0.25, concurrency=concurrency)
+    codes = np.concatenate([b["codes"] for b in ds.iter_batches(batch_size=None, batch_format="numpy")])
+    if codes.shape != (len(x), codec.n_sub):
+        raise RuntimeError(f"Ray Data returned codes of shape {codes.shape}, expected {(len(x), codec.n_sub)}")
+    return codes.astype(codec.code_dtype, copy=False)
+
+
+def build(gsu: GSUTables, version: str, n_sub: int, n_centroids: int, folded_n_sub: int, folded_n_centroids: int,
+          batch_size: int = 65536, concurrency: int = 4) -> PQIndex:
+    vectors = part_vectors(gsu)
+    sizes = {p: (n_sub, n_centroids) for p in CHANNEL_PARTS} | {p: (folded_n_sub, folded_n_centroids) for p in FOLDED_PARTS}
+    codecs, codes = {}, {}
+    for part, (ns, nc) in sizes.items():
+        codecs[part] = PQCodec.fit(vectors[part][1:], ns, nc)
+        codes[part] = encode_with_ray(vectors[part], codecs[part], batch_size, concurrency)
+    return PQIndex(version, codecs, codes, gsu.item_gamma.astype(np.float32), float(gsu.query_gamma),
+                   vectors["item_folded"].astype(np.float16), vectors["query_folded"].astype(np.float16))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--checkpoint", required=True, help="checkpoint or run directory of a fine-tuned SEMINAR")
+    ap.add_argument("--data", required=True, help="dataset directory (entity tables) the model was trained on")
+    ap.add_argument("--out", required=True, help="index directory to write")
+    ap.add_argument("--n-sub", type=int, default=8)
+    ap.add_argument("--n-centroids", type=int, default=256)
+    ap.add_argument("--folded-n-sub", type=int, default=32)
+    ap.add_argument("--folded-n-centroids", type=int, default=16)
+    ap.add_argument("--num-cpus", type=float, default=4, help="embedded Ray's logical CPUs when not in a cluster")
+    args = ap.parse_args(argv)
+
+    import ray
+
+    from seminar_ray.data.entities import EntityTables
+    from seminar_ray.models import export_gsu_tables, load_checkpoint
+
+    tables = EntityTables.load(args.data)
+    model, _, _ = load_checkpoint(args.checkpoint, tables)
+    gsu = export_gsu_tables(model)
+    if not ray.is_initialized():
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, configure_logging=False)
+    version = f"{Path(args.checkpoint).resolve().name}-pq{args.n_sub}x{args.n_centroids}"
+    index = build(gsu, version, args.n_sub, args.n_centroids, args.folded_n_sub, args.folded_n_centroids,
+                  concurrency=max(1, int(args.num_cpus / 0.25) // 4))
+    out = index.save(args.out)
+    print(f"index {index.version}: {index.num_items} items, {index.num_queries} queries, dim {index.dim} → {out}")
+
+
+if __name__ == "__main__":
+    main()

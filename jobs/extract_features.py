@@ -17,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from seminar_ray.data.features import DEFAULT_MODEL, FeatureConfig, extract_features  # noqa: E402
+from seminar_ray.data.schema import DatasetMeta  # noqa: E402
 from seminar_ray.runtime import init_ray, run_cli, setup_logging  # noqa: E402
 
 
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     pretrained = None if args.pretrained.lower() == "none" else args.pretrained
     cfg = FeatureConfig(model=args.model, pretrained=pretrained, actors=args.actors, batch_size=args.batch_size,
                         use_gpu=args.use_gpu, num_cpus=args.num_cpus)
+    DatasetMeta.load(args.data)  # fail on a wrong --data before starting Ray
     init_ray(args.address)
     summary = extract_features(args.data, cfg)
     print(json.dumps(summary.to_dict(), indent=2))

@@ -217,3 +217,25 @@ def test_parse_int_lists_accepts_the_bracket_format():
 def test_min_interactions_filter_leaving_nobody_is_an_error():
     with pytest.raises(DataError, match="no user has >= 9 interactions"):
         recbole.read(FIXTURES / "recbole", min_interactions=9, max_len=10)
+
+
+# ---------------------------------------------------------------- through the job entry points
+
+
+@pytest.mark.parametrize("source, fixture, edit, named", [
+    ("recbole", "recbole", lambda r: _replace(r / "ml.inter", "978100000", "yesterday"), "ml.inter: column 'timestamp:float'"),
+    ("kuaisar", "kuaisar", lambda r: _replace(r / "src_inter.csv", '"[34]"', '"[34, x]"'), "src_inter.csv: column 'keyword'"),
+    ("amazon", "amazon", lambda r: (r / "Movies_and_TV_5.json").write_text(""), "Movies_and_TV_5.json: empty file"),
+])
+def test_prepare_data_job_exits_non_zero_and_writes_nothing(tmp_path, source, fixture, edit, named):
+    import subprocess
+    import sys
+
+    root = copy_fixture(fixture, tmp_path)
+    edit(root)
+    out = tmp_path / "out"
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(repo / "jobs" / "prepare_data.py"), "--source", source, "--input", str(root),
+                           "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and named in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [fixture]  # no output, no temporary directory

@@ -176,10 +176,24 @@ class ClipEncoder:
 # ---------------------------------------------------------------- the actor pool (Ray Data)
 
 
-def encode_with_pool(rows: pa.Table, channels: tuple[str, ...], cfg: FeatureConfig, image_root: Path) -> dict[str, np.ndarray]:
-    """Run `ClipEncoder` over `rows` (columns "text" and/or "image") on an actor pool; results in row order."""
+def encoder_dataset(rows: pa.Table, channels: tuple[str, ...], cfg: FeatureConfig, image_root: Path):
+    """The lazy Ray Data pipeline: `rows` (+ an "id" = row index) → `map_batches(ClipEncoder)` on an actor pool."""
     import ray
 
+    rows = rows.select(list(channels)).add_column(0, "id", pa.array(np.arange(rows.num_rows, dtype=np.int64)))
+    bs = cfg.batch_size
+    blocks = [rows.slice(i, bs) for i in range(0, rows.num_rows, bs)]  # one batch per block: actors share evenly
+    return ray.data.from_arrow(blocks).map_batches(
+        ClipEncoder,
+        fn_constructor_kwargs=dict(model=cfg.model, pretrained=cfg.pretrained, channels=channels,
+                                   use_gpu=cfg.use_gpu, image_root=str(image_root), url_timeout_s=cfg.url_timeout_s),
+        batch_size=bs, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+        num_cpus=cfg.num_cpus, num_gpus=1 if cfg.use_gpu else 0,
+    )
+
+
+def encode_with_pool(rows: pa.Table, channels: tuple[str, ...], cfg: FeatureConfig, image_root: Path) -> dict[str, np.ndarray]:
+    """Run `ClipEncoder` over `rows` (columns "text" and/or "image") on an actor pool; results in row order."""
     n = rows.num_rows
     out = {}
     for ch in channels:
@@ -187,17 +201,7 @@ def encode_with_pool(rows: pa.Table, channels: tuple[str, ...], cfg: FeatureConf
         out[f"{ch}_status"] = np.full(n, NO_TEXT if ch == "text" else NO_IMAGE, dtype=object)
     if n == 0:
         return out
-    rows = rows.select(list(channels)).add_column(0, "id", pa.array(np.arange(n, dtype=np.int64)))
-    bs = cfg.batch_size
-    blocks = [rows.slice(i, bs) for i in range(0, n, bs)]  # one batch per block: actors share the work evenly
-    ds = ray.data.from_arrow(blocks).map_batches(
-        ClipEncoder,
-        fn_constructor_kwargs=dict(model=cfg.model, pretrained=cfg.pretrained, channels=channels,
-                                   use_gpu=cfg.use_gpu, image_root=str(image_root), url_timeout_s=cfg.url_timeout_s),
-        batch_size=bs, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-        num_cpus=cfg.num_cpus, num_gpus=1 if cfg.use_gpu else 0,
-    )
-    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+    for batch in encoder_dataset(rows, channels, cfg, image_root).iter_batches(batch_format="numpy", batch_size=None):
         where = batch["id"].astype(np.int64)
         for ch in channels:
             out[f"{ch}_emb"][where] = batch[f"{ch}_emb"]

@@ -218,6 +218,18 @@ def test_fused_scores_equal_decomposed_form():
     assert torch.allclose(q.norms[..., None] * q.units, q.x, atol=1e-6)
 
 
+def test_seminar_gsu_scores_decompose_over_its_own_channels(cfg, tables, batch):
+    """The model's GSU score (fused keys after G_j) equals the §3.3.1 decomposition over its norms and unit vectors."""
+    model = build_model("seminar", cfg, tables)
+    hq, hi = batch["hist_queries"][:2, -50:], batch["hist_items"][:2, -50:]
+    table, (hq_r, tq_r), (hi_r, ti_r) = model.embedding.table([hq, batch["target_queries"][:2]],
+                                                              [hi, batch["target_items"][:2]], model.G)
+    q, k = table.channels(tq_r, ti_r), table.channels(hq_r, hi_r)
+    with torch.no_grad():
+        fused = model.gsu.attention.scores(q.fused, table.keys(hq_r, hi_r))
+        assert torch.allclose(fused, model.gsu.attention.scores_decomposed(q, k), rtol=1e-4, atol=1e-5)
+
+
 def test_gather_rows_matches_indexing():
     table = torch.randn(2, 9, 3)
     idx = torch.tensor([[[0, 8, -1]], [[4, 4, 2]]])

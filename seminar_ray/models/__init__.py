@@ -10,7 +10,7 @@ from torch import nn
 
 from seminar_ray.data.entities import EntityTables
 from seminar_ray.models.base import LifelongCTR
-from seminar_ray.models.checkpoint import load_checkpoint, save_checkpoint
+from seminar_ray.models.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from seminar_ray.models.config import ModelConfig
 from seminar_ray.models.din import DIN
 from seminar_ray.models.eta import ETA
@@ -35,4 +35,5 @@ def build_model(kind: str, cfg: ModelConfig, tables: EntityTables) -> nn.Module:
 
 
 __all__ = ["ModelConfig", "build_model", "save_checkpoint", "load_checkpoint", "export_gsu_tables", "restore_psu",
+           "read_checkpoint",
            "MODELS", "PSU", "SeminarCTR", "SIM", "ETA", "TWIN", "QIN", "DIN", "LifelongCTR"]

@@ -30,19 +30,18 @@ def chunk(x: Tensor, n_chunks: int) -> Tensor:
     return x.reshape(b, n_chunks, size, *x.shape[2:])
 
 
-def clip_loss(a: Tensor, b: Tensor, valid: Tensor, same: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    """Symmetric InfoNCE within chunks (summed, and count of rows) for unit vectors a, b [B, N, S, d].
+def clip_loss(a: Tensor, b: Tensor, valid: Tensor, distinct: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """Symmetric InfoNCE within chunks (sum over real rows, and their count) for unit vectors a, b [B, N, S, d].
 
     Logits are cos / temperature; padding and missing features are masked out of rows and columns; another
-    behaviour with the same item is not used as a negative (`same` [B, N, S, S], True off the diagonal).
+    behaviour with the same item is not used as a negative (`distinct` [B, N, S, S] False there, True on the diagonal).
     """
-    logits = torch.einsum("bnid,bnjd->bnij", a, b) / temperature
-    cols = valid.unsqueeze(-2) & ~same
-    fill = torch.finfo(logits.dtype).min
+    logits = torch.einsum("bnid,bnjd->bnij", a * (1.0 / temperature), b)
+    keep = valid.unsqueeze(-1) & valid.unsqueeze(-2) & distinct  # one mask serves both directions: bad rows are dropped
+    masked = logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
     diag = torch.diagonal(logits, dim1=-2, dim2=-1)
-    a2b = torch.logsumexp(logits.masked_fill(~cols, fill), dim=-1) - diag
-    b2a = torch.logsumexp(logits.masked_fill(~cols.transpose(-1, -2), fill), dim=-2) - diag
-    per_row = torch.where(valid, 0.5 * (a2b + b2a), torch.zeros_like(diag))
+    per_row = 0.5 * (torch.logsumexp(masked, dim=-1) + torch.logsumexp(masked, dim=-2)) - diag
+    per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
     return per_row.sum(), valid.sum().to(logits.dtype)
 
 
@@ -53,11 +52,11 @@ def alignment_loss(units: Tensor, present: Tensor, item_ids: Tensor, n_chunks: i
     """
     units, present, ids = chunk(units, n_chunks), chunk(present, n_chunks), chunk(item_ids, n_chunks)
     size = ids.shape[-1]
-    same = (ids.unsqueeze(-1) == ids.unsqueeze(-2)) & ~torch.eye(size, dtype=torch.bool, device=ids.device)
+    distinct = (ids.unsqueeze(-1) != ids.unsqueeze(-2)) | torch.eye(size, dtype=torch.bool, device=ids.device)
     total = units.new_zeros(())
     for i, j in ALIGN_PAIRS:
         valid = present[..., i] & present[..., j]
-        loss_sum, n = clip_loss(units[..., i, :], units[..., j, :], valid, same, temperature)
+        loss_sum, n = clip_loss(units[..., i, :], units[..., j, :], valid, distinct, temperature)
         total = total + loss_sum / n.clamp(min=1.0)
     return total
 
@@ -131,7 +130,7 @@ class PSU(nn.Module):
 
     def _alignment(self, table: PairTable, i_rows: Tensor, hist_items: Tensor) -> Tensor:
         e = self.embedding
-        units = F.normalize(table.items, dim=-1)[i_rows]
+        units = F.embedding(i_rows, F.normalize(table.items, dim=-1).flatten(1)).unflatten(-1, table.items.shape[1:])
         present = torch.stack([e.item_text_mask[hist_items], e.item_image_mask[hist_items],
                                torch.ones_like(hist_items, dtype=torch.bool)], dim=-1) & (hist_items != 0).unsqueeze(-1)
         return alignment_loss(units, present, hist_items, self.cfg.n_chunks, self.cfg.temperature)

@@ -1,0 +1,71 @@
+"""Flags shared by the training jobs and the one place a TrainJob is built from them (DESIGN §4b CLI contract)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from seminar_ray.models import ModelConfig  # noqa: E402
+from seminar_ray.train.job import TrainJob  # noqa: E402
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "model_small.yaml"
+
+
+def add_train_flags(p: argparse.ArgumentParser, model_choices: tuple[str, ...] | None = None) -> None:
+    p.add_argument("--data", type=Path, required=True, help="directory written by jobs/prepare_data.py")
+    p.add_argument("--out", required=True, help="storage path for runs: a local directory or a shared URI")
+    p.add_argument("--run-name", help="re-running with the same name resumes from its latest checkpoint")
+    p.add_argument("--epochs", type=int, default=None, help="default: the config's epochs")
+    p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers; 0 = local mode in this process")
+    p.add_argument("--cpus-per-worker", type=float, default=0.5)
+    p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="model YAML (configs/)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields, e.g. K=64 lam=0.3")
+    p.add_argument("--samples-per-user", type=int, default=8, help="training targets drawn per user per epoch")
+    p.add_argument("--max-failures", type=int, default=2, help="worker failures tolerated before the run fails")
+    p.add_argument("--eval-users", type=int, default=0, help="validate on at most this many users (0 = all)")
+    p.add_argument("--seed", type=int, default=None)
+    if model_choices:
+        p.add_argument("--model", choices=model_choices, default=model_choices[0])
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def job_from_args(args: argparse.Namespace, kind: str, pretrained: str | None = None) -> TrainJob:
+    overrides = parse_overrides(args.set)
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    if kind == "seminar":
+        overrides.setdefault("pretrained", pretrained is not None)
+    cfg = ModelConfig.from_yaml(args.config, **overrides)
+    return TrainJob(kind=kind, data=str(args.data.resolve()), storage_path=_storage(args.out),
+                    run_name=args.run_name or kind, model=cfg.to_dict(), epochs=cfg.epochs,
+                    num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker, use_gpu=args.use_gpu,
+                    samples_per_user=args.samples_per_user, max_failures=args.max_failures,
+                    pretrained=pretrained, eval_users=args.eval_users)
+
+
+def _storage(out: str) -> str:
+    return out if "://" in out else str(Path(out).resolve())
+
+
+def print_summary(summary: dict) -> None:
+    best = summary["best"]
+    print(f"run {summary['run_dir']}: {summary['epochs']} epochs, best epoch {summary['best_epoch']} "
+          f"(valid ndcg@10 {best['ndcg@10']:.4f}, hr@10 {best['hr@10']:.4f}, mrr {best['mrr']:.4f}, auc {best['auc']:.4f})")
+    print(f"best checkpoint: {summary['best_checkpoint']}")
+    print(f"metrics: {summary['run_dir']}/metrics.json  curves: {summary['run_dir']}/curves.png")

@@ -1,0 +1,40 @@
+"""Evaluate a checkpoint (or a run directory's best) on the validation or test targets.
+
+    python jobs/evaluate.py --checkpoint runs/seminar --split test --out runs/seminar/eval
+    ray job submit --working-dir . -- python jobs/evaluate.py --checkpoint /shared/runs/seminar --split test --out /shared/eval
+
+Writes OUT/metrics.json: HR@K, NDCG@K (K = 1, 5, 10, 50), MRR, AUC, gAUC, overall and per target type.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from seminar_ray.runtime import init_ray, run_cli, setup_logging  # noqa: E402
+from seminar_ray.train.evaluation import evaluate_checkpoint, metrics_table, write_metrics  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory (→ its best)")
+    p.add_argument("--split", choices=("valid", "test"), default="test")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--data", type=Path, help="default: the data directory the checkpoint was trained on")
+    p.add_argument("--actors", type=int, default=2, help="scoring actors (0.5 CPU each)")
+    args = p.parse_args(argv)
+    init_ray()
+    metrics = evaluate_checkpoint(args.checkpoint, args.split, args.data, actors=args.actors)
+    path = write_metrics(metrics, args.out)
+    rows = {"all": metrics, **{k: metrics[k] | {"auc": float("nan"), "gauc": float("nan")}
+                               for k in ("search", "browse") if k in metrics}}
+    print(metrics_table(rows))
+    print(f"{metrics['model']} on {args.split} ({metrics['targets']} targets): {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,71 @@
+"""Offline evaluation as Ray Data batch inference: an actor pool scores each user's 100 candidates."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from seminar_ray.data.entities import EntityTables
+from seminar_ray.metrics import evaluate_scores
+from seminar_ray.models import load_checkpoint
+from seminar_ray.train.checkpoints import resolve_checkpoint
+
+SCORER_CPUS = 0.5
+
+
+class CandidateScorer:
+    """Loads a checkpoint once per actor; scores a batch of evaluation rows (batch contract, C = 100)."""
+
+    def __init__(self, checkpoint: str, data: str):
+        torch.set_num_threads(1)
+        self.model, _, _ = load_checkpoint(checkpoint, EntityTables.load(data))
+        self.model.eval()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            scores = self.model({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()})
+        return {"user_id": batch["user_id"], "query": batch["target_queries"][:, 0], "scores": scores.float().numpy()}
+
+
+def checkpoint_data_dir(checkpoint: Path) -> str | None:
+    from seminar_ray.models.checkpoint import read_checkpoint
+
+    return read_checkpoint(checkpoint)["extra"].get("data")
+
+
+def evaluate_checkpoint(checkpoint: str | Path, split: str, data: str | Path | None = None, actors: int = 2,
+                        batch_size: int = 64, max_len: int | None = None) -> dict:
+    """Metrics of the checkpoint (or a run directory's best) on the validation or test targets."""
+    from seminar_ray.data.pipeline import eval_dataset, sample_config
+    from seminar_ray.models.checkpoint import read_checkpoint
+
+    ckpt = resolve_checkpoint(checkpoint)
+    payload = read_checkpoint(ckpt)
+    data = str(data or payload["extra"].get("data") or "")
+    if not data:
+        raise ValueError(f"{ckpt}: the checkpoint does not record its data directory; pass --data")
+    cfg = payload["config"]
+    load_checkpoint(ckpt, EntityTables.load(data))  # fail here, before any Ray work, on a mismatch
+    rows = eval_dataset(data, split, sample_config(data, max_len=max_len or cfg["max_len"], seed=cfg["seed"]))
+    scored = rows.map_batches(CandidateScorer, fn_constructor_kwargs={"checkpoint": str(ckpt), "data": data},
+                              batch_size=batch_size, concurrency=actors, num_cpus=SCORER_CPUS).to_pandas()
+    scores = np.stack(scored["scores"].to_numpy())
+    query = scored["query"].to_numpy()
+    out = evaluate_scores(scored["user_id"].to_numpy(), np.repeat(query[:, None], scores.shape[1], 1), scores)
+    out.update(split=split, checkpoint=str(ckpt), model=payload["kind"], data=data)
+    return out
+
+
+def write_metrics(metrics: dict, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return out / "metrics.json"
+
+
+def metrics_table(rows: dict[str, dict], keys=("hr@10", "ndcg@5", "ndcg@10", "ndcg@50", "mrr", "auc", "gauc")) -> str:
+    """A Markdown table, one row per named metrics dict."""
+    head = "| model | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
+    return head + "".join(f"| {name} | " + " | ".join(f"{m[k]:.4f}" for k in keys) + " |\n" for name, m in rows.items())

@@ -1,0 +1,47 @@
+"""What a finished run leaves for a person: metrics.json and a PNG of the training curves."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from seminar_ray.train.checkpoints import HISTORY_FILE, SELECT_METRIC, resolve_checkpoint, run_checkpoints
+
+
+def write_run_summary(run_dir: str | Path, seconds: float | None = None) -> dict:
+    """run_dir/metrics.json (best checkpoint, per-epoch history) and run_dir/curves.png."""
+    run_dir = Path(run_dir)
+    found = run_checkpoints(run_dir)
+    if not found:
+        raise FileNotFoundError(f"{run_dir}: the run left no checkpoint")
+    latest = found[-1][0]
+    history = json.loads((latest / HISTORY_FILE).read_text())
+    best = resolve_checkpoint(run_dir)
+    best_metrics = json.loads((best / "metrics.json").read_text())
+    summary = {"run_dir": str(run_dir), "best_checkpoint": str(best), "best_epoch": best_metrics.get("epoch"),
+               "select_metric": SELECT_METRIC, "best": best_metrics.get("valid", best_metrics),
+               "epochs": len(history), "seconds": seconds,
+               "history": [{k: v for k, v in h.items() if k != "valid"} for h in history]}
+    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
+    plot_curves(summary["history"], run_dir / "curves.png", title=run_dir.name)
+    return summary
+
+
+def plot_curves(history: list[dict], out: Path, title: str) -> None:
+    """Training loss and validation NDCG@10 / HR@10 per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss")
+    ax_loss.set_xlabel("epoch"), ax_loss.set_title("training loss"), ax_loss.grid(alpha=0.3)
+    for key in ("ndcg@10", "hr@10", "auc"):
+        if key in history[0]:
+            ax_val.plot(epochs, [h[key] for h in history], "o-", label=key)
+    ax_val.set_xlabel("epoch"), ax_val.set_title("validation"), ax_val.legend(), ax_val.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,56 @@
+"""Metric code against hand-computed cases, ties included (expected values under random tie-breaking)."""
+import math
+
+import numpy as np
+import pytest
+
+from seminar_ray.metrics import auc, evaluate_scores, gauc, ranking_metrics
+
+
+def test_clear_ranks():
+    # positive ranked 1st, 3rd and 12th (last) of 12
+    scores = np.array([[9.0] + list(range(8, -3, -1)), [7.0, 9, 8] + [0] * 9, [-1.0] + [0] * 11])
+    m = ranking_metrics(scores, ks=(1, 5, 10))
+    assert m["hr@1"] == pytest.approx(1 / 3)
+    assert m["hr@5"] == pytest.approx(2 / 3) and m["hr@10"] == pytest.approx(2 / 3)
+    assert m["ndcg@5"] == pytest.approx((1 + 1 / math.log2(4)) / 3)
+    assert m["mrr"] == pytest.approx((1 + 1 / 3 + 1 / 12) / 3)
+
+
+def test_ties_are_expected_values():
+    # positive tied with 3 negatives, 1 negative above: rank uniform over {2, 3, 4, 5}
+    scores = np.array([[1.0, 2.0, 1.0, 1.0, 1.0, 0.0]])
+    m = ranking_metrics(scores, ks=(1, 3, 5))
+    assert m["hr@1"] == 0.0
+    assert m["hr@3"] == pytest.approx(2 / 4)
+    assert m["hr@5"] == pytest.approx(1.0)
+    assert m["ndcg@3"] == pytest.approx((1 / math.log2(3) + 1 / math.log2(4)) / 4)
+    assert m["mrr"] == pytest.approx((1 / 2 + 1 / 3 + 1 / 4 + 1 / 5) / 4)
+    # all candidates equal: a constant scorer is exactly random
+    flat = ranking_metrics(np.zeros((1, 100)), ks=(10,))
+    assert flat["hr@10"] == pytest.approx(0.1)
+
+
+def test_auc_and_gauc():
+    assert auc([1, 0, 1, 0], [0.9, 0.1, 0.8, 0.3]) == 1.0
+    assert auc([1, 0, 1, 0], [0.1, 0.9, 0.2, 0.3]) == 0.0
+    assert auc([1, 0], [0.5, 0.5]) == 0.5
+    assert auc([1, 0, 0], [0.5, 0.5, 0.1]) == pytest.approx(0.75)
+    # user 0 perfect (3 samples), user 1 reversed (2 samples), user 2 one class only (ignored)
+    users = [0, 0, 0, 1, 1, 2]
+    value = gauc(users, [1, 0, 0, 1, 0, 1], [0.9, 0.1, 0.2, 0.1, 0.9, 0.5])
+    assert value == pytest.approx((1.0 * 3 + 0.0 * 2) / 5)
+
+
+def test_evaluate_scores_splits_by_target_type():
+    scores = np.array([[2.0, 1.0, 0.0], [0.0, 1.0, 2.0]])
+    queries = np.array([[5, 5, 5], [0, 0, 0]])
+    out = evaluate_scores(np.array([1, 2]), queries, scores)
+    assert out["search"]["hr@1"] == 1.0 and out["browse"]["hr@1"] == 0.0 and out["targets"] == 2
+
+
+def test_bad_scores_rejected():
+    with pytest.raises(ValueError, match="NaN"):
+        ranking_metrics(np.array([[np.nan, 1.0]]))
+    with pytest.raises(ValueError, match="shape"):
+        ranking_metrics(np.array([1.0, 2.0]))

@@ -1,0 +1,65 @@
+"""What the service knows about entities: id ranges, query text → id, and the request limits (DESIGN §6)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from seminar_ray.data.schema import EMPTY_QUERY, DatasetMeta, read_table
+from seminar_ray.serving.api import QueryField, RequestError
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Configurable request limits; exceeding one is a 4xx, never a 500."""
+
+    max_candidates: int = 200
+    max_query_chars: int = 256
+    max_events: int = 1000
+
+
+def normalise_text(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+class Catalog:
+    """Validates ids against the dataset's tables and maps query text to a query id (exact match after normalising)."""
+
+    def __init__(self, num_items: int, num_queries: int, query_text: dict[str, int], limits: Limits = Limits()):
+        self.num_items, self.num_queries, self.limits = num_items, num_queries, limits
+        self.query_text = query_text
+
+    @classmethod
+    def load(cls, data_dir: str | Path, limits: Limits = Limits()) -> "Catalog":
+        meta = DatasetMeta.load(data_dir)
+        queries = read_table(data_dir, "queries", ["query_id", "text"]).to_pydict()
+        text = {normalise_text(t): int(q) for q, t in zip(queries["query_id"], queries["text"]) if t}
+        return cls(meta.num_items, meta.num_queries, text, limits)
+
+    def resolve_query(self, query: QueryField) -> tuple[int, str | None]:
+        """(query id, note): an id is checked, a known text maps to its id, an unknown text to the empty query."""
+        if query is None or query == "":
+            return EMPTY_QUERY, None
+        if isinstance(query, int):
+            if not 0 <= query <= self.num_queries:
+                raise RequestError(f"unknown query id {query}: query ids are 0..{self.num_queries}")
+            return query, None
+        if len(query) > self.limits.max_query_chars:
+            raise RequestError(f"query text has {len(query)} characters, the limit is {self.limits.max_query_chars}")
+        qid = self.query_text.get(normalise_text(query))
+        if qid is None:
+            return EMPTY_QUERY, "query text not in the query table: scored as a browse request (empty query)"
+        return qid, None
+
+    def check_items(self, item_ids: list[int], what: str = "candidate") -> np.ndarray:
+        ids = np.asarray(item_ids, dtype=np.int64)
+        bad = (ids < 1) | (ids > self.num_items)
+        if bad.any():
+            raise RequestError(f"unknown {what} item id {int(ids[bad][0])}: item ids are 1..{self.num_items}")
+        return ids
+
+    def validate_candidates(self, candidates: list[int]) -> np.ndarray:
+        if len(candidates) > self.limits.max_candidates:
+            raise RequestError(f"{len(candidates)} candidates, the limit is {self.limits.max_candidates}")
+        return self.check_items(candidates)

@@ -1,0 +1,108 @@
+"""The two serving stages as plain classes (DESIGN §1 step 5): GSU retrieval from PQ codes, then ESU + MLP scoring.
+
+`RetrievalStage.prepare` turns (history, query, candidates) into a `ScoreJob`: the top-K history positions per
+candidate (ServingRetriever: folded-ADC shortlist + exact re-rank, DESIGN §5) and a compact history that keeps only
+the behaviours the scorer reads (the selected ones and the `recent_len` most recent), so the hop to the scorer
+carries O(C·K) ids, not L. `ScoringStage.score_batch` pads several jobs into one [B, C] batch for
+`SeminarCTR.score_with_topk`; the compact job scores exactly like the full history (a test checks it).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from seminar_ray.data.entities import EntityTables
+from seminar_ray.models import SeminarCTR, load_checkpoint
+from seminar_ray.retrieval.index import PQIndex
+from seminar_ray.retrieval.retrievers import ServingRetriever
+from seminar_ray.train.checkpoints import CHECKPOINT_FILE, resolve_checkpoint
+
+
+@dataclass
+class ScoreJob:
+    """What the scorer needs for one request: compact history [Lc], top-K positions into it [C, K] (-1 = none)."""
+
+    hist_items: np.ndarray
+    hist_queries: np.ndarray
+    topk: np.ndarray
+    candidates: np.ndarray
+    query_id: int
+    history_len: int  # the full history length the retriever saw
+    index_version: str
+    full_topk: np.ndarray | None = None  # positions into the full history, for the debug answer
+
+
+def checkpoint_version(ckpt_dir: Path) -> str:
+    """A checkpoint's identity: its directory name and a content hash of model.pt."""
+    digest = hashlib.sha256((ckpt_dir / CHECKPOINT_FILE).read_bytes()).hexdigest()[:10]
+    return f"{ckpt_dir.name}@{digest}"
+
+
+def load_serving_model(checkpoint: str | Path, tables: EntityTables) -> tuple[SeminarCTR, str]:
+    """(fine-tuned SEMINAR in eval mode, its version) from a checkpoint or run directory."""
+    ckpt = resolve_checkpoint(checkpoint)
+    model, _, _ = load_checkpoint(ckpt, tables, kind="seminar")
+    return model.eval(), checkpoint_version(ckpt)
+
+
+def compact_history(hq: np.ndarray, hi: np.ndarray, topk: np.ndarray, recent: int) -> tuple[np.ndarray, ...]:
+    """(queries, items, topk remapped): the behaviours top-K selects plus the last `recent`, in chronological order."""
+    L = len(hi)
+    keep = np.unique(np.concatenate([topk[topk >= 0], np.arange(max(L - recent, 0), L)]))
+    remapped = np.where(topk >= 0, np.searchsorted(keep, np.maximum(topk, 0)), -1)
+    return hq[keep], hi[keep], remapped
+
+
+class RetrievalStage:
+    """GSU target vectors u from the model, top-K from the PQ index (paper §3.3.3, DESIGN §5). One per replica."""
+
+    def __init__(self, model: SeminarCTR, index: PQIndex, rerank_factor: int = 8):
+        if index.dim != model.cfg.d:
+            raise ValueError(f"index {index.version!r} has dim {index.dim}, the model's d is {model.cfg.d}")
+        n_items = model.embedding.item_text.shape[0]
+        if index.num_items != n_items:
+            raise ValueError(f"index {index.version!r} has {index.num_items} item rows, the model {n_items}")
+        self.model, self.index = model, index
+        self.retriever = ServingRetriever(index, rerank_factor=rerank_factor)
+        self.K, self.max_len, self.recent = model.cfg.K, model.cfg.max_len, model.cfg.recent_len
+
+    @torch.no_grad()
+    def prepare(self, history: tuple[np.ndarray, np.ndarray], query_id: int, candidates: np.ndarray,
+                keep_full_topk: bool = False) -> ScoreJob:
+        hq, hi = (np.asarray(a, dtype=np.int64)[-self.max_len:] for a in history)
+        targets = torch.from_numpy(candidates)
+        u = self.model.gsu_target_vectors(targets, torch.full_like(targets, query_id)).numpy()
+        topk = self.retriever.topk(hq, hi, u, self.K)
+        cq, ci, ctopk = compact_history(hq, hi, topk, self.recent)
+        return ScoreJob(ci, cq, ctopk, candidates, query_id, len(hi), self.index.version,
+                        topk if keep_full_topk else None)
+
+
+class ScoringStage:
+    """ESU over the K selected behaviours + MLP (paper §3.3.2) for a batch of jobs padded to one tensor batch."""
+
+    def __init__(self, model: SeminarCTR):
+        self.model = model
+
+    @torch.no_grad()
+    def score_batch(self, jobs: list[ScoreJob]) -> list[np.ndarray]:
+        B = len(jobs)
+        L = max(1, max(len(j.hist_items) for j in jobs))
+        C = max(len(j.candidates) for j in jobs)
+        K = max(1, max(j.topk.shape[1] for j in jobs))
+        hist_items, hist_queries = np.zeros((B, L), np.int64), np.zeros((B, L), np.int64)
+        topk = np.full((B, C, K), -1, np.int64)
+        targets, target_queries = np.zeros((B, C), np.int64), np.zeros((B, C), np.int64)
+        for b, j in enumerate(jobs):
+            n, c, k = len(j.hist_items), len(j.candidates), j.topk.shape[1]
+            hist_items[b, L - n:], hist_queries[b, L - n:] = j.hist_items, j.hist_queries
+            topk[b, :c, :k] = np.where(j.topk >= 0, j.topk + (L - n), -1)  # left padding shifts positions
+            targets[b, :c], target_queries[b, :c] = j.candidates, j.query_id
+        logits = self.model.score_with_topk(*(torch.from_numpy(a) for a in
+                                              (hist_items, hist_queries, topk, targets, target_queries)))
+        scores = torch.sigmoid(logits).numpy()
+        return [scores[b, :len(j.candidates)].astype(np.float64) for b, j in enumerate(jobs)]

@@ -94,6 +94,19 @@ def load_clip(model: str = DEFAULT_MODEL, pretrained: str | None = "openai", dev
     return net.eval(), preprocess, open_clip.get_tokenizer(model)
 
 
+def check_pretrained(model: str, pretrained: str | None) -> None:
+    """Fail before any actor starts on a model or weights spec that cannot work (the download itself is the actors')."""
+    import open_clip
+
+    if model not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {model!r}")
+    if pretrained is None or str(pretrained).lower() == "none" or Path(pretrained).is_file():
+        return
+    tags = open_clip.list_pretrained_tags_by_model(model)
+    if pretrained not in tags:
+        raise ValueError(f"pretrained={pretrained!r} is neither a checkpoint file nor an open_clip tag of {model!r} {tags}")
+
+
 def load_image(ref, root: Path, timeout_s: float):
     """A PIL RGB image from bytes, a data: URI, an http(s) URL or a file path; (None, reason) when it fails."""
     from PIL import Image, UnidentifiedImageError
@@ -218,6 +231,7 @@ def embedding_column(emb: np.ndarray, present: np.ndarray) -> pa.FixedSizeListAr
 def extract_features(data_dir: str | Path, cfg: FeatureConfig) -> FeatureSummary:
     """Encode items (title + image) and queries with text in one actor-pool pass; rewrite the tables atomically."""
     data_dir = Path(data_dir)
+    check_pretrained(cfg.model, cfg.pretrained)
     items = read_table(data_dir, "items")
     queries = read_table(data_dir, "queries")
     texted = np.flatnonzero(queries.column("text").is_valid().to_numpy(zero_copy_only=False))

@@ -65,10 +65,10 @@ def require_file(path: Path) -> Path:
     return path
 
 
-def require_columns(table: pa.Table, columns: list[str], path: Path) -> None:
-    missing = [c for c in columns if c not in table.column_names]
+def require_columns(found: list[str], columns: list[str], path: Path) -> None:
+    missing = [c for c in columns if c not in found]
     if missing:
-        raise DataError(f"{path}: missing column(s) {missing} (found {table.column_names})")
+        raise DataError(f"{path}: missing column(s) {missing} (found {found})")
 
 
 def read_csv(path: Path, columns: list[str], *, delimiter: str = ",", optional: tuple[str, ...] = (),
@@ -76,7 +76,7 @@ def read_csv(path: Path, columns: list[str], *, delimiter: str = ",", optional: 
     """Read `columns` (+ any present `optional` ones) of a CSV file; all errors name the file."""
     require_file(path)
     header = read_header(path, delimiter)
-    require_columns(pa.table({c: [] for c in header}), columns, path)
+    require_columns(header, columns, path)
     wanted = list(columns) + [c for c in optional if c in header]
     types = {c: pa.string() for c in string_columns if c in wanted}
     try:
@@ -284,7 +284,7 @@ def _dense(keys: pa.Array) -> tuple[pa.Array, np.ndarray]:
 
 def _queries(keys: pa.Array, has_text: bool) -> tuple[pa.Table, np.ndarray, pa.Array]:
     """Query ids per behaviour (0 = empty) and the queries table; tokens get a dense vocabulary 1..T."""
-    keys = pc.if_else(pc.equal(pc.utf8_trim_whitespace(keys), ""), pa.scalar(None, pa.string()), keys)
+    keys = blank_to_null(keys)
     present = keys.is_valid().to_numpy(zero_copy_only=False)
     query_ids = np.zeros(len(keys), dtype=np.int64)
     distinct = pa.array([], pa.string())

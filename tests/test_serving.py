@@ -1,0 +1,153 @@
+"""Serving core without Ray Serve: stages agree with the model, validation, the fsynced history log (DESIGN §6)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pydantic
+import pytest
+import torch
+
+from seminar_ray.data.entities import EntityTables
+from seminar_ray.models import load_checkpoint
+from seminar_ray.retrieval.index import PQIndex
+from seminar_ray.serving import (Catalog, Limits, LogHistoryStore, RequestError, RetrievalStage, ScoreRequest,
+                                 ScoringStage, compact_history)
+from seminar_ray.serving.artefacts import build_artefacts
+from seminar_ray.serving.history import LOG_FILE
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def artefacts(tmp_path_factory):
+    return build_artefacts(tmp_path_factory.mktemp("serving"), num_users=20, min_len=30, max_len=80, model_max_len=64)
+
+
+@pytest.fixture(scope="module")
+def stages(artefacts):
+    tables = EntityTables.load(artefacts.data)
+    model, _, _ = load_checkpoint(artefacts.checkpoint, tables)
+    model.eval()
+    return model, RetrievalStage(model, PQIndex.load(artefacts.index)), ScoringStage(model)
+
+
+def random_history(rng, n_items, n_queries, L):
+    return rng.integers(0, n_queries + 1, L), rng.integers(1, n_items + 1, L)
+
+
+def test_compact_history_keeps_selected_and_recent_in_order():
+    hq, hi = np.arange(10) + 100, np.arange(10) + 1
+    topk = np.array([[7, 2, -1], [2, 0, 9]])
+    cq, ci, remapped = compact_history(hq, hi, topk, recent=2)
+    assert ci.tolist() == [1, 3, 8, 9, 10]  # positions 0, 2, 7 selected; 8, 9 recent
+    assert cq.tolist() == [100, 102, 107, 108, 109]
+    assert (ci[np.maximum(remapped, 0)] == hi[np.maximum(topk, 0)])[topk >= 0].all()
+    assert (remapped == -1).sum() == 1
+
+
+def test_batched_compact_jobs_score_like_full_history(stages):
+    model, retrieval, scoring = stages
+    rng = np.random.default_rng(0)
+    n_items, n_queries = retrieval.index.num_items - 1, retrieval.index.num_queries - 1
+    requests = [(random_history(rng, n_items, n_queries, L), int(q), rng.integers(1, n_items + 1, C))
+                for L, q, C in ((50, 3, 7), (17, 0, 4), (0, 5, 3))]  # the last one: a cold-start user
+    jobs = [retrieval.prepare(h, q, c, keep_full_topk=True) for h, q, c in requests]
+    batched = scoring.score_batch(jobs)
+    for (history, q, cands), job, got in zip(requests, jobs, batched):
+        assert got.shape == (len(cands),)
+        if len(history[1]) == 0:
+            assert job.topk.shape == (len(cands), 0) and np.isfinite(got).all()
+            continue
+        hq, hi = (torch.from_numpy(a)[None] for a in history)
+        t = torch.from_numpy(cands)[None]
+        with torch.no_grad():
+            want = torch.sigmoid(model.score_with_topk(hi, hq, torch.from_numpy(job.full_topk)[None], t,
+                                                       torch.full_like(t, q)))[0].numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_retrieval_matches_model_topk_on_an_exactly_ranked_history(stages):
+    """Top-K positions point at real behaviours and agree mostly with the model's exact GSU top-K (PQ + re-rank)."""
+    model, retrieval, _ = stages
+    rng = np.random.default_rng(1)
+    hq, hi = random_history(rng, retrieval.index.num_items - 1, retrieval.index.num_queries - 1, 60)
+    cands = rng.integers(1, retrieval.index.num_items, 5)
+    job = retrieval.prepare((hq, hi), 0, cands, keep_full_topk=True)
+    batch = {"hist_items": torch.from_numpy(hi)[None], "hist_queries": torch.from_numpy(hq)[None],
+             "target_items": torch.from_numpy(cands)[None], "target_queries": torch.zeros(1, 5, dtype=torch.long)}
+    with torch.no_grad():
+        exact = model.gsu_scores(batch)[0].topk(model.cfg.K, dim=-1).indices.numpy()
+    overlap = np.mean([len(set(a) & set(b)) / model.cfg.K for a, b in zip(job.full_topk, exact)])
+    assert overlap > 0.8, overlap
+
+
+def test_catalog_validation(artefacts):
+    catalog = Catalog.load(artefacts.data, Limits(max_candidates=5, max_query_chars=20))
+    text = next(iter(catalog.query_text))
+    assert catalog.resolve_query(text.upper())[0] == catalog.query_text[text]
+    assert catalog.resolve_query(None) == (0, None)
+    qid, note = catalog.resolve_query("never typed")
+    assert qid == 0 and "empty query" in note
+    for call, match in ((lambda: catalog.validate_candidates([1, catalog.num_items + 1]), "unknown candidate"),
+                        (lambda: catalog.validate_candidates([1] * 6), "limit is 5"),
+                        (lambda: catalog.resolve_query("x" * 21), "limit is 20"),
+                        (lambda: catalog.resolve_query(catalog.num_queries + 1), "unknown query id")):
+        with pytest.raises(RequestError, match=match) as err:
+            call()
+        assert 400 <= err.value.status < 500
+
+
+@pytest.mark.parametrize("body", [{"candidates": [1]}, {"user_id": 1, "candidates": []},
+                                  {"user_id": "x", "candidates": [1]}, {"user_id": 1, "candidates": [1], "extra": 1},
+                                  {"user_id": 1, "candidates": ["a"]}])
+def test_malformed_score_bodies_are_rejected(body):
+    with pytest.raises(pydantic.ValidationError):
+        ScoreRequest.model_validate(body)
+
+
+def test_log_store_read_your_writes_and_torn_tail(tmp_path, artefacts):
+    writer = LogHistoryStore(tmp_path, writer=True)
+    reader = LogHistoryStore(tmp_path, data_dir=artefacts.data)
+    base_q, base_i = reader.history(1, 1000)
+    seq = writer.append(1, [5, 6], [0, 2], [10, 11])
+    assert reader.refresh() >= seq
+    q, i = reader.history(1, 1000)
+    assert i.tolist() == base_i.tolist() + [5, 6] and q.tolist() == base_q.tolist() + [0, 2]
+    assert reader.history(10**9, 100)[1].size == 0  # unknown user: cold start
+    with open(tmp_path / LOG_FILE, "ab") as f:  # a crash mid-write: never acknowledged
+        f.write(b'{"seq": 2, "user_id": 1, "item_')
+    assert reader.refresh() == seq  # readers skip the partial line
+    writer.close()
+    reopened = LogHistoryStore(tmp_path, writer=True)
+    assert reopened.append(10**6, [7], [0], [12]) == seq + 1
+    assert reader.refresh() == seq + 1 and reader.history(10**6, 10)[1].tolist() == [7]
+    with pytest.raises(PermissionError):
+        reader.append(1, [1], [0], [0])
+
+
+def test_every_acknowledged_append_survives_sigkill(tmp_path):
+    """A writer process acknowledges appends on stdout; SIGKILL it mid-stream; every acknowledged seq is in the log."""
+    script = textwrap.dedent(f"""
+        import sys
+        from seminar_ray.serving.history import LogHistoryStore
+        store = LogHistoryStore({str(tmp_path)!r}, writer=True)
+        n = 0
+        while True:
+            n += 1
+            seq = store.append(n % 7, [n % 50 + 1] * 3, [0, 1, 2], [n] * 3)
+            print(seq, flush=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    acked = [int(proc.stdout.readline()) for _ in range(40)]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    store = LogHistoryStore(tmp_path, writer=True)  # the restart: repairs a torn tail, continues the numbering
+    assert store.last_seq >= acked[-1] and acked == list(range(1, 41))
+    total = sum(len(store.history(u, 10**6)[1]) for u in range(7))
+    assert total == 3 * store.last_seq
+    assert store.append(0, [1], [0], [0]) == store.last_seq

@@ -146,6 +146,9 @@ def write_dataset(out_dir: str | Path, items: pa.Table, queries: pa.Table, seque
         (tmp / "meta.json").write_text(meta.to_json())
         for fname, blob in (extra_files or {}).items():
             (tmp / fname).write_bytes(blob)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the dataset is shared like any directory
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -178,6 +178,10 @@ class Routes:
         return ScoreResponse(scores=scores, model_version=model_version, index_version=job.index_version,
                              query_id=query_id, history_len=job.history_len, note=note, topk=topk)
 
+    async def score(self, body: dict) -> dict:
+        """The handle (non-HTTP) entry, e.g. from another deployment or local testing mode: same as POST /v1/score."""
+        return (await self._score(ScoreRequest.model_validate(body))).model_dump()
+
     async def _events(self, req: EventsRequest) -> EventsResponse:
         if self.catalog is None:
             raise HTTPException(status_code=503, detail="events need the data directory (catalogue) configured")

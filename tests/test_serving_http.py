@@ -1,0 +1,183 @@
+"""The Ray Serve application over real HTTP on 127.0.0.1, one Serve instance for the module.
+
+(Serve's local testing mode cannot run it: @serve.batch calls serve.get_replica_context(), which local testing mode
+lacks in Ray 2.60; the stages themselves are tested without Serve in test_serving.py.)
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+from ray import serve
+
+from seminar_ray.serving.artefacts import build_artefacts
+from seminar_ray.serving.history import LogHistoryStore
+from serve_app.app import build_app
+
+PORT = 18765
+APP = "seminar"
+FAST_SCALING = {"min_replicas": 2, "max_replicas": 2, "target_ongoing_requests": 4}
+
+
+@pytest.fixture(scope="module")
+def artefacts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve_http")
+    a = build_artefacts(root, num_users=20, min_len=30, max_len=80, model_max_len=64)
+    b = build_artefacts(root, num_users=20, min_len=30, max_len=80, model_max_len=64, seed=1, name="ckpt-b")
+    return a, b
+
+
+def app_args(art, **more) -> dict:
+    return {"checkpoint": str(art.checkpoint), "index": str(art.index), "data": str(art.data), "store": str(art.store),
+            "limits": {"max_candidates": 50, "max_query_chars": 64}, "retriever_autoscaling": FAST_SCALING, **more}
+
+
+@pytest.fixture(scope="module")
+def service(ray_local, artefacts):
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    serve.run(build_app(app_args(artefacts[0])), name=APP, route_prefix="/")
+    with httpx.Client(base_url=f"http://127.0.0.1:{PORT}", timeout=60) as client:
+        yield client, artefacts
+    serve.shutdown()
+
+
+def score(client, user_id=1, candidates=(1, 2, 3), **extra):
+    return client.post("/v1/score", json={"user_id": user_id, "candidates": list(candidates), **extra})
+
+
+def test_score_events_and_read_your_writes(service):
+    client, (a, _) = service
+    health = client.get("/healthz").json()
+    assert health["status"] == "ok" and health["model_version"].startswith("ckpt-a@")
+    r = score(client, user_id=3, candidates=range(1, 21), return_topk=True)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["scores"]) == 20 and all(0 < s < 1 for s in body["scores"])
+    assert body["index_version"] == health["index_version"] and body["history_len"] > 0
+    assert len(body["topk"]) == 20
+    cold = score(client, user_id=10**7, candidates=[5, 6])
+    assert cold.status_code == 200 and cold.json()["history_len"] == 0  # cold start, not an error
+    ack = client.post("/v1/events", json={"user_id": 10**7, "events": [{"item_id": 5}, {"item_id": 9, "query": 2}]})
+    assert ack.status_code == 200 and ack.json()["appended"] == 2 and ack.json()["model_version"]
+    after = score(client, user_id=10**7, candidates=[5, 6], return_topk=True).json()
+    assert after["history_len"] == 2 and after["topk"][0][:2] in ([0, 1], [1, 0])  # the acknowledged events
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"user_id": 1, "candidates": [10**6]}, "unknown candidate item id"),
+    ({"user_id": 1, "candidates": list(range(1, 52))}, "limit is 50"),
+    ({"user_id": 1, "query": "q" * 65, "candidates": [1]}, "limit is 64"),
+    ({"user_id": 1, "query": 10**6, "candidates": [1]}, "unknown query id"),
+    ({"user_id": "one", "candidates": [1]}, "user_id"),
+    ({"candidates": [1]}, "user_id"),
+    ({"user_id": 1, "candidates": []}, "candidates"),
+])
+def test_bad_score_requests_get_4xx_with_a_message(service, body, fragment):
+    r = service[0].post("/v1/score", json=body)
+    assert 400 <= r.status_code < 500 and fragment in r.text, (r.status_code, r.text)
+
+
+def test_bad_bodies_and_events_get_4xx(service):
+    client = service[0]
+    r = client.post("/v1/score", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    r = client.post("/v1/events", json={"user_id": 1, "events": [{"item_id": 10**6}]})
+    assert r.status_code == 422 and "unknown event item id" in r.text
+    assert score(client).status_code == 200  # and nothing broke
+
+
+class Load:
+    """Closed-loop background load; records (time, status) of every request."""
+
+    def __init__(self, client_url: str, workers: int = 3):
+        self.url, self.results, self.stop = client_url, [], threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(w,)) for w in range(workers)]
+
+    def _run(self, w: int) -> None:
+        with httpx.Client(base_url=self.url, timeout=60) as client:
+            while not self.stop.is_set():
+                try:
+                    r = score(client, user_id=w, candidates=range(1, 11))
+                    self.results.append((time.time(), r.status_code, r.json().get("model_version")
+                                         if r.status_code == 200 else r.text))
+                except httpx.HTTPError as e:
+                    self.results.append((time.time(), -1, repr(e)))
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+
+def running_replicas(deployment: str) -> int:
+    status = serve.status().applications[APP].deployments[deployment]
+    return status.replica_states.get("RUNNING", 0)
+
+
+def test_checkpoint_roll_without_failed_requests(service):
+    client, (a, b) = service
+    with Load(str(client.base_url)) as load:
+        time.sleep(2)
+        serve.run(build_app(app_args(b, store=str(a.store))), name=APP, route_prefix="/")
+        deadline = time.time() + 90
+        while time.time() < deadline and not (load.results and str(load.results[-1][2]).startswith("ckpt-b@")):
+            time.sleep(0.5)
+        time.sleep(1)
+    failed = [r for r in load.results if r[1] != 200]
+    assert not failed, failed[:3]
+    versions = [r[2] for r in load.results]
+    assert versions[0].startswith("ckpt-a@") and versions[-1].startswith("ckpt-b@")
+    assert client.get("/healthz").json()["index_version"].startswith("ckpt-b")
+
+
+def test_retriever_replica_killed_under_load_recovers(service):
+    import ray
+
+    client = service[0]
+    replicas = [r for r in serve.status().applications[APP].deployments["PQRetriever"].replica_states]
+    assert replicas
+    actors = [a for a in ray.util.list_named_actors(all_namespaces=True) if "PQRetriever" in a["name"]]
+    assert len(actors) == 2, actors
+    with Load(str(client.base_url)) as load:
+        time.sleep(2)
+        killed_at = time.time()
+        ray.kill(ray.get_actor(actors[0]["name"], namespace=actors[0]["namespace"]), no_restart=True)
+        deadline = time.time() + 90
+        while time.time() < deadline and running_replicas("PQRetriever") < 2:
+            time.sleep(0.5)
+        time.sleep(3)
+    assert running_replicas("PQRetriever") == 2  # Serve replaced the killed replica
+    after = [r for r in load.results if r[0] > killed_at + 1]
+    assert after and all(r[1] == 200 for r in after[-20:]), after[-5:]
+    assert sum(r[1] == 200 for r in load.results) > 0.8 * len(load.results)
+
+
+def test_history_writer_sigkill_keeps_every_acknowledged_event(service):
+    client, (a, _) = service
+    user = 10**7 + 1
+    acked = []
+    for n in range(5):
+        r = client.post("/v1/events", json={"user_id": user, "events": [{"item_id": 10 + n, "timestamp": n}]})
+        assert r.status_code == 200
+        acked.append(r.json()["seq"])
+    writer = serve.get_deployment_handle("HistoryWriter", app_name=APP)
+    os.kill(writer.pid.remote().result(), signal.SIGKILL)  # right after the acknowledgements
+    deadline, r = time.time() + 90, None
+    while time.time() < deadline:  # Serve restarts the writer; appends resume with the next seq
+        r = client.post("/v1/events", json={"user_id": user, "events": [{"item_id": 99}]})
+        if r.status_code == 200:
+            break
+        time.sleep(1)
+    assert r is not None and r.status_code == 200 and r.json()["seq"] == acked[-1] + 1
+    q, items = LogHistoryStore(a.store).history(user, 100)
+    assert items.tolist() == [10, 11, 12, 13, 14, 99]
+    assert score(client, user_id=user, candidates=[1]).json()["history_len"] == 6

@@ -81,7 +81,9 @@ def train_worker(kind: str, batch: int, length: int, steps: int, warmup: int) ->
         opt.step()
         if step >= warmup:
             times.append(time.perf_counter() - t0)
-    return {"kind": kind, "samples_per_s": batch * len(times) / sum(times), "step_s": times,
+    # the median step: the machine is shared, and one descheduled step should not move the figure
+    return {"kind": kind, "samples_per_s": batch / float(np.median(times)),
+            "mean_samples_per_s": batch * len(times) / sum(times), "step_s": times,
             "peak_rss_mb": peak_rss_mb(), "rss_before_steps_mb": rss_before, "last_parts": parts}
 
 
@@ -110,7 +112,7 @@ def run_worker(args: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/out/model.json", help="JSON file to write")
-    ap.add_argument("--quick", action="store_true", help="1 warm-up + 2 timed steps instead of 1 + 5")
+    ap.add_argument("--quick", action="store_true", help="1 warm-up + 2 timed steps instead of 1 + 5 (median step)")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--length", type=int, default=2000)
     ap.add_argument("--align-batch", type=int, default=16, help="B of the alignment sweep (N_ch = 1 is B·L² floats)")

@@ -13,7 +13,6 @@ from seminar_ray.data.entities import EntityTables
 from seminar_ray.models.config import ModelConfig
 
 N_ITEM_CHANNELS = 3  # T, I, A
-CHANNELS = ("Q", "T", "I", "A")
 
 
 @dataclass

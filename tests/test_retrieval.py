@@ -9,7 +9,9 @@ import pytest
 from seminar_ray.retrieval.index import CHANNEL_PARTS, PQIndex, UnknownIdError, build_index
 from seminar_ray.retrieval.quantizer import DimensionMismatchError, PQCodec, capped_centroids
 from seminar_ray.retrieval.retrievers import (ADCRetriever, CascadingHNSWRetriever, ExactRetriever, LSHRetriever,
-                                              RQRetriever, ServingRetriever, SymmetricPQRetriever)
+                                              RQRetriever, ServingRetriever, SketchRerankRetriever,
+                                              SymmetricPQRetriever)
+from seminar_ray.retrieval.sketch import KeySketch
 from seminar_ray.retrieval.tables import GSUTables
 
 D = 16
@@ -120,7 +122,8 @@ def test_serving_and_baselines_run_and_pad(tables, index):
     hi[:30] = 0  # 10 valid behaviours, K = 16 → 6 columns of -1
     u, tc = targets(tables)
     retrievers = [ExactRetriever.from_tables(tables), ADCRetriever(index, "folded"), ADCRetriever(index, "channel"),
-                  SymmetricPQRetriever(index), ServingRetriever(index, 2), CascadingHNSWRetriever(tables),
+                  SymmetricPQRetriever(index), ServingRetriever(index, 2), SketchRerankRetriever(index),
+                  CascadingHNSWRetriever(tables),
                   LSHRetriever(tables, n_bits=64), RQRetriever(tables, n_levels=2, nbits=4)]
     for r in retrievers:
         got = r.topk(hq, hi, u, 16, tc)
@@ -131,7 +134,8 @@ def test_serving_and_baselines_run_and_pad(tables, index):
 def test_empty_history_gives_empty_answer(tables, index):
     u, _ = targets(tables)
     empty = np.zeros(0, np.int64)
-    for r in (ExactRetriever.from_tables(tables), ServingRetriever(index), ADCRetriever(index, "channel")):
+    for r in (ExactRetriever.from_tables(tables), ServingRetriever(index), ADCRetriever(index, "channel"),
+              SketchRerankRetriever(index)):
         assert r.topk(empty, empty, u, 32).shape == (len(u), 0)
 
 
@@ -141,7 +145,9 @@ def test_index_round_trip_mmap(tmp_path, tables, index):
     path = index.save(tmp_path / "idx")
     loaded = PQIndex.load(path, mmap=True)
     assert loaded.version == "test-v1" and isinstance(loaded.codes["item_folded"], np.memmap)
-    for make in (lambda i: ServingRetriever(i, 4), lambda i: ADCRetriever(i, "channel"), SymmetricPQRetriever):
+    assert loaded.sketch is not None and isinstance(loaded.sketch.item_codes, np.memmap)
+    for make in (lambda i: ServingRetriever(i, 4), lambda i: ADCRetriever(i, "channel"), SymmetricPQRetriever,
+                 SketchRerankRetriever):
         assert np.array_equal(make(index).topk(hq, hi, u, 32, tc), make(loaded).topk(hq, hi, u, 32, tc))
     index.save(path)  # overwrite in place is atomic and leaves no temp dirs
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
@@ -171,3 +177,37 @@ def test_centroid_cap_warns_and_still_builds():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         capped_centroids(39 * 512, 512)
+
+
+def test_sketch_rerank_whole_history_is_exact_and_default_margin_recalls(tables):
+    index = build_index(tables, "sketch4", forms=("folded",), n_sub=4, n_centroids=16, sketch_dim=4)
+    hq, hi = history(tables, 600)
+    u, _ = targets(tables)
+    K = 16
+    want = ExactRetriever.from_tables(tables).topk(hq, hi, u, K)
+    scores = exact_scores(tables, hq, hi, u)
+    wide = SketchRerankRetriever(index, z=1e6)  # a margin wider than any score gap: the union is the whole history
+    got = wide.topk(hq, hi, u, K)
+    assert wide.last_union == len(hi)
+    np.testing.assert_allclose(np.take_along_axis(scores, got, 1), np.take_along_axis(scores, want, 1), rtol=2e-3, atol=2e-3)
+    serving = SketchRerankRetriever(index)  # 3σ margin: shortlists a fraction, still finds the exact top-K
+    got = serving.topk(hq, hi, u, K)
+    kth = np.take_along_axis(scores, want[:, -1:], 1)
+    assert serving.last_union < len(hi)
+    assert (np.take_along_axis(scores, got, 1) >= kth - 2e-3).mean() >= 0.95
+
+
+def test_sketch_of_full_dimension_has_no_error_term():
+    small = make_tables(n_items=500, n_queries=200, seed=4)
+    sketch = KeySketch.fit(small.item_folded(), small.query_folded(), sketch_dim=D)
+    u, _ = targets(small)
+    weights, sigma = sketch.target(u)
+    assert np.allclose(sigma, 0, atol=1e-3)
+    hq, hi = history(small, 100)
+    approx = sketch.scores(hq, hi, weights)
+    exact = exact_scores(small, hq, hi, u)
+    assert np.abs(approx - exact).max() < 0.02 * np.abs(exact).max()  # int8 rounding only
+    with pytest.raises(DimensionMismatchError):
+        sketch.target(np.zeros((2, D + 1), np.float32))
+    with pytest.raises(ValueError, match="sketch_dim"):
+        KeySketch.fit(small.item_folded(), small.query_folded(), sketch_dim=D + 1)

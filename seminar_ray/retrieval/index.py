@@ -11,12 +11,14 @@ from pathlib import Path
 import numpy as np
 
 from seminar_ray.retrieval.quantizer import DimensionMismatchError, PQCodec
+from seminar_ray.retrieval.sketch import KeySketch
 from seminar_ray.retrieval.tables import GSUTables
 
 FORMAT_VERSION = 1
 ITEM_CHANNELS = ("item_T", "item_I", "item_A")  # order of GSUTables.item_channels
 CHANNEL_PARTS = (*ITEM_CHANNELS, "query_Q")  # the paper's per-channel form
 FOLDED_PARTS = ("item_folded", "query_folded")  # DESIGN §5: two look-ups per behaviour
+SKETCH_ARRAYS = ("projection", "scale", "residual_cov", "item_codes", "query_codes")  # KeySketch fields
 
 
 class UnknownIdError(KeyError):
@@ -49,6 +51,7 @@ class PQIndex:
     item_exact: np.ndarray  # float16 [N+1, d], folded
     query_exact: np.ndarray  # float16 [Q+1, d], folded
     extra: dict = field(default_factory=dict)
+    sketch: KeySketch | None = None  # int8 key sketch for the serving shortlist (sketch.py)
 
     @property
     def dim(self) -> int:
@@ -90,6 +93,8 @@ class PQIndex:
         for part, codec in self.codecs.items():
             arrays[f"codebook_{part}"] = codec.centroids
             arrays[f"codes_{part}"] = self.codes[part]
+        if self.sketch is not None:
+            arrays |= {f"sketch_{name}": getattr(self.sketch, name) for name in SKETCH_ARRAYS}
         for name, arr in arrays.items():
             np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr))
         manifest = {
@@ -97,6 +102,7 @@ class PQIndex:
             "num_items": self.num_items, "num_queries": self.num_queries, "extra": self.extra,
             "parts": {p: {"n_sub": c.n_sub, "n_centroids": c.n_centroids, "nbits": c.nbits,
                           "codes_shape": list(self.codes[p].shape)} for p, c in self.codecs.items()},
+            "sketch_dim": None if self.sketch is None else self.sketch.sketch_dim,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         if out.exists():
@@ -130,8 +136,13 @@ class PQIndex:
             codes[part] = arr(f"codes_{part}")
             if list(codes[part].shape) != info["codes_shape"] or codecs[part].n_centroids != info["n_centroids"]:
                 raise ValueError(f"index part {part} at {path} does not match its manifest")
+        sketch = None
+        if manifest.get("sketch_dim") is not None:
+            sketch = KeySketch(**{name: arr(f"sketch_{name}") for name in SKETCH_ARRAYS})
+            if sketch.sketch_dim != manifest["sketch_dim"] or sketch.item_codes.shape[0] != manifest["num_items"]:
+                raise ValueError(f"index sketch at {path} does not match its manifest")
         index = cls(manifest["version"], codecs, codes, arr("item_gamma"), float(manifest["query_gamma"]),
-                    arr("item_exact"), arr("query_exact"), manifest.get("extra", {}))
+                    arr("item_exact"), arr("query_exact"), manifest.get("extra", {}), sketch)
         if index.dim != manifest["dim"]:
             raise DimensionMismatchError(f"index tables have dim {index.dim}, manifest says {manifest['dim']}")
         return index
@@ -139,14 +150,19 @@ class PQIndex:
 
 def build_index(tables: GSUTables, version: str, n_sub: int = 8, n_centroids: int = 256,
                 forms: tuple[str, ...] = ("folded", "channel"), max_train: int = 65536, seed: int = 0,
-                folded_n_sub: int | None = None, folded_n_centroids: int | None = None) -> PQIndex:
-    """Train one codebook per part on the entities (row 0 excluded) and encode every entity once (DESIGN §5)."""
+                folded_n_sub: int | None = None, folded_n_centroids: int | None = None,
+                sketch_dim: int | None = 32, channel_parts: PQIndex | None = None) -> PQIndex:
+    """Train one codebook per part on the entities (row 0 excluded) and encode every entity once (DESIGN §5).
+
+    sketch_dim: the int8 key sketch of the serving shortlist (capped at d; None: none). channel_parts: an index over the same
+    channel vectors whose per-channel codecs and codes are reused instead of retrained (γ may differ).
+    """
     if tables.item_channels.ndim != 3 or tables.item_channels.shape[1] != len(ITEM_CHANNELS):
         raise DimensionMismatchError(f"item_channels must be [N+1, 3, d], got {tuple(tables.item_channels.shape)}")
     if tables.query_channel.shape[-1] != tables.dim:
         raise DimensionMismatchError(f"query_channel dim {tables.query_channel.shape[-1]} != item dim {tables.dim}")
     sources: dict[str, tuple[np.ndarray, int, int]] = {}
-    if "channel" in forms:
+    if "channel" in forms and channel_parts is None:
         for j, part in enumerate(ITEM_CHANNELS):
             sources[part] = (tables.item_channels[:, j, :], n_sub, n_centroids)
         sources["query_Q"] = (tables.query_channel, n_sub, n_centroids)
@@ -159,5 +175,13 @@ def build_index(tables: GSUTables, version: str, n_sub: int = 8, n_centroids: in
     for part, (x, ns, nc) in sources.items():
         codecs[part] = PQCodec.fit(x[1:], ns, nc, max_train=max_train, seed=seed)
         codes[part] = codecs[part].encode(x)
+    if "channel" in forms and channel_parts is not None:
+        if not channel_parts.has_form("channel") or channel_parts.num_items != len(tables.item_channels):
+            raise ValueError(f"index {channel_parts.version!r} has no channel parts for {len(tables.item_channels)} items")
+        codecs |= {p: channel_parts.codecs[p] for p in CHANNEL_PARTS}
+        codes |= {p: channel_parts.codes[p] for p in CHANNEL_PARTS}
+    sketch = None if sketch_dim is None else KeySketch.fit(item_folded, query_folded, min(sketch_dim, tables.dim),
+                                                                   max_train, seed=seed)
     return PQIndex(version, codecs, codes, np.asarray(tables.item_gamma, dtype=np.float32),
-                   float(tables.query_gamma), item_folded.astype(np.float16), query_folded.astype(np.float16))
+                   float(tables.query_gamma), item_folded.astype(np.float16), query_folded.astype(np.float16),
+                   sketch=sketch)

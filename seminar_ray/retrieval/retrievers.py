@@ -206,6 +206,42 @@ class ServingRetriever(Retriever):
         return out
 
 
+class SketchRerankRetriever(Retriever):
+    """The serving path (DESIGN §5): an int8 key-sketch shortlist with an adaptive margin, then one exact re-rank.
+
+    Per candidate c the shortlist is every behaviour whose sketch score is ≥ (its K-th best sketch score − z·σ(u_c)),
+    σ(u_c) being the std of the sketch error for that target (sketch.py); the union of the shortlists over all
+    candidates of the request, deduplicated, is re-scored exactly from the fp16 tables with one GEMM, and each
+    candidate takes its top-K from the union. Bytes read per behaviour: one int8 sketch row per entity, plus the fp16
+    rows of the union only. z is fixed a priori (3σ), not fitted to test users.
+    """
+
+    def __init__(self, index: PQIndex, z: float = 3.0):
+        if index.sketch is None:
+            raise ValueError(f"index {index.version!r} has no key sketch: build it with sketch_dim set")
+        super().__init__(index.dim, index.num_items, index.num_queries)
+        self.index, self.sketch, self.z = index, index.sketch, z
+        self.name = f"serving_sketch{self.sketch.sketch_dim}_z{z:g}"
+        self.last_union = 0  # behaviours re-ranked exactly by the last call (for benchmarks)
+
+    def shortlist(self, hq: np.ndarray, hi: np.ndarray, u: np.ndarray, K: int) -> np.ndarray:
+        """Positions (sorted, distinct) of the union of the candidates' sketch shortlists over a padding-free history."""
+        if K >= len(hi):
+            return np.arange(len(hi))
+        weights, sigma = self.sketch.target(u)
+        s = self.sketch.scores(hq, hi, weights)
+        kth = np.partition(s, len(hi) - K, axis=1)[:, len(hi) - K]
+        return np.flatnonzero((s >= (kth - self.z * sigma)[:, None]).any(axis=0))
+
+    def _topk(self, hq, hi, u, K, tc):
+        union = self.shortlist(hq, hi, u, K)
+        self.last_union = len(union)
+        keys = self.index.item_exact[hi[union]].astype(np.float32)
+        keys += self.index.query_exact[hq[union]]
+        best = select_topk(u @ keys.T, K)
+        return np.where(best >= 0, union[np.maximum(best, 0)], -1)
+
+
 class CascadingHNSWRetriever(Retriever):
     """Cascading ANN (paper §3.3.3): M² cross-channel HNSW searches keep K each, then an exact re-rank.
 

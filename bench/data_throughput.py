@@ -1,0 +1,89 @@
+"""Sequences/s at L = 2,000 through the Ray Data pipeline into a consumer, against a plain pyarrow reader.
+
+Both paths do the same work per user sequence: read it from Parquet, draw this epoch's training targets
+with their negatives and build the [B, L] tensors of the batch contract. The ratio is the figure.
+
+    python bench/data_throughput.py --out bench/out/data.json [--users 400] [--L 2000]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from seminar_ray.data.pipeline import TrainCollate, read_sequences, sample_config, train_batches  # noqa: E402
+from seminar_ray.data.schema import table_path  # noqa: E402
+from seminar_ray.data.synthetic import SyntheticConfig, generate_to_dir  # noqa: E402
+from seminar_ray.runtime import init_ray  # noqa: E402
+
+
+def consume(batches) -> tuple[int, int]:
+    """Touch every tensor like a training step's input would; returns (distinct users, samples)."""
+    users, samples = set(), 0
+    for batch in batches:
+        samples += int(batch["hist_items"].shape[0])
+        users.update(batch["user_id"].tolist())
+        _ = int(batch["hist_items"].sum()) + int(batch["target_items"].sum())
+    return len(users), samples
+
+
+def bench_ray(data: Path, cfg, users_per_batch: int, epoch: int) -> dict:
+    ds = read_sequences(data)
+    t0 = time.perf_counter()
+    users, samples = consume(train_batches(ds, cfg, epoch, users_per_batch))
+    return {"seconds": time.perf_counter() - t0, "users": users, "samples": samples}
+
+
+def bench_pyarrow(data: Path, cfg, users_per_batch: int, epoch: int) -> dict:
+    collate = TrainCollate(cfg, epoch)
+    t0 = time.perf_counter()
+    batches = (collate(b) for b in pq.ParquetFile(table_path(data, "sequences")).iter_batches(batch_size=users_per_batch))
+    users, samples = consume(batches)
+    return {"seconds": time.perf_counter() - t0, "users": users, "samples": samples}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("bench/out/data.json"))
+    p.add_argument("--users", type=int, default=400)
+    p.add_argument("--L", type=int, default=2000)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    init_ray()
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        syn = replace(SyntheticConfig.preset("small", num_users=args.users), min_len=args.L + 3, max_len=args.L + 3)
+        generate_to_dir(syn, data)
+        cfg = sample_config(data, max_len=args.L, num_neg=4, samples_per_user=8)
+        users_per_batch = 32
+        bench_ray(data, cfg, users_per_batch, epoch=99)  # warm-up: worker processes, imports
+        runs = {"ray": [], "pyarrow": []}
+        for rep in range(args.repeats):  # interleaved, so both see the same machine load
+            runs["ray"].append(bench_ray(data, cfg, users_per_batch, rep))
+            runs["pyarrow"].append(bench_pyarrow(data, cfg, users_per_batch, rep))
+    best = {k: min(v, key=lambda r: r["seconds"]) for k, v in runs.items()}
+    out = {
+        "L": args.L, "users": args.users, "samples_per_user": cfg.samples_per_user,
+        "ray_data_seq_per_s": best["ray"]["users"] / best["ray"]["seconds"],
+        "pyarrow_seq_per_s": best["pyarrow"]["users"] / best["pyarrow"]["seconds"],
+        "ray_data_samples_per_s": best["ray"]["samples"] / best["ray"]["seconds"],
+        "pyarrow_samples_per_s": best["pyarrow"]["samples"] / best["pyarrow"]["seconds"],
+        "runs": runs, "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
+    }
+    out["ratio_ray_over_pyarrow"] = out["ray_data_seq_per_s"] / out["pyarrow_seq_per_s"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1))
+    print(json.dumps({k: v for k, v in out.items() if k not in ("runs",)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

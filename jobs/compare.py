@@ -1,0 +1,151 @@
+"""The comparison of the paper's Tables 2 and 3: SEMINAR, its pretraining ablations, five baselines, popularity.
+
+Every model gets the same budget (epochs, samples per user, config) and is selected by validation NDCG@10;
+the table reports the test split, mean ± std over seeds.
+
+    python jobs/compare.py --data data/small --out runs/compare --seeds 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from seminar_ray.runtime import init_ray, run_cli, setup_logging  # noqa: E402
+
+# name → (kind, PSU tasks to pretrain with, or None for no pretraining)
+VARIANTS: dict[str, tuple[str, tuple[str, ...] | None]] = {
+    "SEMINAR": ("seminar", ("next", "align", "rel")),
+    "w/o pretraining": ("seminar", None),
+    "w. align only": ("seminar", ("align",)),
+    "w. next-pair only": ("seminar", ("next",)),
+    "w. q-i relevance only": ("seminar", ("rel",)),
+    "SIM": ("sim", None), "ETA": ("eta", None), "TWIN": ("twin", None), "QIN": ("qin", None), "DIN": ("din", None),
+}
+TABLE_KEYS = ("ndcg@5", "ndcg@10", "ndcg@50", "hr@10", "mrr", "auc")
+
+
+def popularity_scores(data: str, split: str, max_len: int) -> dict:
+    """Rank candidates by their number of training behaviours (each user's last two held out)."""
+    from seminar_ray.data.pipeline import sample_config
+    from seminar_ray.data.schema import read_table
+    from seminar_ray.data.splits import SequenceBatch, eval_batch
+    from seminar_ray.metrics import evaluate_scores
+
+    seqs = SequenceBatch.from_arrow(read_table(data, "sequences"))
+    train_mask = np.ones(len(seqs.items), dtype=bool)
+    ends = seqs.offsets[1:]
+    for back in (1, 2):
+        train_mask[ends[seqs.lengths >= back] - back] = False
+    counts = np.bincount(seqs.items[train_mask], minlength=int(seqs.items.max()) + 2)
+    ev = eval_batch(seqs, split, sample_config(data, max_len=max_len))
+    return evaluate_scores(ev["user_id"], ev["target_queries"], counts[ev["target_items"]].astype(np.float64))
+
+
+def _psu_cfg(base, tasks: tuple[str, ...], seed: int):
+    return base.replace(seed=seed, use_next="next" in tasks, use_align="align" in tasks, use_rel="rel" in tasks)
+
+
+def train_variant(name: str, seed: int, args, base, psu_runs: dict) -> dict:
+    """Train one variant for one seed (local-mode Ray Train) and evaluate its best checkpoint on the test split."""
+    from seminar_ray.train.evaluation import evaluate_checkpoint
+    from seminar_ray.train.job import TrainJob, run_training
+
+    kind, tasks = VARIANTS[name]
+    storage = str(args.out.resolve() / f"seed{seed}")
+    common = dict(data=str(args.data.resolve()), storage_path=storage, num_workers=0,
+                  samples_per_user=args.samples_per_user, eval_users=args.eval_users)
+    pretrained = None
+    if tasks is not None:
+        key = "psu_" + "_".join(tasks)
+        if key not in psu_runs:
+            psu = TrainJob(kind="psu", run_name=key, model=_psu_cfg(base, tasks, seed).to_dict(),
+                           epochs=args.pretrain_epochs, **common)
+            psu_runs[key] = run_training(psu)["run_dir"]
+        pretrained = psu_runs[key]
+    run_name = name.replace(" ", "_").replace("/", "").replace(".", "")
+    cfg = base.replace(seed=seed, pretrained=pretrained is not None)
+    job = TrainJob(kind=kind, run_name=run_name, model=cfg.to_dict(), epochs=args.epochs, pretrained=pretrained, **common)
+    summary = run_training(job)
+    return evaluate_checkpoint(summary["run_dir"], "test", actors=1)
+
+
+def aggregate(per_seed: dict[str, list[dict]]) -> dict[str, dict[str, tuple[float, float]]]:
+    return {name: {k: (float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs])))
+                   for k in TABLE_KEYS} for name, runs in per_seed.items()}
+
+
+def markdown(agg: dict, names: list[str], title: str) -> str:
+    head = f"### {title}\n\n| method | " + " | ".join(TABLE_KEYS) + " |\n|---|" + "---|" * len(TABLE_KEYS) + "\n"
+    rows = "".join(f"| {n} | " + " | ".join(f"{agg[n][k][0]:.4f} ± {agg[n][k][1]:.4f}" for k in TABLE_KEYS) + " |\n"
+                   for n in names if n in agg)
+    return head + rows
+
+
+def verdict(agg: dict) -> list[str]:
+    """Does SEMINAR beat the no-pretraining ablation and every baseline on NDCG@10 by more than the seed std?"""
+    lines = []
+    m, s = agg["SEMINAR"]["ndcg@10"]
+    for other in [n for n in agg if n != "SEMINAR" and not n.startswith("w. ")]:
+        om, os_ = agg[other]["ndcg@10"]
+        margin = max(s, os_)
+        lines.append(f"SEMINAR {m:.4f} vs {other} {om:.4f}: "
+                     f"{'beats' if m - om > margin else 'does NOT beat'} it by more than the seed std ({margin:.4f})")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    from seminar_ray.models import ModelConfig
+
+    setup_logging()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--pretrain-epochs", type=int, default=2)
+    p.add_argument("--samples-per-user", type=int, default=8)
+    p.add_argument("--eval-users", type=int, default=500)
+    p.add_argument("--config", type=Path, default=Path(__file__).resolve().parents[1] / "configs" / "model_small.yaml")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
+    args = p.parse_args(argv)
+    names = args.variants.split(",")
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; known: {list(VARIANTS)}")
+    init_ray()
+    base = ModelConfig.from_yaml(args.config)
+    args.out.mkdir(parents=True, exist_ok=True)
+    per_seed: dict[str, list[dict]] = {n: [] for n in names}
+    per_seed["Popularity"] = [popularity_scores(str(args.data), "test", base.max_len)] * args.seeds
+    t0 = time.time()
+    for seed in range(args.seeds):
+        psu_runs: dict = {}
+        for name in names:
+            start = time.time()
+            per_seed[name].append(train_variant(name, seed, args, base, psu_runs))
+            print(f"[compare] seed {seed} {name}: test ndcg@10 {per_seed[name][-1]['ndcg@10']:.4f} "
+                  f"({time.time() - start:.0f}s, {time.time() - t0:.0f}s total)", flush=True)
+    agg = aggregate(per_seed)
+    table2 = [n for n in ("Popularity", "DIN", "SIM", "QIN", "ETA", "TWIN", "SEMINAR") if n in agg]
+    table3 = [n for n in ("SEMINAR", "w/o pretraining", "w. align only", "w. next-pair only", "w. q-i relevance only") if n in agg]
+    text = (f"# Comparison on {args.data} ({args.seeds} seeds, test split, mean ± std)\n\n"
+            + markdown(agg, table2, "Table 2: SEMINAR against the baselines") + "\n"
+            + markdown(agg, table3, "Table 3: ablation of the PSU pretraining tasks") + "\n"
+            + ("\n".join(f"- {v}" for v in verdict(agg)) + "\n" if "SEMINAR" in agg else "")
+            + f"\n{time.time() - t0:.0f} s in all.\n")
+    (args.out / "compare.md").write_text(text)
+    (args.out / "compare.json").write_text(json.dumps({"seeds": args.seeds, "data": str(args.data), "aggregate": agg,
+                                                        "per_seed": per_seed, "seconds": time.time() - t0}, indent=1))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

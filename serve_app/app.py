@@ -65,7 +65,7 @@ class HistoryWriter:
 @serve.deployment(name="ESUScorer", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32,
                   autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 6,
                                       "upscale_delay_s": 2, "downscale_delay_s": 15,
-                                      "look_back_period_s": 4})
+                                      "look_back_period_s": 4, "metrics_interval_s": 1})
 class ESUScorer:
     """ESU + MLP over the retrieved K, batched across requests. user_config: checkpoint, data, work, extra_cpu_ms."""
 
@@ -218,7 +218,7 @@ merged_api = FastAPI(title="SEMINAR scoring (PQRetriever ingress)")
 @serve.deployment(name="PQRetriever", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=16,
                   autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 3,
                                       "upscale_delay_s": 2, "downscale_delay_s": 15,
-                                      "look_back_period_s": 4})
+                                      "look_back_period_s": 4, "metrics_interval_s": 1})
 @serve.ingress(merged_api)
 class PQRetrieverIngress(RetrieverCore, Routes):
     """Topology "merged": the retriever is the HTTP ingress (one hop fewer)."""
@@ -250,7 +250,7 @@ class PQRetrieverIngress(RetrieverCore, Routes):
 @serve.deployment(name="PQRetriever", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=16,
                   autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2,
                                       "upscale_delay_s": 2, "downscale_delay_s": 15,
-                                      "look_back_period_s": 4})
+                                      "look_back_period_s": 4, "metrics_interval_s": 1})
 class PQRetriever(RetrieverCore):
     """Topology "split": the retriever behind a separate Ingress deployment."""
 
@@ -264,7 +264,7 @@ split_api = FastAPI(title="SEMINAR scoring (separate ingress)")
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32,
                   autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8,
                                       "upscale_delay_s": 2, "downscale_delay_s": 15,
-                                      "look_back_period_s": 4})
+                                      "look_back_period_s": 4, "metrics_interval_s": 1})
 @serve.ingress(split_api)
 class Ingress(Routes):
     def __init__(self, retriever: DeploymentHandle, scorer: DeploymentHandle, writer: DeploymentHandle,

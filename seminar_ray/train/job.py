@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import tempfile
 import time
@@ -13,9 +12,9 @@ from pathlib import Path
 
 import torch
 
+from seminar_ray import storage
 from seminar_ray.data.entities import EntityTables
 from seminar_ray.data.errors import DataError
-from seminar_ray.data.schema import table_path
 from seminar_ray.models import ModelConfig, build_model, restore_psu, save_checkpoint
 from seminar_ray.models.checkpoint import read_checkpoint
 from seminar_ray.train.checkpoints import HISTORY_FILE, METRICS_FILE, SELECT_METRIC, TRAIN_STATE_FILE, resolve_checkpoint, run_checkpoints
@@ -29,7 +28,7 @@ class TrainJob:
     """Everything a training run needs; serialisable so Ray Train can ship it to every worker."""
 
     kind: str  # psu | seminar | sim | eta | twin | qin | din
-    data: str
+    data: str  # dataset directory: local, NFS or a shared URI
     storage_path: str  # local directory or a shared URI (s3://, gs://, an NFS path)
     run_name: str
     model: dict = field(default_factory=dict)  # ModelConfig.to_dict()
@@ -37,6 +36,7 @@ class TrainJob:
     num_workers: int = 0  # 0 = Ray Train local mode (in this process)
     cpus_per_worker: float = 0.5
     use_gpu: bool = False
+    worker_resources: dict = field(default_factory=dict)  # extra per-worker resources, e.g. {"gpu_trainer": 0.01}
     samples_per_user: int = 8
     max_failures: int = 2
     pretrained: str | None = None  # PSU checkpoint or run directory (seminar only)
@@ -51,7 +51,7 @@ class TrainJob:
 
     @property
     def run_dir(self) -> str:
-        return os.path.join(self.storage_path, self.run_name)
+        return str(storage.join(self.storage_path, self.run_name))
 
     def check_inputs(self) -> None:
         """Fail before any work starts: a missing table, an unknown kind, a pretrained path that is not a PSU."""
@@ -60,10 +60,10 @@ class TrainJob:
         if self.kind not in MODELS:
             raise ValueError(f"unknown model {self.kind!r}; choose from {sorted(MODELS)}")
         for name in ("items", "queries", "sequences"):
-            if not table_path(self.data, name).exists():
-                raise DataError(f"{table_path(self.data, name)}: missing table '{name}' (run jobs/prepare_data.py)")
-        if not (Path(self.data) / "meta.json").exists():
-            raise DataError(f"{Path(self.data) / 'meta.json'}: missing (run jobs/prepare_data.py)")
+            if not storage.exists(path := storage.join(self.data, f"{name}.parquet")):
+                raise DataError(f"{path}: missing table '{name}' (run jobs/prepare_data.py)")
+        if not storage.exists(path := storage.join(self.data, "meta.json")):
+            raise DataError(f"{path}: missing (run jobs/prepare_data.py)")
         if self.model_config.pretrained and self.kind == "seminar" and not self.pretrained:
             raise ValueError("the config says pretrained=true but no PSU checkpoint was given: pass --pretrained PATH "
                              "or set pretrained=false to train without pretraining")
@@ -93,7 +93,7 @@ def _load_state(net, optimizer, job: TrainJob) -> tuple[int, list[dict]]:
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         found = run_checkpoints(job.run_dir) if job.num_workers == 0 else []
-        return _restore(net, optimizer, found[-1][0]) if found else (0, [])
+        return _restore(net, optimizer, storage.local_dir(found[-1][0])) if found else (0, [])
     with ckpt.as_directory() as d:
         return _restore(net, optimizer, Path(d))
 
@@ -108,16 +108,11 @@ def _restore(net, optimizer, d: Path) -> tuple[int, list[dict]]:
 
 def _persist_local(d: str, job: TrainJob, epoch: int, keep: int = 3) -> None:
     """Local mode: copy the epoch's checkpoint into the run directory, keeping the best `keep` and the latest."""
-    run_dir = Path(job.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".checkpoint_epoch_{epoch:04d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(d, tmp)
-    os.replace(tmp, run_dir / f"checkpoint_epoch_{epoch:04d}")
-    found = run_checkpoints(run_dir)
+    storage.copy_dir(d, storage.join(job.run_dir, f"checkpoint_epoch_{epoch:04d}"))
+    found = run_checkpoints(job.run_dir)
     ranked = sorted(found[:-1], key=lambda pm: pm[1].get(SELECT_METRIC, float("-inf")), reverse=True)
     for path, _ in ranked[max(keep - 1, 0):]:
-        shutil.rmtree(path)
+        storage.delete_dir(path)
 
 
 def _save(net, cfg: ModelConfig, optimizer, epoch: int, history: list[dict], metrics: dict, job: TrainJob):
@@ -135,13 +130,13 @@ def _save(net, cfg: ModelConfig, optimizer, epoch: int, history: list[dict], met
 
 def _fault_hook(job: TrainJob, rank: int):
     """Tests: kill this worker process with SIGKILL once, mid-epoch, to exercise FailureConfig and resume."""
-    marker = Path(job.storage_path) / f".{job.run_name}.fault-injected"
+    marker = storage.join(job.storage_path, f".{job.run_name}.fault-injected")
     step = [0]
 
     def on_step(_n: int, _loss: float) -> None:
         step[0] += 1
-        if rank == 0 and step[0] == job.fault_at_step and not marker.exists():
-            marker.write_text(str(step[0]))
+        if rank == 0 and step[0] == job.fault_at_step and not storage.exists(marker):
+            storage.write_text(marker, str(step[0]))
             os.kill(os.getpid(), signal.SIGKILL)
 
     return on_step
@@ -160,7 +155,8 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = job.model_config
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    tables = EntityTables.load(job.data)
+    data = str(storage.local_dir(job.data))  # a URI is mirrored once per node; Ray Data reads it directly
+    tables = EntityTables.load(data)
     model = build_model(job.kind, cfg, tables)
     if job.pretrained:
         restore_psu(model, read_checkpoint(resolve_checkpoint(job.pretrained))["state_dict"])
@@ -169,7 +165,7 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     start_epoch, history = _load_state(net, optimizer, job)
     sample_cfg = _sample_cfg(job)
-    queries = query_pool(job.data, seed=cfg.seed) if job.kind == "psu" else None
+    queries = query_pool(data, seed=cfg.seed) if job.kind == "psu" else None
     users_per_batch = max(1, cfg.batch // job.samples_per_user)
     shard = ray.train.get_dataset_shard("train")
     valid = ray.train.get_dataset_shard("valid")
@@ -185,7 +181,7 @@ def train_loop_per_worker(config: dict) -> None:
 
         stats = train_one_epoch(net, train_batches(shard, sample_cfg, epoch, users_per_batch, queries), optimizer,
                                 device, on_step=on_step)
-        metrics = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in stats.items()}}
+        metrics = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in stats.items()}, "worker_nodes": _worker_nodes()}
         checkpoint = None
         if rank == 0:
             bar.close()
@@ -200,27 +196,57 @@ def train_loop_per_worker(config: dict) -> None:
         ray.train.report({k: v for k, v in metrics.items() if k != "valid"}, checkpoint=checkpoint)
 
 
+def _worker_nodes() -> list[str]:
+    """The Ray node id of every worker, by rank (a collective: every worker calls it), recorded in the history."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [node]
+    nodes = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return nodes
+
+
+def _node_capacities() -> list[tuple[dict, int]]:
+    """(resources of a node, how many such nodes) over every node the cluster has, or could launch when an
+    autoscaler (cluster.yaml, KubeRay) has published its node types: then the node types' max counts count."""
+    import ray
+    from ray._private.state import state
+
+    config = state.get_cluster_config()
+    if config is not None and config.node_group_configs:
+        return [(dict(g.resources), g.max_count if g.max_count >= 0 else 1 << 20) for g in config.node_group_configs]
+    return [(n.get("Resources", {}), 1) for n in ray.nodes() if n.get("Alive")]
+
+
 def check_placement(job: TrainJob) -> None:
     """Raise before starting when no set of the cluster's nodes could ever hold `num_workers` workers."""
     import ray
 
     if job.num_workers == 0:
         return
-    need_gpu = 1.0 if job.use_gpu else 0.0
-    slots = 0
-    for node in ray.nodes():
-        if not node.get("Alive"):
-            continue
-        res = node.get("Resources", {})
-        by_cpu = int(res.get("CPU", 0) // job.cpus_per_worker) if job.cpus_per_worker > 0 else job.num_workers
-        by_gpu = int(res.get("GPU", 0) // need_gpu) if need_gpu else by_cpu
-        slots += min(by_cpu, by_gpu)
+    need = {k: v for k, v in worker_resources(job).items() if v > 0}
+    slots = sum(count * min((int(res.get(k, 0) // v) for k, v in need.items()), default=job.num_workers)
+                for res, count in _node_capacities())
     if slots < job.num_workers:
         total = ray.cluster_resources()
+        have = ", ".join(f"{k} {total.get(k, 0)}" for k in need)
         raise ValueError(
-            f"--num-workers {job.num_workers} × (CPU {job.cpus_per_worker}{', GPU 1' if job.use_gpu else ''}) cannot be "
-            f"placed: the cluster's nodes hold at most {slots} such workers (CPU {total.get('CPU', 0)}, "
-            f"GPU {total.get('GPU', 0)}). Lower --num-workers or --cpus-per-worker, or add nodes.")
+            f"--num-workers {job.num_workers} × {need} cannot be placed: the cluster's nodes hold at most {slots} "
+            f"such workers ({have}). Lower --num-workers, --cpus-per-worker or --worker-resources, or add nodes "
+            f"(on an autoscaling cluster, a node type that provides them).")
+
+
+def worker_resources(job: TrainJob) -> dict[str, float]:
+    """What each Ray Train worker asks for: CPUs, a GPU with --use-gpu, and the custom resources that steer it
+    to a node type (cluster.yaml: {"gpu_trainer": 0.01})."""
+    for name, amount in job.worker_resources.items():
+        if name in ("CPU", "GPU") or not isinstance(amount, (int, float)) or amount < 0:
+            raise ValueError(f"--worker-resources: {name}={amount!r}; give custom resources with amounts ≥ 0 "
+                             f"(CPU and GPU come from --cpus-per-worker and --use-gpu)")
+    return {"CPU": job.cpus_per_worker, **({"GPU": 1} if job.use_gpu else {}), **job.worker_resources}
 
 
 def build_trainer(job: TrainJob, train_ds=None, valid_ds=None):
@@ -231,12 +257,14 @@ def build_trainer(job: TrainJob, train_ds=None, valid_ds=None):
     from seminar_ray.data.pipeline import eval_dataset, read_sequences
 
     sample_cfg = _sample_cfg(job)
-    train_ds = train_ds if train_ds is not None else read_sequences(job.data, min_blocks=max(8, 2 * job.num_workers))
+    # enough blocks that every worker's shard gets users; one consumer needs no repartition (an all-to-all step)
+    min_blocks = 4 * job.num_workers if job.num_workers > 1 else 1
+    train_ds = train_ds if train_ds is not None else read_sequences(job.data, min_blocks=min_blocks)
     if valid_ds is None:
         valid_ds = eval_dataset(job.data, "valid", sample_cfg)
         if job.eval_users:
             valid_ds = valid_ds.limit(job.eval_users)
-    resources = {"CPU": job.cpus_per_worker, **({"GPU": 1} if job.use_gpu else {})}
+    resources = worker_resources(job)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=asdict(job),

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from seminar_ray import storage  # noqa: E402
 from seminar_ray.retrieval.index import CHANNEL_PARTS, FOLDED_PARTS, ITEM_CHANNELS, PQIndex  # noqa: E402
 from seminar_ray.retrieval.quantizer import PQCodec  # noqa: E402
 from seminar_ray.retrieval.tables import GSUTables  # noqa: E402
@@ -61,11 +63,20 @@ def build(gsu: GSUTables, version: str, n_sub: int, n_centroids: int, folded_n_s
                    vectors["item_folded"].astype(np.float16), vectors["query_folded"].astype(np.float16))
 
 
+def _save(index: PQIndex, out: str) -> str:
+    """Save atomically in place; for a shared URI, save to a local temp directory and upload it."""
+    if not storage.is_uri(out):
+        return str(index.save(out))
+    with tempfile.TemporaryDirectory(prefix="index-") as tmp:
+        storage.copy_dir(index.save(Path(tmp) / "index"), out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--checkpoint", required=True, help="checkpoint or run directory of a fine-tuned SEMINAR")
     ap.add_argument("--data", required=True, help="dataset directory (entity tables) the model was trained on")
-    ap.add_argument("--out", required=True, help="index directory to write")
+    ap.add_argument("--out", required=True, help="index directory to write: local, NFS or a shared URI")
     ap.add_argument("--n-sub", type=int, default=8)
     ap.add_argument("--n-centroids", type=int, default=256)
     ap.add_argument("--folded-n-sub", type=int, default=32)
@@ -77,16 +88,17 @@ def main(argv: list[str] | None = None) -> None:
 
     from seminar_ray.data.entities import EntityTables
     from seminar_ray.models import export_gsu_tables, load_checkpoint
+    from seminar_ray.train.checkpoints import resolve_checkpoint
 
     tables = EntityTables.load(args.data)
-    model, _, _ = load_checkpoint(args.checkpoint, tables)
+    model, _, _ = load_checkpoint(resolve_checkpoint(args.checkpoint), tables)  # a run dir or URI, too
     gsu = export_gsu_tables(model)
     if not ray.is_initialized():
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, configure_logging=False)
     version = f"{Path(args.checkpoint).resolve().name}-pq{args.n_sub}x{args.n_centroids}"
     index = build(gsu, version, args.n_sub, args.n_centroids, args.folded_n_sub, args.folded_n_centroids,
                   concurrency=max(1, int(args.num_cpus / 0.25) // 4))
-    out = index.save(args.out)
+    out = _save(index, args.out)
     print(f"index {index.version}: {index.num_items} items, {index.num_queries} queries, dim {index.dim} → {out}")
 
 

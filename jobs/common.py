@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -14,13 +15,16 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "model_small.
 
 
 def add_train_flags(p: argparse.ArgumentParser, model_choices: tuple[str, ...] | None = None) -> None:
-    p.add_argument("--data", type=Path, required=True, help="directory written by jobs/prepare_data.py")
+    p.add_argument("--data", required=True, help="directory written by jobs/prepare_data.py: local, NFS or a shared URI")
     p.add_argument("--out", required=True, help="storage path for runs: a local directory or a shared URI")
     p.add_argument("--run-name", help="re-running with the same name resumes from its latest checkpoint")
     p.add_argument("--epochs", type=int, default=None, help="default: the config's epochs")
     p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers; 0 = local mode in this process")
     p.add_argument("--cpus-per-worker", type=float, default=0.5)
     p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--worker-resources", type=json.loads, default={}, metavar="JSON",
+                   help='extra resources per worker that steer it to a node type, e.g. \'{"gpu_trainer": 0.01}\' '
+                        '(cluster.yaml)')
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="model YAML (configs/)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields, e.g. K=64 lam=0.3")
     p.add_argument("--samples-per-user", type=int, default=8, help="training targets drawn per user per epoch")
@@ -52,9 +56,10 @@ def job_from_args(args: argparse.Namespace, kind: str, pretrained: str | None = 
     if kind == "seminar":
         overrides.setdefault("pretrained", pretrained is not None)
     cfg = ModelConfig.from_yaml(args.config, **overrides)
-    return TrainJob(kind=kind, data=str(args.data.resolve()), storage_path=_storage(args.out),
+    return TrainJob(kind=kind, data=_storage(args.data), storage_path=_storage(args.out),
                     run_name=args.run_name or kind, model=cfg.to_dict(), epochs=cfg.epochs,
                     num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker, use_gpu=args.use_gpu,
+                    worker_resources=args.worker_resources,
                     samples_per_user=args.samples_per_user, max_failures=args.max_failures,
                     pretrained=pretrained, eval_users=args.eval_users)
 

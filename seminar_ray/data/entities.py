@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from seminar_ray import storage
 from seminar_ray.data.schema import FEATURE_DIM, DatasetMeta, feature_matrix, read_table
 
 
@@ -41,6 +42,7 @@ class EntityTables:
 
     @classmethod
     def load(cls, data_dir: str | Path, max_attrs: int = 16, max_tokens: int = 16) -> "EntityTables":
+        data_dir = storage.local_dir(data_dir)  # a shared URI is mirrored into the node-local cache once
         meta = DatasetMeta.load(data_dir)
         items = read_table(data_dir, "items")
         queries = read_table(data_dir, "queries")

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import torch
 from ray.data.collate_fn import ArrowBatchCollateFn
 
+from seminar_ray import storage
 from seminar_ray.data.errors import DataError
 from seminar_ray.data.schema import DatasetMeta, table_path
 from seminar_ray.data.splits import SampleConfig, SequenceBatch, eval_batch, train_batch
@@ -32,11 +33,13 @@ def read_sequences(data_dir: str | Path, min_blocks: int = 8):
     """The sequences table as a Ray Dataset (one row per user), in at least `min_blocks` blocks so it shards."""
     import ray.data
 
-    path = table_path(data_dir, "sequences")
-    if not path.exists():
+    path = storage.join(data_dir, "sequences.parquet")  # a shared URI is read in place by every node
+    if not storage.exists(path):
         raise DataError(f"{path}: missing table 'sequences'")
     ds = ray.data.read_parquet(str(path))
-    return ds.repartition(min_blocks) if pq.ParquetFile(path).metadata.num_row_groups < min_blocks else ds
+    with storage.open_input(path) as f:
+        row_groups = pq.ParquetFile(f).metadata.num_row_groups
+    return ds.repartition(min_blocks) if row_groups < min_blocks else ds
 
 
 def query_pool(data_dir: str | Path, size: int = 100_000, seed: int = 0) -> np.ndarray:

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from seminar_ray import storage
 from seminar_ray.data.errors import DataError
 
 FEATURE_DIM = 512  # CLIP ViT-B/32 text and image embedding width (paper §4.1)
@@ -65,10 +66,10 @@ class DatasetMeta:
 
     @classmethod
     def load(cls, data_dir: str | Path) -> "DatasetMeta":
-        path = Path(data_dir) / "meta.json"
-        if not path.exists():
+        path = storage.join(data_dir, "meta.json")  # data_dir may be a shared URI
+        if not storage.exists(path):
             raise DataError(f"{path}: missing; is {data_dir} a directory written by jobs/prepare_data.py?")
-        return cls(**json.loads(path.read_text()))
+        return cls(**json.loads(storage.read_text(path)))
 
 
 @dataclass

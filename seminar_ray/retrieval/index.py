@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from seminar_ray import storage
 from seminar_ray.retrieval.quantizer import DimensionMismatchError, PQCodec
 from seminar_ray.retrieval.sketch import KeySketch
 from seminar_ray.retrieval.tables import GSUTables
@@ -117,8 +118,10 @@ class PQIndex:
 
     @classmethod
     def load(cls, index_dir: str | os.PathLike, mmap: bool = True) -> "PQIndex":
-        """Read an artefact written by save(); codes and tables are memory-mapped when mmap."""
-        path = Path(index_dir)
+        """Read an artefact written by save(); codes and tables are memory-mapped when mmap.
+
+        `index_dir` may be a shared URI: it is mirrored into the node-local cache first (seminar_ray.storage)."""
+        path = storage.local_dir(index_dir)
         manifest_path = path / "manifest.json"
         if not manifest_path.is_file():
             raise FileNotFoundError(f"no index manifest at {manifest_path}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from seminar_ray import storage
+
 CHECKPOINT_FILE = "model.pt"
 METRICS_FILE = "metrics.json"  # the epoch's metrics, inside each checkpoint directory
 HISTORY_FILE = "history.json"  # every epoch so far, inside each checkpoint directory
@@ -11,26 +13,40 @@ TRAIN_STATE_FILE = "train_state.pt"  # optimizer state and epoch, for resuming
 SELECT_METRIC = "ndcg@10"
 
 
-def run_checkpoints(run_dir: str | Path) -> list[tuple[Path, dict]]:
-    """Every checkpoint directory Ray Train kept under `run_dir`, with its metrics, oldest epoch first."""
+def run_checkpoints(run_dir: str | Path) -> list[tuple[str | Path, dict]]:
+    """Every checkpoint directory kept under `run_dir` (local path or URI), with its metrics, oldest epoch first."""
     found = []
-    for model_file in Path(run_dir).glob(f"*/{CHECKPOINT_FILE}"):
-        metrics_file = model_file.parent / METRICS_FILE
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
-        found.append((model_file.parent, metrics))
+    for d in storage.subdirs(run_dir):
+        if not storage.exists(storage.join(d, CHECKPOINT_FILE)):
+            continue
+        metrics_file = storage.join(d, METRICS_FILE)
+        metrics = json.loads(storage.read_text(metrics_file)) if storage.exists(metrics_file) else {}
+        found.append((d, metrics))
     return sorted(found, key=lambda pm: pm[1].get("epoch", 0))
 
 
-def resolve_checkpoint(path: str | Path, metric: str = SELECT_METRIC) -> Path:
-    """A checkpoint directory as is; a run directory → its checkpoint with the best validation `metric`."""
-    path = Path(path)
-    if (path / CHECKPOINT_FILE).exists():
+def best_checkpoint(found: list[tuple[str | Path, dict]], metric: str = SELECT_METRIC) -> tuple[str | Path, dict]:
+    """The (checkpoint, metrics) with the best validation `metric`; the later epoch wins a tie."""
+    return max(found, key=lambda pm: (pm[1].get(metric, float("-inf")), pm[1].get("epoch", 0)))
+
+
+def find_checkpoint(path: str | Path, metric: str = SELECT_METRIC) -> str | Path:
+    """Like resolve_checkpoint but without downloading: a URI stays a URI."""
+    if storage.exists(storage.join(path, CHECKPOINT_FILE)):
         return path
-    if path.is_file() and path.name == CHECKPOINT_FILE:
-        return path.parent
-    if not path.exists():
+    if storage.basename(path) == CHECKPOINT_FILE and storage.is_file(path):
+        return storage.parent(path)
+    if not storage.exists(path):
         raise FileNotFoundError(f"{path}: no such checkpoint or run directory")
     found = run_checkpoints(path)
     if not found:
         raise FileNotFoundError(f"{path}: neither a checkpoint (no {CHECKPOINT_FILE}) nor a run directory holding any")
-    return max(found, key=lambda pm: (pm[1].get(metric, float("-inf")), pm[1].get("epoch", 0)))[0]
+    return best_checkpoint(found, metric)[0]
+
+
+def resolve_checkpoint(path: str | Path, metric: str = SELECT_METRIC) -> Path:
+    """A checkpoint directory as is; a run directory → its checkpoint with the best validation `metric`.
+
+    `path` may be a shared-storage URI; the chosen checkpoint is then mirrored into the node-local cache.
+    """
+    return storage.local_dir(find_checkpoint(path, metric))

@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from seminar_ray import storage
 from seminar_ray.data.entities import EntityTables
 from seminar_ray.metrics import evaluate_scores
 from seminar_ray.models import load_checkpoint
-from seminar_ray.train.checkpoints import resolve_checkpoint
+from seminar_ray.train.checkpoints import find_checkpoint, resolve_checkpoint
 
 SCORER_CPUS = 0.5
 
@@ -20,7 +21,7 @@ class CandidateScorer:
 
     def __init__(self, checkpoint: str, data: str):
         torch.set_num_threads(1)
-        self.model, _, _ = load_checkpoint(checkpoint, EntityTables.load(data))
+        self.model, _, _ = load_checkpoint(resolve_checkpoint(checkpoint), EntityTables.load(data))
         self.model.eval()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -41,7 +42,8 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str, data: str | Path | N
     from seminar_ray.data.pipeline import eval_dataset, sample_config
     from seminar_ray.models.checkpoint import read_checkpoint
 
-    ckpt = resolve_checkpoint(checkpoint)
+    shared = find_checkpoint(checkpoint)  # what scoring actors on other nodes resolve (a URI stays a URI)
+    ckpt = resolve_checkpoint(shared)
     payload = read_checkpoint(ckpt)
     data = str(data or payload["extra"].get("data") or "")
     if not data:
@@ -49,20 +51,19 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str, data: str | Path | N
     cfg = payload["config"]
     load_checkpoint(ckpt, EntityTables.load(data))  # fail here, before any Ray work, on a mismatch
     rows = eval_dataset(data, split, sample_config(data, max_len=max_len or cfg["max_len"], seed=cfg["seed"]))
-    scored = rows.map_batches(CandidateScorer, fn_constructor_kwargs={"checkpoint": str(ckpt), "data": data},
+    scored = rows.map_batches(CandidateScorer, fn_constructor_kwargs={"checkpoint": str(shared), "data": data},
                               batch_size=batch_size, concurrency=actors, num_cpus=SCORER_CPUS).to_pandas()
     scores = np.stack(scored["scores"].to_numpy())
     query = scored["query"].to_numpy()
     out = evaluate_scores(scored["user_id"].to_numpy(), np.repeat(query[:, None], scores.shape[1], 1), scores)
-    out.update(split=split, checkpoint=str(ckpt), model=payload["kind"], data=data)
+    out.update(split=split, checkpoint=str(shared), model=payload["kind"], data=data)
     return out
 
 
 def write_metrics(metrics: dict, out_dir: str | Path) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    return out / "metrics.json"
+    path = storage.join(out_dir, "metrics.json")  # out_dir may be a shared URI
+    storage.write_text(path, json.dumps(metrics, indent=1))
+    return path
 
 
 def metrics_table(rows: dict[str, dict], keys=("hr@10", "ndcg@5", "ndcg@10", "ndcg@50", "mrr", "auc", "gauc")) -> str:

@@ -1,32 +1,32 @@
 """What a finished run leaves for a person: metrics.json and a PNG of the training curves."""
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
-from seminar_ray.train.checkpoints import HISTORY_FILE, SELECT_METRIC, resolve_checkpoint, run_checkpoints
+from seminar_ray import storage
+from seminar_ray.train.checkpoints import HISTORY_FILE, SELECT_METRIC, best_checkpoint, run_checkpoints
 
 
 def write_run_summary(run_dir: str | Path, seconds: float | None = None) -> dict:
-    """run_dir/metrics.json (best checkpoint, per-epoch history) and run_dir/curves.png."""
-    run_dir = Path(run_dir)
+    """run_dir/metrics.json (best checkpoint, per-epoch history) and run_dir/curves.png; run_dir may be a URI."""
     found = run_checkpoints(run_dir)
     if not found:
         raise FileNotFoundError(f"{run_dir}: the run left no checkpoint")
     latest = found[-1][0]
-    history = json.loads((latest / HISTORY_FILE).read_text())
-    best = resolve_checkpoint(run_dir)
-    best_metrics = json.loads((best / "metrics.json").read_text())
+    history = json.loads(storage.read_text(storage.join(latest, HISTORY_FILE)))
+    best, best_metrics = best_checkpoint(found, SELECT_METRIC)
     summary = {"run_dir": str(run_dir), "best_checkpoint": str(best), "best_epoch": best_metrics.get("epoch"),
                "select_metric": SELECT_METRIC, "best": best_metrics.get("valid", best_metrics),
                "epochs": len(history), "seconds": seconds,
                "history": [{k: v for k, v in h.items() if k != "valid"} for h in history]}
-    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
-    plot_curves(summary["history"], run_dir / "curves.png", title=run_dir.name)
+    storage.write_text(storage.join(run_dir, "metrics.json"), json.dumps(summary, indent=1))
+    plot_curves(summary["history"], storage.join(run_dir, "curves.png"), title=storage.basename(run_dir))
     return summary
 
 
-def plot_curves(history: list[dict], out: Path, title: str) -> None:
+def plot_curves(history: list[dict], out: str | Path, title: str) -> None:
     """Training loss and validation NDCG@10 / HR@10 per epoch."""
     import matplotlib
 
@@ -43,5 +43,7 @@ def plot_curves(history: list[dict], out: Path, title: str) -> None:
     ax_val.set_xlabel("epoch"), ax_val.set_title("validation"), ax_val.legend(), ax_val.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
+    storage.write_bytes(out, buf.getvalue())

@@ -122,16 +122,22 @@ def main(argv: list[str] | None = None) -> int:
     init_ray()
     base = ModelConfig.from_yaml(args.config)
     args.out.mkdir(parents=True, exist_ok=True)
-    per_seed: dict[str, list[dict]] = {n: [] for n in names}
-    per_seed["Popularity"] = [popularity_scores(str(args.data), "test", base.max_len)] * args.seeds
+    partial = args.out / "compare_partial.json"  # every finished (seed, variant): a re-run skips them
+    done: dict[str, dict] = json.loads(partial.read_text()) if partial.exists() else {}
     t0 = time.time()
     for seed in range(args.seeds):
         psu_runs: dict = {}
         for name in names:
+            key = f"{seed}/{name}"
+            if key in done:
+                continue
             start = time.time()
-            per_seed[name].append(train_variant(name, seed, args, base, psu_runs))
-            print(f"[compare] seed {seed} {name}: test ndcg@10 {per_seed[name][-1]['ndcg@10']:.4f} "
+            done[key] = train_variant(name, seed, args, base, psu_runs)
+            partial.write_text(json.dumps(done, indent=1))
+            print(f"[compare] seed {seed} {name}: test ndcg@10 {done[key]['ndcg@10']:.4f} "
                   f"({time.time() - start:.0f}s, {time.time() - t0:.0f}s total)", flush=True)
+    per_seed: dict[str, list[dict]] = {n: [done[f"{s}/{n}"] for s in range(args.seeds)] for n in names}
+    per_seed["Popularity"] = [popularity_scores(str(args.data), "test", base.max_len)] * args.seeds
     agg = aggregate(per_seed)
     table2 = [n for n in ("Popularity", "DIN", "SIM", "QIN", "ETA", "TWIN", "SEMINAR") if n in agg]
     table3 = [n for n in ("SEMINAR", "w/o pretraining", "w. align only", "w. next-pair only", "w. q-i relevance only") if n in agg]

@@ -26,7 +26,7 @@ class CandidateScorer:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.no_grad():
-            scores = self.model({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()})
+            scores = self.model({k: torch.from_numpy(np.array(v)) for k, v in batch.items()})  # Arrow buffers are read-only
         return {"user_id": batch["user_id"], "query": batch["target_queries"][:, 0], "scores": scores.float().numpy()}
 
 

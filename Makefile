@@ -24,8 +24,14 @@ run: $(STAMP)
 test: $(STAMP)
 	bash scripts/test.sh
 
+# Every benchmark; each writes JSON (and a baseline measured in the same run) to bench/out/.
 bench: $(STAMP)
 	$(PY) bench/data_throughput.py --out bench/out/data.json
+	$(PY) bench/model_speed.py --out bench/out/model.json
+	$(PY) bench/train_throughput.py --out bench/out/train.json
+	$(PY) bench/features.py --out bench/out/features.json
+	$(PY) bench/retrieval.py --out bench/out/retrieval.json --quick
+	$(PY) bench/serve_load.py --out bench/out/serve.json --quick
 
 clean:
 	rm -rf runs .pytest_cache

@@ -24,7 +24,8 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from seminar_ray.retrieval.index import build_index  # noqa: E402
 from seminar_ray.retrieval.retrievers import (ADCRetriever, CascadingHNSWRetriever, ExactRetriever,  # noqa: E402
-                                              LSHRetriever, RQRetriever, ServingRetriever, SymmetricPQRetriever)
+                                              LSHRetriever, RQRetriever, ServingRetriever, SketchRerankRetriever,
+                                              SymmetricPQRetriever)
 from seminar_ray.retrieval.tables import GSUTables  # noqa: E402
 
 D, KS, C = 64, (32, 64, 128, 256), 64
@@ -40,7 +41,8 @@ GROUPS = {
     "diff_norm_same_gamma": ((0.25, 0.5, 1.0, 2.0), (0.25, 0.25, 0.25, 0.25)),
     "same_norm_diff_gamma": ((1.0, 1.0, 1.0, 1.0), (0.1, 0.2, 0.3, 0.4)),
 }
-SERVING = {"folded_n_sub": 32, "folded_n_centroids": 16, "rerank_factor": 8}  # 16 B per entity, 4-bit fast-scan
+ADC_SERVING = {"folded_n_sub": 32, "folded_n_centroids": 16, "rerank_factor": 8}  # 16 B per entity, 4-bit fast-scan
+SERVING = {"sketch_dim": 32, "z": 3.0}  # int8 key sketch (32 B per entity), adaptive 3σ margin, fixed a priori
 
 
 def channel_tables(rng, n_items: int, n_queries: int, mu, gamma, gate_noise: float = 0.0) -> GSUTables:
@@ -70,8 +72,18 @@ def target_pairs(tables: GSUTables, q_ids, i_ids):
     return tables.keys(q_ids, i_ids), (vectors, weights.astype(np.float32))
 
 
-def recall(got: np.ndarray, truth: np.ndarray) -> float:
-    return float(np.mean([np.isin(t[t >= 0], g).mean() for g, t in zip(got, truth)]))
+def recall(got: np.ndarray, truth: np.ndarray, exact: np.ndarray) -> float:
+    """Recall@K = share of the exact top-K's slots filled by behaviours whose exact score reaches the exact K-th score.
+
+    Equal to |approx ∩ exact| / K when scores are distinct; with repeated (query, item) pairs (Zipf histories) the
+    copies have one key and one score, and any of them is a correct answer (relative tolerance 1e-5 for BLAS).
+    When the history has fewer than K behaviours, K is the history length (-1 pads both answers).
+    """
+    n_valid = np.maximum((truth >= 0).sum(axis=1, keepdims=True), 1)
+    kth = np.take_along_axis(exact, np.take_along_axis(truth, n_valid - 1, axis=1), axis=1)
+    scores = np.take_along_axis(exact, np.maximum(got, 0), axis=1)
+    hits = ((scores >= kth - 1e-5 * np.abs(kth)) & (got >= 0)).sum(axis=1, keepdims=True)
+    return float(np.mean(hits / n_valid))
 
 
 def timed(fn):
@@ -80,26 +92,34 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
-def evaluate(retrievers, bytes_of, users, scenario, group, L, n_alone, out):
-    """users: [(hq, hi, u, tc)]; exact_fp32 (first retriever) gives the truth."""
-    truths = {}
+def evaluate(retrievers, bytes_of, users, scenario, group, L, n_alone, out, reps=2):
+    """users: [(hq, hi, u, tc)]; exact_fp32 (first retriever) gives the truth. Batched cost: best of `reps` calls
+    per user (the machine is shared), median over users; alone: median over a few single-candidate calls."""
+    truths, exact_scores = {}, {}
     for r in retrievers:
+        slow = r.name in n_alone
         for K in KS:
-            recs, batched, alone = [], [], []
+            recs, batched, alone, unions = [], [], [], []
             for ui, (hq, hi, u, tc) in enumerate(users):
-                got, dt = timed(lambda: r.topk(hq, hi, u, K, tc))
-                batched.append(dt / len(u))
+                runs = [timed(lambda: r.topk(hq, hi, u, K, tc)) for _ in range(1 if slow else reps)]
+                got = runs[0][0]
+                batched.append(min(dt for _, dt in runs) / len(u))
+                unions.append(getattr(r, "last_union", 0))
                 truth = truths.setdefault((ui, K), got)
-                recs.append(recall(got, truth))
+                if ui not in exact_scores:
+                    exact_scores[ui] = retrievers[0].scores(hq, hi, u)
+                recs.append(recall(got, truth, exact_scores[ui]))
                 if ui == 0:
                     for c in range(n_alone.get(r.name, 4)):
-                        one = (tc[0][c:c + 1], tc[1][c:c + 1])
+                        one = None if tc is None else (tc[0][c:c + 1], tc[1][c:c + 1])
                         alone.append(timed(lambda: r.topk(hq, hi, u[c:c + 1], K, one))[1])
             row = {"scenario": scenario, "group": group, "method": r.name, "L": L, "K": K,
                    "recall": round(float(np.mean(recs)), 4),
                    "us_per_candidate": round(1e6 * float(np.median(alone)), 2),
                    "us_per_candidate_batched": round(1e6 * float(np.median(batched)), 2),
-                   **bytes_of(r, K, L)}
+                   **bytes_of(r, K, L, float(np.mean(unions)))}
+            if unions[0]:
+                row["reranked_per_candidate_union"] = round(float(np.mean(unions)), 1)
             if scenario == "paper" and r.name in PAPER_TABLE4:
                 row["paper_table4_recall_L2000"] = PAPER_TABLE4[r.name][K]
             out.append(row)
@@ -111,13 +131,18 @@ def code_bytes(index, part):
 
 
 def make_bytes_of(index, rq_levels):
-    def bytes_of(r, K, L):
+    d = index.dim
+
+    def bytes_of(r, K, L, union):
         name = r.name
         if name == "exact_fp32" or name == "lsh_simhash":
-            ent, beh = 4 * D, 8 * D
+            ent, beh = 4 * d, 8 * d
+        elif name.startswith("serving_sketch"):  # two int8 sketch rows per behaviour + fp16 rows of the union
+            ent = index.sketch.bytes_per_entity + 2 * d
+            beh = 2 * index.sketch.bytes_per_entity + 4 * d * union / L
         elif name.startswith("serving"):
-            ent = code_bytes(index, "item_folded") + 2 * D
-            beh = 2 * code_bytes(index, "item_folded") + 4 * D  # codes + the fp16 rows the batched re-rank gathers
+            ent = code_bytes(index, "item_folded") + 2 * d
+            beh = 2 * code_bytes(index, "item_folded") + 4 * d  # codes + the fp16 rows the batched re-rank gathers
         elif name == "adc_folded":
             ent = code_bytes(index, "item_folded")
             beh = 2 * ent
@@ -127,35 +152,40 @@ def make_bytes_of(index, rq_levels):
         elif name == "rq":
             ent, beh = rq_levels, 2 * rq_levels
         else:  # hnsw: raw channel vectors in the per-request graphs
-            ent, beh = 3 * 4 * D, 4 * 4 * D
+            ent, beh = 3 * 4 * d, 4 * 4 * d
         return {"bytes_per_entity": float(ent), "bytes_per_behaviour": float(beh)}
     return bytes_of
 
 
-def paper_scenario(Ls, out, seed=0):
-    n = 39 * 512 + 32  # enough vectors to train 512 centroids per sub-space without the cap
+def serving_retrievers(index):
+    return [SketchRerankRetriever(index, SERVING["z"]), ServingRetriever(index, ADC_SERVING["rerank_factor"])]
+
+
+def paper_scenario(Ls, out, n_centroids: int, rq_train: int, seed=0):
+    """Figure 2's three groups; the two same-norm groups share their channel vectors, so their per-channel codecs
+    are trained once (γ only weights the look-ups). Paper PQ: 8 sub-vectors × n_centroids (paper: 512)."""
+    n = 39 * 512 + 32  # ≥ 10,000 distinct behaviours, and enough vectors for 512 centroids without the cap
+    channel_index = {}
     for group, (mu, gamma) in GROUPS.items():
         rng = np.random.default_rng(seed)
         tables = channel_tables(rng, n, n, mu, gamma)
         t0 = time.perf_counter()
-        faiss.omp_set_num_threads(2)
-        index = build_index(tables, f"paper-{group}", n_sub=8, n_centroids=512, forms=("channel",))
-        folded = build_index(tables, f"paper-{group}-folded", forms=("folded",), **{
-            "n_sub": SERVING["folded_n_sub"], "n_centroids": SERVING["folded_n_centroids"]})
-        faiss.omp_set_num_threads(1)
-        index.codecs.update(folded.codecs)
-        index.codes.update(folded.codes)
+        index = build_index(tables, f"paper-{group}", n_sub=8, n_centroids=n_centroids,
+                            channel_parts=channel_index.get(mu), sketch_dim=SERVING["sketch_dim"],
+                            folded_n_sub=ADC_SERVING["folded_n_sub"],
+                            folded_n_centroids=ADC_SERVING["folded_n_centroids"])
+        channel_index.setdefault(mu, index)
+        rq = RQRetriever(tables, max_train=rq_train)
         print(f"[paper/{group}] index built in {time.perf_counter() - t0:.1f}s", flush=True)
         retrievers = [ExactRetriever.from_tables(tables), SymmetricPQRetriever(index), ADCRetriever(index, "channel"),
-                      ADCRetriever(index, "folded"), ServingRetriever(index, SERVING["rerank_factor"]),
-                      CascadingHNSWRetriever(tables), LSHRetriever(tables), RQRetriever(tables)]
+                      ADCRetriever(index, "folded"), *serving_retrievers(index), CascadingHNSWRetriever(tables),
+                      LSHRetriever(tables), rq]
         for L in Ls:
-            perm = rng.permutation(n)[:L] + 1  # every behaviour its own i.i.d. query and item vectors
-            hq, hi = perm.copy(), rng.permutation(n)[:L] + 1
+            hq, hi = rng.permutation(n)[:L] + 1, rng.permutation(n)[:L] + 1  # each behaviour its own vectors
             fresh = channel_tables(rng, C, C, mu, gamma)  # fresh i.i.d. target pairs
             u, tc = target_pairs(fresh, np.arange(1, C + 1), np.arange(1, C + 1))
             evaluate(retrievers, make_bytes_of(index, 8), [(hq, hi, u, tc)], "paper", group, L,
-                     {"hnsw_cascade": 1}, out)
+                     {"hnsw_cascade": 1, "symmetric_pq": 2, "adc_channel": 2}, out)
 
 
 def zipf_sampler(rng, n: int, s: float = 1.0):
@@ -165,43 +195,43 @@ def zipf_sampler(rng, n: int, s: float = 1.0):
     return lambda size: ids[np.minimum(np.searchsorted(cdf, rng.random(size)), n - 1)]
 
 
-def catalog_scenario(Ls, n_users, out, n_items=1_000_000, n_queries=100_000, seed=0):
+def catalog_scenario(Ls, n_users, out, n_items=1_000_000, n_queries=100_000, rq_train=32768, seed=0):
+    """The system's layout: per-channel N(μ,1) entities with an item-dependent gate, Zipf histories by id, 64
+    candidates sharing the target's query. Users are drawn from seed + 1 (the sketch margin was fixed on seed 0)."""
     rng = np.random.default_rng(seed)
     mu, gamma = GROUPS["diff_norm_same_gamma"]
     t0 = time.perf_counter()
     tables = channel_tables(rng, n_items, n_queries, mu, (0.5, 0.5 / 3, 0.5 / 3, 0.5 / 3), gate_noise=0.5)
-    faiss.omp_set_num_threads(2)
+    print(f"[catalog] tables in {time.perf_counter() - t0:.1f}s", flush=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        index = build_index(tables, "catalog", n_sub=8, n_centroids=256, forms=("channel",))
-        folded = build_index(tables, "catalog-folded", forms=("folded",), n_sub=SERVING["folded_n_sub"],
-                             n_centroids=SERVING["folded_n_centroids"])
-    faiss.omp_set_num_threads(1)
-    index.codecs.update(folded.codecs)
-    index.codes.update(folded.codes)
-    index.item_exact, index.query_exact = folded.item_exact, folded.query_exact
-    print(f"[catalog] tables + index built in {time.perf_counter() - t0:.1f}s", flush=True)
-    item_of, query_of = zipf_sampler(rng, n_items), zipf_sampler(rng, n_queries)
+        index = build_index(tables, "catalog", n_sub=8, n_centroids=256, sketch_dim=SERVING["sketch_dim"],
+                            folded_n_sub=ADC_SERVING["folded_n_sub"],
+                            folded_n_centroids=ADC_SERVING["folded_n_centroids"])
+    print(f"[catalog] index built in {time.perf_counter() - t0:.1f}s", flush=True)
+    urng = np.random.default_rng(seed + 1)
+    item_of, query_of = zipf_sampler(urng, n_items), zipf_sampler(urng, n_queries)
     histories = {}
     for L in Ls:
         users = []
         for _ in range(n_users):
             hi = item_of(L)
-            hq = np.where(rng.random(L) < 0.3, query_of(L), 0)  # 30 % search behaviours
+            hq = np.where(urng.random(L) < 0.3, query_of(L), 0)  # 30 % search behaviours
             cand = item_of(C)
-            q = np.full(C, query_of(1)[0] if rng.random() < 0.5 else 0)  # candidates share the target's query
+            q = np.full(C, query_of(1)[0] if urng.random() < 0.5 else 0)  # candidates share the target's query
             u, tc = target_pairs(tables, q, cand)
             users.append((hq, hi, u, tc))
         histories[L] = users
     rq_items = np.unique(np.concatenate([h[1] for us in histories.values() for h in us]))
     rq_queries = np.unique(np.concatenate([h[0] for us in histories.values() for h in us]))
-    retrievers = [ExactRetriever.from_tables(tables), ServingRetriever(index, SERVING["rerank_factor"]),
+    rq = RQRetriever(tables, encode_ids=(rq_items, rq_queries), max_train=rq_train)
+    print(f"[catalog] all built in {time.perf_counter() - t0:.1f}s", flush=True)
+    retrievers = [ExactRetriever.from_tables(tables), *serving_retrievers(index),
                   ADCRetriever(index, "folded"), ADCRetriever(index, "channel"), SymmetricPQRetriever(index),
-                  RQRetriever(tables, encode_ids=(rq_items, rq_queries)), LSHRetriever(tables),
-                  CascadingHNSWRetriever(tables)]
+                  rq, LSHRetriever(tables), CascadingHNSWRetriever(tables)]
     for L in Ls:
         evaluate(retrievers, make_bytes_of(index, 8), histories[L], "catalog", "zipf", L,
-                 {"hnsw_cascade": 1, "symmetric_pq": 2, "adc_channel": 2, "rq": 2, "lsh_simhash": 2}, out)
+                 {"hnsw_cascade": 1, "symmetric_pq": 2, "adc_channel": 2, "rq": 2, "lsh_simhash": 2}, out, reps=3)
 
 
 def plot(results, path):
@@ -225,34 +255,87 @@ def plot(results, path):
     fig.savefig(path, dpi=90)
 
 
+def checkpoint_scenario(checkpoint: str, data: str, Ls, n_users: int, out, seed=0):
+    """Recall on a fine-tuned SEMINAR's real GSU tables: histories from sequences.parquet (each user's last
+    behaviour is the positive, the L before it the history), 64 candidates = positive + 63 random items sharing
+    its query, u from the model's own gsu_target_vectors. symmetric_pq is absent: a trained GSU's folded u has no
+    channels to quantize (retrievers.SymmetricPQRetriever)."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from seminar_ray.data.entities import EntityTables
+    from seminar_ray.models import export_gsu_tables, load_checkpoint
+
+    entities = EntityTables.load(data)
+    model, _, _ = load_checkpoint(checkpoint, entities)
+    model.eval()
+    gsu = export_gsu_tables(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # small catalogues cap |C| (the warning says by how much)
+        index = build_index(gsu, "checkpoint", n_sub=min(8, gsu.dim), n_centroids=256, sketch_dim=SERVING["sketch_dim"],
+                            folded_n_sub=min(ADC_SERVING["folded_n_sub"], gsu.dim),
+                            folded_n_centroids=ADC_SERVING["folded_n_centroids"])
+    seqs = pq.read_table(Path(data) / "sequences.parquet", columns=["item_ids", "query_ids"]).to_pylist()
+    seqs = sorted(seqs, key=lambda r: -len(r["item_ids"]))  # the longest histories first
+    rng = np.random.default_rng(seed + 1)
+    retrievers = [ExactRetriever.from_tables(gsu), *serving_retrievers(index), ADCRetriever(index, "folded"),
+                  ADCRetriever(index, "channel"), RQRetriever(gsu), LSHRetriever(gsu), CascadingHNSWRetriever(gsu)]
+    longest = len(seqs[0]["item_ids"]) - 1
+    for L in sorted({min(L, longest) for L in Ls}):  # L: the history cap actually reached
+        users = []
+        for row in seqs[:n_users]:
+            items, queries = np.asarray(row["item_ids"], np.int64), np.asarray(row["query_ids"], np.int64)
+            hi, hq = items[:-1][-L:], queries[:-1][-L:]
+            cand = np.concatenate([items[-1:], rng.integers(1, entities.meta.num_items + 1, C - 1)])
+            with torch.no_grad():
+                u = model.gsu_target_vectors(torch.from_numpy(cand), torch.full((C,), int(queries[-1]))).numpy()
+            users.append((hq, hi, np.ascontiguousarray(u, dtype=np.float32), None))
+        lengths = [len(h[1]) for h in users]
+        print(f"[checkpoint] L ≤ {L}: {len(users)} users, history lengths {min(lengths)}..{max(lengths)}", flush=True)
+        evaluate(retrievers, make_bytes_of(index, 8), users, "checkpoint", Path(checkpoint).name, L,
+                 {"hnsw_cascade": 1}, out)
+
+
+def target_check(results, scenario, serving):
+    """Per L and K: the serving method's recall and its batched cost over exact_fp32's, from the same run."""
+    summary = {}
+    for L in sorted({r["L"] for r in results if r["scenario"] == scenario}):
+        rows = [r for r in results if r["scenario"] == scenario and r["L"] == L]
+        ex = {r["K"]: r for r in rows if r["method"] == "exact_fp32"}
+        sv = {r["K"]: r for r in rows if r["method"] == serving}
+        if ex and sv:
+            summary[f"L{L}"] = {f"K{K}": {"recall": sv[K]["recall"], "batched_cost_vs_exact_fp32": round(
+                sv[K]["us_per_candidate_batched"] / ex[K]["us_per_candidate_batched"], 3)} for K in KS}
+    return summary
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="bench/out/retrieval.json")
-    ap.add_argument("--quick", action="store_true", help="L = 2,000 and 10,000 only, fewer users")
+    ap.add_argument("--quick", action="store_true",
+                    help="L = 2,000 and 10,000 only, 8×256 paper codebooks (full run: 8×512), fewer users")
     ap.add_argument("--scenarios", default="paper,catalog")
-    ap.add_argument("--checkpoint", help="a fine-tuned checkpoint: recall on its real GSU tables (needs --data)")
+    ap.add_argument("--checkpoint", help="a fine-tuned SEMINAR checkpoint: recall on its real GSU tables (needs --data)")
     ap.add_argument("--data", help="the dataset directory the checkpoint was trained on")
     args = ap.parse_args(argv)
-    if args.checkpoint:
-        raise SystemExit("--checkpoint is not available yet: seminar_ray.models has no export_gsu_tables")
+    if args.checkpoint and not args.data:
+        ap.error("--checkpoint needs --data (the dataset directory it was trained on)")
     faiss.omp_set_num_threads(1)
     Ls = (2000, 10000) if args.quick else (2000, 5000, 10000)
     results, t0 = [], time.perf_counter()
     if "paper" in args.scenarios:
-        paper_scenario(Ls, results)
+        paper_scenario(Ls, results, n_centroids=256 if args.quick else 512, rq_train=39 * 256 if args.quick else 32768)
     if "catalog" in args.scenarios:
-        catalog_scenario((2000, 10000), 3 if args.quick else 8, results)
-    serving = ServingRetriever.__name__
-    names = {r["method"] for r in results if r["method"].startswith("serving")}
-    serving = sorted(names)[0] if names else serving
-    summary = {}
-    for L in (2000, 10000):
-        ex = {r["K"]: r for r in results if r["scenario"] == "catalog" and r["L"] == L and r["method"] == "exact_fp32"}
-        sv = {r["K"]: r for r in results if r["scenario"] == "catalog" and r["L"] == L and r["method"] == serving}
-        if ex and sv:
-            summary[f"L{L}"] = {f"K{K}": {"recall": sv[K]["recall"], "batched_cost_vs_exact_fp32": round(
-                sv[K]["us_per_candidate_batched"] / ex[K]["us_per_candidate_batched"], 3)} for K in KS}
-    doc = {"serving_method": serving, "serving_config": SERVING, "catalog_target_check": summary,
+        catalog_scenario((2000, 10000), 3 if args.quick else 8, results, rq_train=39 * 256 if args.quick else 32768)
+    if args.checkpoint:
+        checkpoint_scenario(args.checkpoint, args.data, Ls, 16 if args.quick else 64, results)
+    serving = f"serving_sketch{SERVING['sketch_dim']}_z{SERVING['z']:g}"  # capped at d on a smaller model
+    checks = {}
+    for sc in dict.fromkeys(r["scenario"] for r in results):
+        methods = dict.fromkeys(r["method"] for r in results if r["scenario"] == sc and r["method"].startswith("serving"))
+        checks[sc] = {m: target_check(results, sc, m) for m in methods}
+    doc = {"serving_method": serving, "serving_config": SERVING, "adc_serving_config": ADC_SERVING,
+           "target_check": checks,
            "threads": 1, "elapsed_s": round(time.perf_counter() - t0, 1), "quick": args.quick,
            "paper_table4": {m: {str(k): v for k, v in t.items()} for m, t in PAPER_TABLE4.items()},
            "results": results}
@@ -261,7 +344,7 @@ def main(argv=None):
     out.write_text(json.dumps(doc, indent=1))
     if any(r["scenario"] == "paper" for r in results):
         plot(results, out.parent / "retrieval_recall.png")
-    print(json.dumps(summary, indent=1))
+    print(json.dumps(doc["target_check"], indent=1))
 
 
 if __name__ == "__main__":

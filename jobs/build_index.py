@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from seminar_ray import storage  # noqa: E402
 from seminar_ray.retrieval.index import CHANNEL_PARTS, FOLDED_PARTS, ITEM_CHANNELS, PQIndex  # noqa: E402
 from seminar_ray.retrieval.quantizer import PQCodec  # noqa: E402
+from seminar_ray.retrieval.sketch import KeySketch  # noqa: E402
 from seminar_ray.retrieval.tables import GSUTables  # noqa: E402
 
 
@@ -52,15 +53,18 @@ def encode_with_ray(x: np.ndarray, codec: PQCodec, batch_size: int, concurrency:
 
 
 def build(gsu: GSUTables, version: str, n_sub: int, n_centroids: int, folded_n_sub: int, folded_n_centroids: int,
-          batch_size: int = 65536, concurrency: int = 4) -> PQIndex:
+          sketch_dim: int = 32, batch_size: int = 65536, concurrency: int = 4) -> PQIndex:
+    """Codebooks and the key sketch (one projection of the folded tables) on the driver; PQ codes via Ray Data."""
     vectors = part_vectors(gsu)
     sizes = {p: (n_sub, n_centroids) for p in CHANNEL_PARTS} | {p: (folded_n_sub, folded_n_centroids) for p in FOLDED_PARTS}
     codecs, codes = {}, {}
     for part, (ns, nc) in sizes.items():
         codecs[part] = PQCodec.fit(vectors[part][1:], ns, nc)
         codes[part] = encode_with_ray(vectors[part], codecs[part], batch_size, concurrency)
+    sketch = KeySketch.fit(vectors["item_folded"], vectors["query_folded"], min(sketch_dim, gsu.dim))
     return PQIndex(version, codecs, codes, gsu.item_gamma.astype(np.float32), float(gsu.query_gamma),
-                   vectors["item_folded"].astype(np.float16), vectors["query_folded"].astype(np.float16))
+                   vectors["item_folded"].astype(np.float16), vectors["query_folded"].astype(np.float16),
+                   sketch=sketch)
 
 
 def _save(index: PQIndex, out: str) -> str:
@@ -81,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-centroids", type=int, default=256)
     ap.add_argument("--folded-n-sub", type=int, default=32)
     ap.add_argument("--folded-n-centroids", type=int, default=16)
+    ap.add_argument("--sketch-dim", type=int, default=32, help="int8 key-sketch dims of the serving shortlist (≤ d)")
     ap.add_argument("--num-cpus", type=float, default=4, help="embedded Ray's logical CPUs when not in a cluster")
     args = ap.parse_args(argv)
 
@@ -97,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, configure_logging=False)
     version = f"{Path(args.checkpoint).resolve().name}-pq{args.n_sub}x{args.n_centroids}"
     index = build(gsu, version, args.n_sub, args.n_centroids, args.folded_n_sub, args.folded_n_centroids,
-                  concurrency=max(1, int(args.num_cpus / 0.25) // 4))
+                  args.sketch_dim, concurrency=max(1, int(args.num_cpus / 0.25) // 4))
     out = _save(index, args.out)
     print(f"index {index.version}: {index.num_items} items, {index.num_queries} queries, dim {index.dim} → {out}")
 

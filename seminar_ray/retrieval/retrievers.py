@@ -10,8 +10,11 @@ used by the cascading HNSW for its M² cross-channel searches; when given, u mus
 """
 from __future__ import annotations
 
+import warnings
+
 import faiss
 import numpy as np
+import torch
 
 from seminar_ray.retrieval.index import CHANNEL_PARTS, FOLDED_PARTS, ITEM_CHANNELS, PQIndex, check_ids
 from seminar_ray.retrieval.quantizer import DimensionMismatchError, PQCodec, capped_centroids, lut_scores
@@ -111,6 +114,13 @@ class ADCRetriever(Retriever):
     def part_luts(self, u: np.ndarray, tc: TargetChannels | None) -> dict[str, np.ndarray]:
         return {p: self.index.codecs[p].ip_tables(u) for p in self.parts}
 
+    def _topk(self, hq, hi, u, K, tc):
+        if type(self) is ADCRetriever and self.form == "folded":  # same ranking, in faiss when the codes allow
+            self._scan = getattr(self, "_scan", None) or FoldedPairScan(self.index)
+            if self._scan.pair is not None:
+                return self._scan.topk(hq, hi, u, K)
+        return super()._topk(hq, hi, u, K, tc)
+
     def scores(self, hq, hi, u, tc=None):
         luts = self.part_luts(u, tc)
         out = np.zeros((len(u), len(hi)), dtype=np.float32)
@@ -151,19 +161,13 @@ class SymmetricPQRetriever(ADCRetriever):
         return luts
 
 
-class ServingRetriever(Retriever):
-    """The serving path (DESIGN §5): a folded-ADC shortlist of R·K, then an exact re-rank from fp16 tables.
+class FoldedPairScan:
+    """ADC over folded codes in faiss: per-request pair codes [query codes | item codes] scored against [u, u]
+    (IndexPQ scan for 8-bit; IndexPQFastScan for 4-bit, whose look-up tables faiss rounds to 8 bits); other code
+    widths fall back to numpy LUTs."""
 
-    With 8-bit or 4-bit codes the shortlist runs in faiss (IndexPQ scan, or IndexPQFastScan for 4-bit) over
-    per-request pair codes [query codes | item codes] scored against [u, u]; other code widths use numpy LUTs.
-    Not thread-safe: one instance per worker.
-    """
-
-    def __init__(self, index: PQIndex, rerank_factor: int = 8):
-        super().__init__(index.dim, index.num_items, index.num_queries)
-        self.index, self.rerank_factor = index, rerank_factor
-        self.adc = ADCRetriever(index, "folded")
-        self.name = f"serving_adc_folded_r{rerank_factor}"
+    def __init__(self, index: PQIndex):
+        self.index = index
         cq, ci = (index.codecs[p] for p in ("query_folded", "item_folded"))
         self.nbits = cq.nbits
         self.pair = None
@@ -173,10 +177,10 @@ class ServingRetriever(Retriever):
                                        self.pair.pq.centroids)
             self.pair.is_trained = True
 
-    def shortlist(self, hq: np.ndarray, hi: np.ndarray, u: np.ndarray, n: int) -> np.ndarray:
+    def topk(self, hq: np.ndarray, hi: np.ndarray, u: np.ndarray, n: int) -> np.ndarray:
         """ADC top-n positions [C, n] (-1 padded) over a padding-free history."""
         if self.pair is None:
-            return select_topk(self.adc.scores(hq, hi, u), n)
+            return select_topk(ADCRetriever(self.index, "folded").scores(hq, hi, u), n)
         codes = np.concatenate([self.index.codes["query_folded"][hq], self.index.codes["item_folded"][hi]], axis=1)
         if self.nbits == 4:
             codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
@@ -187,6 +191,22 @@ class ServingRetriever(Retriever):
         if pos.shape[1] < n:
             pos = np.pad(pos, ((0, 0), (0, n - pos.shape[1])), constant_values=-1)
         return pos
+
+
+class ServingRetriever(Retriever):
+    """The PQ serving path (DESIGN §5): a folded-ADC shortlist of R·K (FoldedPairScan), then an exact re-rank from
+    fp16 tables. Not thread-safe: one instance per worker."""
+
+    def __init__(self, index: PQIndex, rerank_factor: int = 8):
+        super().__init__(index.dim, index.num_items, index.num_queries)
+        self.index, self.rerank_factor = index, rerank_factor
+        self.scan = FoldedPairScan(index)
+        self.pair = self.scan.pair
+        self.name = f"serving_adc_folded_r{rerank_factor}"
+
+    def shortlist(self, hq: np.ndarray, hi: np.ndarray, u: np.ndarray, n: int) -> np.ndarray:
+        """ADC top-n positions [C, n] (-1 padded) over a padding-free history."""
+        return self.scan.topk(hq, hi, u, n)
 
     def _topk(self, hq, hi, u, K, tc):
         pos = self.shortlist(hq, hi, u, self.rerank_factor * K)
@@ -222,6 +242,9 @@ class SketchRerankRetriever(Retriever):
         super().__init__(index.dim, index.num_items, index.num_queries)
         self.index, self.sketch, self.z = index, index.sketch, z
         self.name = f"serving_sketch{self.sketch.sketch_dim}_z{z:g}"
+        with warnings.catch_warnings():  # read-only (memory-mapped) tables: torch only reads them
+            warnings.simplefilter("ignore", UserWarning)
+            self._item16, self._query16 = (torch.from_numpy(np.asarray(t)) for t in (index.item_exact, index.query_exact))
         self.last_union = 0  # behaviours re-ranked exactly by the last call (for benchmarks)
 
     def shortlist(self, hq: np.ndarray, hi: np.ndarray, u: np.ndarray, K: int) -> np.ndarray:
@@ -236,9 +259,9 @@ class SketchRerankRetriever(Retriever):
     def _topk(self, hq, hi, u, K, tc):
         union = self.shortlist(hq, hi, u, K)
         self.last_union = len(union)
-        keys = self.index.item_exact[hi[union]].astype(np.float32)
-        keys += self.index.query_exact[hq[union]]
-        best = select_topk(u @ keys.T, K)
+        keys = self._item16.index_select(0, torch.from_numpy(hi[union])).float()  # torch converts fp16 with F16C,
+        keys += self._query16.index_select(0, torch.from_numpy(hq[union]))  # ~4x numpy's astype here
+        best = select_topk(u @ keys.numpy().T, K)
         return np.where(best >= 0, union[np.maximum(best, 0)], -1)
 
 
@@ -247,8 +270,8 @@ class CascadingHNSWRetriever(Retriever):
 
     Restriction to the history: per request, one small faiss IndexHNSWFlat (inner product) per behaviour
     channel (T, I, A over the history's distinct items, Q over its distinct queries); each target channel
-    searches each index for its K best entities, every behaviour holding a hit joins the candidate set, and
-    the candidates are re-ranked by the exact fp32 score. (A global index filtered to the history would need
+    searches each index for its K best entities, every behaviour holding a hit joins that target's candidate set,
+    and the candidates are re-ranked by the exact fp32 score (one GEMM over the union of the targets' sets). (A global index filtered to the history would need
     ef ≫ catalogue/L to find K history members.) Without target_channels, u alone searches the 4 indexes.
     """
 
@@ -270,28 +293,26 @@ class CascadingHNSWRetriever(Retriever):
             vecs = self.tables.item_channels[uniq, j, :] if j < 3 else self.tables.query_channel[uniq]
             hnsw = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
             hnsw.add(np.ascontiguousarray(vecs, dtype=np.float32))
-            order = np.argsort(inverse, kind="stable")
-            built.append((hnsw, len(uniq), order, np.searchsorted(inverse[order], np.arange(len(uniq) + 1))))
+            built.append((hnsw, len(uniq), inverse.ravel()))
         self._cached = (key, built)
         return built
 
     def _topk(self, hq, hi, u, K, tc):
         queries = [u] if tc is None else [np.ascontiguousarray(tc[0][:, i, :]) for i in range(4)]
-        hits = [set() for _ in range(len(u))]
-        for hnsw, n_uniq, order, starts in self._channel_indexes(hq, hi):
+        hit = np.zeros((len(u), len(hi)), dtype=bool)
+        for hnsw, n_uniq, inverse in self._channel_indexes(hq, hi):
             hnsw.hnsw.efSearch = max(self.ef_search, K)
             for q in queries:
                 _, found = hnsw.search(q, min(K, n_uniq))
-                for c in range(len(u)):
-                    for e in found[c][found[c] >= 0]:
-                        hits[c].update(order[starts[e]:starts[e + 1]].tolist())
-        out = np.full((len(u), K), -1, dtype=np.int64)
-        for c in range(len(u)):
-            cand = np.fromiter(hits[c], dtype=np.int64)
-            s = self.exact.scores(hq[cand], hi[cand], u[c:c + 1])
-            best = select_topk(s, K)[0]
-            out[c] = np.where(best >= 0, cand[np.maximum(best, 0)], -1)
-        return out
+                entity_hit = np.zeros((len(u), n_uniq + 1), dtype=bool)  # column n_uniq absorbs faiss's -1
+                np.put_along_axis(entity_hit, np.where(found >= 0, found, n_uniq), True, axis=1)
+                hit |= entity_hit[:, inverse]  # every behaviour of a found entity joins
+        union = np.flatnonzero(hit.any(axis=0))  # one exact re-rank over the candidates' union
+        scores = self.exact.scores(hq[union], hi[union], u)
+        scores[~hit[:, union]] = -np.inf
+        best = select_topk(scores, K)
+        found_best = np.take_along_axis(scores, np.maximum(best, 0), axis=1) > -np.inf
+        return np.where((best >= 0) & found_best, union[np.maximum(best, 0)], -1)
 
 
 class LSHRetriever(Retriever):
@@ -335,6 +356,8 @@ class RQRetriever(Retriever):
             k = capped_centroids(len(train), 2 ** nbits)
             rq = faiss.ResidualQuantizer(self.dim, n_levels, k.bit_length() - 1)
             rq.max_beam_size = 1
+            rq.train_type = faiss.ResidualQuantizer.Train_default  # plain residual k-means: progressive-dim
+            # training took 20× longer here for the same reconstruction error (0.365 vs 0.372 relative MSE)
             rq.train(np.ascontiguousarray(train, dtype=np.float32))
             ids = np.arange(len(x)) if encode_ids is None else np.unique(encode_ids[0 if part == "item" else 1])
             codes = np.zeros((len(x), n_levels), dtype=np.uint8)

@@ -67,7 +67,7 @@ class KeySketch:
             raise DimensionMismatchError(f"target vectors must be [C, {self.dim}], got {tuple(u.shape)}")
         us = u @ self.projection
         perp = u - us @ self.projection.T
-        sigma = np.sqrt(np.maximum(np.einsum("cd,de,ce->c", perp, self.residual_cov, perp), 0.0))
+        sigma = np.sqrt(np.maximum(((perp @ self.residual_cov) * perp).sum(axis=1), 0.0))
         return (us * self.scale).astype(np.float32), sigma.astype(np.float32)
 
     def scores(self, query_ids: np.ndarray, item_ids: np.ndarray, weights: np.ndarray) -> np.ndarray:

@@ -20,7 +20,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
     if address:
         ray.init(address=address, log_to_driver=not quiet)
     else:
-        ray.init(num_cpus=num_cpus or max(LOCAL_LOGICAL_CPUS, os.cpu_count() or 1), include_dashboard=False,
+        # address="local": never attach to some other cluster `ray start` left on this machine
+        ray.init(address="local", num_cpus=num_cpus or max(LOCAL_LOGICAL_CPUS, os.cpu_count() or 1), include_dashboard=False,
                  log_to_driver=not quiet, object_store_memory=1024**3)
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     return ray

@@ -69,9 +69,10 @@ def _row_stats(batch):
 
 def summarize(out: Path) -> dict:
     """Users, items, queries, behaviours and sequence lengths, computed with Ray Data over the written table."""
-    from seminar_ray.data.pipeline import read_sequences
+    from seminar_ray.data.pipeline import MAP_CONCURRENCY, MAP_CPUS, read_sequences
 
-    stats = read_sequences(out, min_blocks=1).map_batches(_row_stats, batch_format="pyarrow", num_cpus=0.25).to_pandas()
+    stats = read_sequences(out, min_blocks=1).map_batches(
+        _row_stats, batch_format="pyarrow", num_cpus=MAP_CPUS, concurrency=MAP_CONCURRENCY).to_pandas()
     meta = DatasetMeta.load(out)
     n = stats["n"].to_numpy()
     return {"users": int(len(n)), "items": meta.num_items, "queries": meta.num_queries, "behaviours": int(n.sum()),

@@ -22,6 +22,7 @@ from seminar_ray.data.schema import DatasetMeta, table_path
 from seminar_ray.data.splits import SampleConfig, SequenceBatch, eval_batch, train_batch
 
 MAP_CPUS = 0.25  # fractional CPU for every map task: a 1-CPU task starves Train workers on 2 cores
+MAP_CONCURRENCY = 2  # ... and a cap, or 0.25-CPU tasks start 16 worker processes that each import torch
 
 
 def sample_config(data_dir: str | Path, **overrides) -> SampleConfig:
@@ -76,7 +77,7 @@ class _EvalSamples:
 def eval_dataset(data_dir: str | Path, split: str, cfg: SampleConfig):
     """One row per user: its validation or test target with 99 seeded negatives sharing its query."""
     return read_sequences(data_dir).map_batches(
-        _EvalSamples(cfg, split), batch_format="pyarrow", batch_size=256, num_cpus=MAP_CPUS
+        _EvalSamples(cfg, split), batch_format="pyarrow", batch_size=256, num_cpus=MAP_CPUS, concurrency=MAP_CONCURRENCY
     )
 
 

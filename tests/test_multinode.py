@@ -1,0 +1,169 @@
+"""Multi-node behaviour on a ray.cluster_utils.Cluster (head + worker raylets on this machine), in its own pytest run.
+
+Worker nodes carry the custom resources of cluster.yaml's node types (gpu_trainer, cpu_worker); the head carries
+neither, so anything that asks for them is steered off it. One gpu_trainer per node and one per training worker
+force the workers onto distinct nodes; Serve's max_replicas_per_node does the same for replicas.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from seminar_ray.train.checkpoints import run_checkpoints
+
+pytestmark = [pytest.mark.multinode, pytest.mark.timeout(1200)]
+
+ROOT = Path(__file__).resolve().parents[1]
+NODE = {"num_cpus": 1, "object_store_memory": 200 * 1024**2}
+STEER = {"gpu_trainer": 1, "cpu_worker": 1}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={**NODE, "include_dashboard": False})
+    for _ in range(2):
+        c.add_node(**NODE, resources=STEER)
+    ray.init(address=c.address, log_to_driver=False, configure_logging=False)
+    c.wait_for_nodes()
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+def _alive_nodes(resource: str) -> set[str]:
+    import ray
+
+    return {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get(resource)}
+
+
+def _job(tiny_data, storage: Path, run_name: str, epochs: int):
+    from seminar_ray.models import ModelConfig
+    from seminar_ray.train.job import TrainJob
+
+    cfg = ModelConfig.preset("small", max_len=32, K=8, qin_k1=16, qin_k2=8, din_recent=8, batch=32)
+    return TrainJob(kind="din", data=str(tiny_data), storage_path=str(storage), run_name=run_name,
+                    model=cfg.to_dict(), epochs=epochs, num_workers=2, cpus_per_worker=0.5,
+                    worker_resources={"gpu_trainer": 1}, samples_per_user=2, eval_users=32, max_failures=2)
+
+
+def _serve_config(replicas: int) -> dict:
+    """serve_app/config.cluster.yaml as deployed, shrunk to this machine: the zero-work floor (no artefacts), no HTTP
+    proxies, small CPUs, and `replicas` replicas of each scaling deployment, at most one per node."""
+    cfg = yaml.safe_load((ROOT / "serve_app" / "config.cluster.yaml").read_text())
+    cfg["proxy_location"] = "Disabled"
+    cfg.pop("http_options")
+    app = cfg["applications"][0]
+    app["args"] = {"work": False, "topology": app["args"]["topology"]}
+    for dep in app["deployments"]:
+        assert "cpu_worker" in dep["ray_actor_options"]["resources"], f"{dep['name']} is not steered to cpu_worker"
+        dep["ray_actor_options"]["num_cpus"] = 0.1
+        if "autoscaling_config" in dep:
+            dep["autoscaling_config"] = {"min_replicas": replicas, "max_replicas": replicas}
+            dep["max_replicas_per_node"] = 1
+    return cfg
+
+
+def _replica_nodes(app: str) -> dict[str, set[str]]:
+    """Deployment name → the nodes its live replicas run on (from the GCS actor table; no dashboard needed)."""
+    from ray._private.state import actors
+
+    out: dict[str, set[str]] = {}
+    for info in actors().values():
+        name = info.get("Name") or ""
+        if info["State"] == "ALIVE" and name.startswith(f"SERVE_REPLICA::{app}#"):
+            deployment = name.split("#")[1]
+            out.setdefault(deployment, set()).add(info["Address"]["NodeID"])
+    return out
+
+
+def _wait_running(app: str, timeout_s: float) -> None:
+    from ray import serve
+
+    deadline = time.time() + timeout_s
+    while True:
+        status = serve.status().applications.get(app)
+        state = status.status if status else "NOT_STARTED"
+        if state == "RUNNING":
+            return
+        assert state not in ("DEPLOY_FAILED", "UNHEALTHY") and time.time() < deadline, f"{app}: {state}: {status}"
+        time.sleep(1)
+
+
+def test_serve_replicas_spread_over_cpu_worker_nodes(cluster):
+    from ray import serve
+    from ray.serve._private import api as serve_api
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(_serve_config(replicas=2))
+    client = serve_api.serve_start(proxy_location=config.proxy_location)
+    try:
+        client.deploy_apps(config, _blocking=False)
+        _wait_running("seminar", timeout_s=240)
+        handle = serve.get_app_handle("seminar")
+        for user in range(8):
+            reply = handle.score.remote({"user_id": user, "candidates": [1, 2, 3]}).result(timeout_s=60)
+            assert reply["scores"] == [0.0, 0.0, 0.0] and reply["model_version"] == "zero-work"
+        placed = _replica_nodes("seminar")
+        workers = _alive_nodes("cpu_worker")
+        for deployment in ("PQRetriever", "ESUScorer"):
+            assert len(placed[deployment]) == 2, f"{deployment} replicas on {placed[deployment]}: expected 2 nodes"
+        assert set().union(*placed.values()) <= workers, "a replica ran on a node without cpu_worker (the head)"
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def preempted_run(cluster, tiny_data, tmp_path_factory) -> dict:
+    """One 2-worker run of 3 epochs; after epoch 1's checkpoint a fresh node joins and a worker's node is removed
+    (a reclaimed spot node). Returns the summary and which nodes were removed and added."""
+    from seminar_ray.train.job import run_training
+
+    job = _job(tiny_data, tmp_path_factory.mktemp("runs"), "preempted", epochs=3)
+    trainers = _alive_nodes("gpu_trainer")
+    result: dict = {}
+
+    def train() -> None:
+        try:
+            result["summary"] = run_training(job)
+        except Exception as exc:  # reported by the assertion below, in the test's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=train, daemon=True)
+    thread.start()
+    deadline = time.time() + 400
+    while not run_checkpoints(job.run_dir):
+        assert thread.is_alive() and time.time() < deadline, f"no checkpoint after epoch 1: {result.get('error')!r}"
+        time.sleep(0.5)
+    victim = next(n for n in cluster.worker_nodes if n.node_id in trainers)
+    fresh = cluster.add_node(**NODE, resources=STEER)
+    cluster.remove_node(victim)
+    thread.join(timeout=600)
+    assert not thread.is_alive() and "summary" in result, f"the run did not finish after the node was removed: " \
+                                                          f"{result.get('error')!r}"
+    return {"summary": result["summary"], "run_dir": job.run_dir, "trainers": trainers,
+            "victim": victim.node_id, "fresh": fresh.node_id}
+
+
+def test_training_workers_sit_on_two_nodes(preempted_run):
+    nodes = preempted_run["summary"]["history"][0]["worker_nodes"]
+    assert len(nodes) == 2 and len(set(nodes)) == 2, f"both workers of epoch 1 on one node: {nodes}"
+    assert set(nodes) <= preempted_run["trainers"], "a worker ran on a node without gpu_trainer (the head)"
+
+
+def test_node_removed_mid_training_resumes_from_checkpoint(preempted_run):
+    """The run restarts its worker group from the last checkpoint and finishes all epochs, each trained once."""
+    history = preempted_run["summary"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert preempted_run["victim"] in history[0]["worker_nodes"], "epoch 1 ran on the node that was later removed"
+    last = history[-1]["worker_nodes"]
+    assert preempted_run["victim"] not in last and preempted_run["fresh"] in last, f"epoch 3 ran on {last}"
+    epochs = [m["epoch"] for _, m in run_checkpoints(preempted_run["run_dir"])]
+    assert epochs == sorted(set(epochs)) and epochs[-1] == 3, f"an epoch was checkpointed twice: {epochs}"

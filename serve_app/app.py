@@ -6,8 +6,10 @@ Topology "split" puts a separate Ingress deployment in front of PQRetriever (one
 measurements behind the choice. `work: false` keeps the same graph with the work removed (the zero-work floor).
 """
 
+import asyncio
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,12 +24,19 @@ from seminar_ray.serving import (Catalog, EventsRequest, EventsResponse, HealthR
                                  load_serving_model)
 
 FLOOR_VERSION = "zero-work"
+DEFAULT_RETRIEVAL = "exact"  # measured: one GEMM over the fp16 tables beats the PQ shortlist at L = 2,000 (README)
+
+
+QUIET = {"enable_access_log": False}  # one log line per request costs ~1 ms of replica CPU on 2 cores
 
 
 def _init_replica() -> None:
+    """One compute thread per replica: replicas are the unit of parallelism (fractional CPUs, autoscaling)."""
+    import faiss
     import torch
 
     torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
 
 
 def busy_ms(ms: float) -> None:
@@ -44,7 +53,8 @@ def _load_tables(data: str):
 
 
 # ---------------------------------------------------------------------------------------------------- writer
-@serve.deployment(name="HistoryWriter", num_replicas=1, ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64)
+@serve.deployment(name="HistoryWriter", logging_config=QUIET, num_replicas=1, ray_actor_options={"num_cpus": 0.1},
+                  max_ongoing_requests=64)
 class HistoryWriter:
     """The only writer of the history log: appends and fsyncs before it acknowledges (returns the seq)."""
 
@@ -62,7 +72,7 @@ class HistoryWriter:
 
 
 # ---------------------------------------------------------------------------------------------------- scorer
-@serve.deployment(name="ESUScorer", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32,
+@serve.deployment(name="ESUScorer", logging_config=QUIET, ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32,
                   autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 6,
                                       "upscale_delay_s": 2, "downscale_delay_s": 15,
                                       "look_back_period_s": 4, "metrics_interval_s": 1})
@@ -102,14 +112,20 @@ class RetrieverState:
 
 
 class RetrieverCore:
-    """What every PQRetriever replica holds: the history reader and the GSU/PQ retrieval stage."""
+    """What every PQRetriever replica holds: the history reader and the GSU/PQ retrieval stage.
+
+    The CPU work runs on one worker thread per replica: it keeps the replica's event loop free to parse and route
+    other requests meanwhile, and it serialises calls into the stage and the store, which are not thread-safe.
+    """
 
     state: RetrieverState
     extra_ms: float = 0.0
+    _pool: ThreadPoolExecutor
 
     def _setup(self) -> None:
         _init_replica()
         self.state = RetrieverState(None, None, FLOOR_VERSION, FLOOR_VERSION)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieval")
 
     def reconfigure(self, config: dict) -> None:
         self.extra_ms = float(config.get("extra_cpu_ms", 0.0))
@@ -121,21 +137,31 @@ class RetrieverCore:
         model, version = load_serving_model(config["checkpoint"], _load_tables(config["data"]))
         index = PQIndex.load(config["index"], mmap=True)
         store = self.state.store if self.state.store is not None else LogHistoryStore(config["store"], config["data"])
-        stage = RetrievalStage(model, index, rerank_factor=int(config.get("rerank_factor", 8)))
+        stage = RetrievalStage(model, index, rerank_factor=int(config.get("rerank_factor", 8)),
+                               method=config.get("retrieval", DEFAULT_RETRIEVAL))
         self.state = RetrieverState(stage, store, index.version, version)
 
-    def prepare(self, user_id: int, query_id: int, candidates: np.ndarray, return_topk: bool = False) -> ScoreJob:
+    async def _on_worker(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def prepare(self, user_id: int, query_id: int, candidates: np.ndarray, return_topk: bool = False) -> ScoreJob:
+        return await self._on_worker(self._prepare_now, user_id, query_id, candidates, return_topk)
+
+    async def versions(self) -> tuple[str, str, int]:
+        return await self._on_worker(self._versions_now)
+
+    def _prepare_now(self, user_id: int, query_id: int, candidates: np.ndarray, return_topk: bool) -> ScoreJob:
         state = self.state
         busy_ms(self.extra_ms)
         if state.stage is None:
-            empty = np.zeros(0, np.int64)
-            return ScoreJob(empty, empty, np.zeros((len(candidates), 0), np.int64), candidates, query_id, 0,
+            empty = np.zeros(0, np.int32)
+            return ScoreJob(empty, empty, np.zeros((len(candidates), 0), np.int16), candidates, query_id, 0,
                             state.index_version)
         state.store.refresh()  # read-your-writes: every acknowledged append is in the log
         history = state.store.history(user_id, state.stage.max_len)
         return state.stage.prepare(history, query_id, candidates, keep_full_topk=return_topk)
 
-    def versions(self) -> tuple[str, str, int]:
+    def _versions_now(self) -> tuple[str, str, int]:
         store = self.state.store
         return self.state.model_version, self.state.index_version, store.refresh() if store is not None else 0
 
@@ -215,7 +241,8 @@ async def _retry_once(call):
 merged_api = FastAPI(title="SEMINAR scoring (PQRetriever ingress)")
 
 
-@serve.deployment(name="PQRetriever", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=16,
+@serve.deployment(name="PQRetriever", logging_config=QUIET, ray_actor_options={"num_cpus": 0.25},
+                  max_ongoing_requests=16,
                   autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 3,
                                       "upscale_delay_s": 2, "downscale_delay_s": 15,
                                       "look_back_period_s": 4, "metrics_interval_s": 1})
@@ -229,10 +256,10 @@ class PQRetrieverIngress(RetrieverCore, Routes):
         self._ingress_setup(data, limits, scorer, writer)
 
     async def _prepare(self, user_id, query_id, candidates, return_topk):
-        return self.prepare(user_id, query_id, candidates, return_topk)
+        return await self.prepare(user_id, query_id, candidates, return_topk)
 
     async def _versions(self):
-        return self.versions()
+        return await self.versions()
 
     @merged_api.post("/v1/score", response_model=ScoreResponse)
     async def score_route(self, req: ScoreRequest) -> ScoreResponse:
@@ -247,7 +274,8 @@ class PQRetrieverIngress(RetrieverCore, Routes):
         return await self._health()
 
 
-@serve.deployment(name="PQRetriever", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=16,
+@serve.deployment(name="PQRetriever", logging_config=QUIET, ray_actor_options={"num_cpus": 0.25},
+                  max_ongoing_requests=16,
                   autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2,
                                       "upscale_delay_s": 2, "downscale_delay_s": 15,
                                       "look_back_period_s": 4, "metrics_interval_s": 1})
@@ -261,7 +289,7 @@ class PQRetriever(RetrieverCore):
 split_api = FastAPI(title="SEMINAR scoring (separate ingress)")
 
 
-@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32,
+@serve.deployment(name="Ingress", logging_config=QUIET, ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32,
                   autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8,
                                       "upscale_delay_s": 2, "downscale_delay_s": 15,
                                       "look_back_period_s": 4, "metrics_interval_s": 1})
@@ -296,8 +324,10 @@ def build_app(args: dict) -> serve.Application:
     """The application from a flat args dict (also the `serve deploy` builder, see config.yaml).
 
     Keys: checkpoint, index, data, store (history log directory), topology ("merged" | "split"), work (bool),
-    limits ({max_candidates, max_query_chars, max_events}), rerank_factor, retriever_extra_cpu_ms,
-    scorer_extra_cpu_ms, retriever_autoscaling / scorer_autoscaling (override autoscaling_config).
+    limits ({max_candidates, max_query_chars, max_events}), retrieval ("exact" | "pq" | "sketch"), rerank_factor,
+    retriever_extra_cpu_ms / scorer_extra_cpu_ms (bench-only: spin that many ms per request / per batched job),
+    retriever_autoscaling / scorer_autoscaling (override autoscaling_config), retriever_replicas / scorer_replicas
+    (fixed replica counts instead of autoscaling).
     """
     work = bool(args.get("work", True))
     missing = [k for k in ("checkpoint", "index", "data", "store") if work and not args.get(k)]
@@ -308,18 +338,20 @@ def build_app(args: dict) -> serve.Application:
     scorer_cfg = {**common, "extra_cpu_ms": float(args.get("scorer_extra_cpu_ms", 0.0))}
     retriever_cfg = {**common, "index": args.get("index"), "store": store,
                      "rerank_factor": int(args.get("rerank_factor", 8)),
+                     "retrieval": args.get("retrieval", DEFAULT_RETRIEVAL),
                      "extra_cpu_ms": float(args.get("retriever_extra_cpu_ms", 0.0))}
-    scorer_opts = {"user_config": scorer_cfg}
-    retriever_opts = {"user_config": retriever_cfg}
-    if args.get("scorer_autoscaling"):
-        scorer_opts["autoscaling_config"] = args["scorer_autoscaling"]
-    if args.get("retriever_autoscaling"):
-        retriever_opts["autoscaling_config"] = args["retriever_autoscaling"]
-    scorer = ESUScorer.options(**scorer_opts).bind()
-    writer = HistoryWriter.bind(store)
     data = args.get("data") if work else None
     limits = args.get("limits")
     topology = args.get("topology", "merged")
+    scorer_opts = {"user_config": scorer_cfg}
+    retriever_opts = {"user_config": retriever_cfg}
+    for opts, name in ((scorer_opts, "scorer"), (retriever_opts, "retriever")):
+        if args.get(f"{name}_replicas"):
+            opts.update(num_replicas=int(args[f"{name}_replicas"]), autoscaling_config=None)
+        elif args.get(f"{name}_autoscaling"):
+            opts["autoscaling_config"] = args[f"{name}_autoscaling"]
+    scorer = ESUScorer.options(**scorer_opts).bind()
+    writer = HistoryWriter.bind(store)
     if topology == "merged":
         return PQRetrieverIngress.options(**retriever_opts).bind(scorer, writer, data, limits)
     if topology == "split":

@@ -18,13 +18,16 @@ import torch
 from seminar_ray.data.entities import EntityTables
 from seminar_ray.models import SeminarCTR, load_checkpoint
 from seminar_ray.retrieval.index import PQIndex
-from seminar_ray.retrieval.retrievers import ServingRetriever
+from seminar_ray.retrieval.retrievers import ExactRetriever, Retriever, ServingRetriever, SketchRerankRetriever
 from seminar_ray.train.checkpoints import CHECKPOINT_FILE, resolve_checkpoint
 
 
 @dataclass
 class ScoreJob:
-    """What the scorer needs for one request: compact history [Lc], top-K positions into it [C, K] (-1 = none)."""
+    """What the scorer needs for one request: compact history [Lc], top-K positions into it [C, K] (-1 = none).
+
+    Arrays travel between replicas, so they are compact: int32 ids, int16/int32 positions.
+    """
 
     hist_items: np.ndarray
     hist_queries: np.ndarray
@@ -50,24 +53,47 @@ def load_serving_model(checkpoint: str | Path, tables: EntityTables) -> tuple[Se
 
 
 def compact_history(hq: np.ndarray, hi: np.ndarray, topk: np.ndarray, recent: int) -> tuple[np.ndarray, ...]:
-    """(queries, items, topk remapped): the behaviours top-K selects plus the last `recent`, in chronological order."""
+    """(queries, items, topk remapped): the behaviours top-K selects plus the last `recent`, in chronological order.
+
+    Compact dtypes for the hop to the scorer: int32 ids, int16 positions (a compact history has ≤ C·K + recent rows).
+    """
     L = len(hi)
     keep = np.unique(np.concatenate([topk[topk >= 0], np.arange(max(L - recent, 0), L)]))
-    remapped = np.where(topk >= 0, np.searchsorted(keep, np.maximum(topk, 0)), -1)
-    return hq[keep], hi[keep], remapped
+    pos_dtype = np.int16 if len(keep) < np.iinfo(np.int16).max else np.int32
+    remapped = np.where(topk >= 0, np.searchsorted(keep, np.maximum(topk, 0)), -1).astype(pos_dtype)
+    return hq[keep].astype(np.int32), hi[keep].astype(np.int32), remapped
+
+
+RETRIEVAL_METHODS = ("exact", "pq", "sketch")
+
+
+def make_retriever(index: PQIndex, method: str, rerank_factor: int = 8) -> Retriever:
+    """The top-K ranker over a serving index (DESIGN §5).
+
+    "exact": one GEMM over the index's fp16 folded tables (exact top-K; at L = 2,000 and d ≤ 64 it costs well under
+    a millisecond per request here). "pq": folded-ADC fast-scan shortlist of rerank_factor·K + exact re-rank.
+    "sketch": int8 key-sketch shortlist + exact re-rank (needs an index built with a sketch).
+    """
+    if method == "exact":
+        return ExactRetriever(index.item_exact, index.query_exact)
+    if method == "pq":
+        return ServingRetriever(index, rerank_factor=rerank_factor)
+    if method == "sketch":
+        return SketchRerankRetriever(index)
+    raise ValueError(f"retrieval method must be one of {RETRIEVAL_METHODS}, got {method!r}")
 
 
 class RetrievalStage:
-    """GSU target vectors u from the model, top-K from the PQ index (paper §3.3.3, DESIGN §5). One per replica."""
+    """GSU target vectors u from the model, top-K from the serving index (paper §3.3.3, DESIGN §5). One per replica."""
 
-    def __init__(self, model: SeminarCTR, index: PQIndex, rerank_factor: int = 8):
+    def __init__(self, model: SeminarCTR, index: PQIndex, rerank_factor: int = 8, method: str = "pq"):
         if index.dim != model.cfg.d:
             raise ValueError(f"index {index.version!r} has dim {index.dim}, the model's d is {model.cfg.d}")
         n_items = model.embedding.item_text.shape[0]
         if index.num_items != n_items:
             raise ValueError(f"index {index.version!r} has {index.num_items} item rows, the model {n_items}")
         self.model, self.index = model, index
-        self.retriever = ServingRetriever(index, rerank_factor=rerank_factor)
+        self.retriever = make_retriever(index, method, rerank_factor)
         self.K, self.max_len, self.recent = model.cfg.K, model.cfg.max_len, model.cfg.recent_len
 
     @torch.no_grad()
@@ -100,7 +126,7 @@ class ScoringStage:
         for b, j in enumerate(jobs):
             n, c, k = len(j.hist_items), len(j.candidates), j.topk.shape[1]
             hist_items[b, L - n:], hist_queries[b, L - n:] = j.hist_items, j.hist_queries
-            topk[b, :c, :k] = np.where(j.topk >= 0, j.topk + (L - n), -1)  # left padding shifts positions
+            topk[b, :c, :k] = np.where(j.topk >= 0, j.topk.astype(np.int64) + (L - n), -1)  # left padding shifts
             targets[b, :c], target_queries[b, :c] = j.candidates, j.query_id
         logits = self.model.score_with_topk(*(torch.from_numpy(a) for a in
                                               (hist_items, hist_queries, topk, targets, target_queries)))

@@ -22,13 +22,15 @@ from seminar_ray.retrieval.tables import GSUTables  # noqa: E402
 
 
 class EncodeBatch:
-    """A Ray Data callable: codes of one batch of vectors with a codebook given as an array."""
+    """A Ray Data callable: one entity's parts side by side in a row ([n, P·d]) → each part's codes."""
 
-    def __init__(self, centroids: np.ndarray):
-        self.codec = PQCodec.from_centroids(centroids)
+    def __init__(self, centroids: dict[str, np.ndarray]):
+        self.codecs = {part: PQCodec.from_centroids(c) for part, c in centroids.items()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {"codes": self.codec.encode(np.stack(batch["data"]))}
+        x = np.stack(batch["data"])
+        d = x.shape[1] // len(self.codecs)
+        return {part: codec.encode(x[:, i * d:(i + 1) * d]) for i, (part, codec) in enumerate(self.codecs.items())}
 
 
 def part_vectors(gsu: GSUTables) -> dict[str, np.ndarray]:
@@ -38,29 +40,38 @@ def part_vectors(gsu: GSUTables) -> dict[str, np.ndarray]:
     return parts
 
 
-def encode_with_ray(x: np.ndarray, codec: PQCodec, batch_size: int, concurrency: int) -> np.ndarray:
+def encode_with_ray(vectors: dict[str, np.ndarray], codecs: dict[str, PQCodec], batch_size: int,
+                    concurrency: int) -> dict[str, np.ndarray]:
+    """Codes of parts over the same entities (rows aligned) in one Ray Data pass, rows kept in id order."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
-    ds = ray.data.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).map_batches(
-        EncodeBatch, fn_constructor_args=(codec.centroids,), batch_size=batch_size, batch_format="numpy",
-        num_cpus=0.25, concurrency=concurrency)
-    codes = np.concatenate([b["codes"] for b in ds.iter_batches(batch_size=None, batch_format="numpy")])
-    if codes.shape != (len(x), codec.n_sub):
-        raise RuntimeError(f"Ray Data returned codes of shape {codes.shape}, expected {(len(x), codec.n_sub)}")
-    return codes.astype(codec.code_dtype, copy=False)
+    parts = list(vectors)
+    x = np.concatenate([np.asarray(vectors[p], dtype=np.float32) for p in parts], axis=1)
+    ds = ray.data.from_numpy(x).map_batches(
+        EncodeBatch, fn_constructor_args=({p: codecs[p].centroids for p in parts},), batch_size=batch_size,
+        batch_format="numpy", num_cpus=0.25, concurrency=concurrency)
+    batches = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    codes = {p: np.concatenate([b[p] for b in batches]).astype(codecs[p].code_dtype, copy=False) for p in parts}
+    for p in parts:
+        if codes[p].shape != (len(x), codecs[p].n_sub):
+            raise RuntimeError(f"Ray Data returned {p} codes of shape {codes[p].shape}, expected "
+                               f"{(len(x), codecs[p].n_sub)}")
+    return codes
 
 
 def build(gsu: GSUTables, version: str, n_sub: int, n_centroids: int, folded_n_sub: int, folded_n_centroids: int,
           sketch_dim: int = 32, batch_size: int = 65536, concurrency: int = 4) -> PQIndex:
-    """Codebooks and the key sketch (one projection of the folded tables) on the driver; PQ codes via Ray Data."""
+    """Codebooks and the key sketch (one projection of the folded tables) on the driver; PQ codes via Ray Data,
+    one pass per entity table (items: T, I, A, folded; queries: Q, folded)."""
     vectors = part_vectors(gsu)
     sizes = {p: (n_sub, n_centroids) for p in CHANNEL_PARTS} | {p: (folded_n_sub, folded_n_centroids) for p in FOLDED_PARTS}
-    codecs, codes = {}, {}
-    for part, (ns, nc) in sizes.items():
-        codecs[part] = PQCodec.fit(vectors[part][1:], ns, nc)
-        codes[part] = encode_with_ray(vectors[part], codecs[part], batch_size, concurrency)
+    codecs = {part: PQCodec.fit(vectors[part][1:], ns, nc) for part, (ns, nc) in sizes.items()}
+    codes = {}
+    for entity in ("item", "query"):  # one pass per entity table
+        group = {p: vectors[p] for p in sizes if p.startswith(entity)}
+        codes |= encode_with_ray(group, codecs, batch_size, concurrency)
     sketch = KeySketch.fit(vectors["item_folded"], vectors["query_folded"], min(sketch_dim, gsu.dim))
     return PQIndex(version, codecs, codes, gsu.item_gamma.astype(np.float32), float(gsu.query_gamma),
                    vectors["item_folded"].astype(np.float16), vectors["query_folded"].astype(np.float16),

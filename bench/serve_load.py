@@ -5,11 +5,13 @@
 Self-contained: without --checkpoint/--index/--data it builds synthetic data with L = 2,000 histories, an untrained
 small SEMINAR and its folded PQ index. Every request: a user with a 2,000-long history, 100 candidates.
 Phases, one Ray Serve instance on 127.0.0.1 only, bounded request counts and wall time:
-  1. zero-work floor (same graph, work removed) and the real app, topology "merged": closed loop at several
-     concurrencies and a fixed-rate open loop;
-  2. the same scoring called in-process (RetrievalStage + ScoringStage in this process);
-  3. topology "split" (separate Ingress) floor and real at the headline concurrency, for the topology choice;
-  4. skewed loads on "split" (retriever-heavy, scorer-heavy: extra CPU in one stage) with replica counts over time.
+  1. zero-work floor (same graph, work removed) then the real app, topology "merged", the same fixed replica counts
+     (--replicas), each measured only once its replicas run: closed loop at several concurrencies; then a
+     fixed-rate open loop on the real app at half its closed-loop throughput;
+  2. the same scoring called in-process, one request at a time (the served retrieval method and "pq");
+  3. (full runs) topology "split" (separate Ingress) floor and real at the headline concurrency;
+  4. skewed loads on "split" with aggressive autoscaling: retriever-heavy, then scorer-heavy; replica counts of
+     every deployment are sampled each second through the whole run (replicas_over_time).
 The machine is shared and noisy: the ratios against the floor of the same run are the figures.
 """
 from __future__ import annotations
@@ -55,7 +57,8 @@ class Requests:
         return self.bodies[n % len(self.bodies)]
 
 
-async def closed_loop(url: str, reqs: Requests, concurrency: int, max_requests: int, max_s: float) -> dict:
+async def closed_loop(url: str, reqs: Requests, concurrency: int, max_requests: int, max_s: float,
+                      stop: asyncio.Event | None = None) -> dict:
     import httpx
 
     lat, errors, sent = [], 0, 0
@@ -64,7 +67,7 @@ async def closed_loop(url: str, reqs: Requests, concurrency: int, max_requests: 
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
         async def worker():
             nonlocal errors, sent
-            while sent < max_requests and time.perf_counter() < deadline:
+            while sent < max_requests and time.perf_counter() < deadline and not (stop and stop.is_set()):
                 body = reqs[sent]
                 sent += 1
                 t0 = time.perf_counter()
@@ -109,7 +112,7 @@ async def open_loop(url: str, reqs: Requests, rate: float, duration_s: float) ->
 
 
 class ReplicaRecorder:
-    """Polls serve.status() and records RUNNING replicas per deployment with a phase label."""
+    """Polls serve.status() once a second: RUNNING and STARTING replicas per deployment, with a phase label."""
 
     def __init__(self, period_s: float = 1.0):
         self.samples, self.phase, self.period = [], "start", period_s
@@ -118,17 +121,17 @@ class ReplicaRecorder:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
-        from ray import serve
-
         while not self._stop.is_set():
+            sample = {"t_s": round(time.time() - self.t0, 2), "phase": self.phase}
             try:
-                app = serve.status().applications.get(APP)
-                if app is not None:
-                    counts = {name: d.replica_states.get("RUNNING", 0) for name, d in app.deployments.items()}
-                    self.samples.append({"t_s": round(time.time() - self.t0, 2), "phase": self.phase, **counts})
+                sample.update(replica_counts())
             except Exception as e:  # a status poll racing a redeploy: record it, keep polling
-                self.samples.append({"t_s": round(time.time() - self.t0, 2), "phase": self.phase, "error": repr(e)})
+                sample["error"] = repr(e)
+            self.samples.append(sample)
             self._stop.wait(self.period)
+
+    def since(self, start: int) -> list[dict]:
+        return [s for s in self.samples[start:] if "error" not in s]
 
     def __enter__(self):
         self._thread.start()
@@ -139,20 +142,44 @@ class ReplicaRecorder:
         self._thread.join()
 
 
-def deploy(args: dict) -> None:
+def replica_counts() -> dict:
+    """{deployment: RUNNING, deployment_starting: STARTING (+ PENDING_ALLOCATION)} of the bench app."""
+    from ray import serve
+
+    app = serve.status().applications.get(APP)
+    out = {}
+    for name, d in (app.deployments.items() if app is not None else ()):
+        states = d.replica_states
+        out[name] = states.get("RUNNING", 0)
+        out[f"{name}_starting"] = states.get("STARTING", 0) + states.get("PENDING_ALLOCATION", 0)
+        out[f"{name}_stopping"] = states.get("STOPPING", 0)
+    return out
+
+
+def deploy(args: dict, expect: dict[str, int], max_wait_s: float = 240) -> float:
+    """Deploy (or update in place) and wait until `expect` replicas run and none start or stop; returns the wait."""
     from ray import serve
 
     from serve_app.app import build_app
 
+    t0 = time.perf_counter()
     serve.run(build_app(args), name=APP, route_prefix="/")
+    while time.perf_counter() - t0 < max_wait_s:
+        counts = replica_counts()
+        if all(counts.get(d, 0) == n for d, n in expect.items()) and not any(
+                v for k, v in counts.items() if k.endswith(("_starting", "_stopping"))):
+            return time.perf_counter() - t0
+        time.sleep(0.5)
+    raise RuntimeError(f"replicas not up after {max_wait_s} s: want {expect}, have {replica_counts()}")
 
 
 def warm(url: str, reqs: Requests, n: int) -> None:
     asyncio.run(closed_loop(url, reqs, 2, n, 60))
 
 
-def in_process(art, reqs: Requests, n: int) -> dict:
-    """The same retrieval + scoring called directly in this process (no HTTP, no Serve)."""
+def in_process(art, reqs: Requests, n: int, method: str) -> dict:
+    """The same retrieval + scoring called directly in this process, one request at a time (no HTTP, no Serve)."""
+    import faiss
     import torch
 
     from seminar_ray.data.entities import EntityTables
@@ -160,10 +187,12 @@ def in_process(art, reqs: Requests, n: int) -> dict:
     from seminar_ray.serving import Catalog, LogHistoryStore, RetrievalStage, ScoringStage, load_serving_model
 
     torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
     model, _ = load_serving_model(art["checkpoint"], EntityTables.load(art["data"]))
-    retrieval, scoring = RetrievalStage(model, PQIndex.load(art["index"])), ScoringStage(model)
+    retrieval = RetrievalStage(model, PQIndex.load(art["index"], mmap=True), method=method)
+    scoring = ScoringStage(model)
     store, catalog = LogHistoryStore(art["store"], art["data"]), Catalog.load(art["data"])
-    lat = []
+    lat, stage_s = [], {"retrieve": [], "score": []}
     for i in range(n + 5):
         body = reqs[i]
         t0 = time.perf_counter()
@@ -171,10 +200,15 @@ def in_process(art, reqs: Requests, n: int) -> dict:
         store.refresh()
         job = retrieval.prepare(store.history(body["user_id"], model.cfg.max_len), qid,
                                 catalog.validate_candidates(body["candidates"]))
+        t1 = time.perf_counter()
         scoring.score_batch([job])
+        t2 = time.perf_counter()
         if i >= 5:
-            lat.append(time.perf_counter() - t0)
-    return {"requests": n, **percentiles(lat)}
+            lat.append(t2 - t0)
+            stage_s["retrieve"].append(t1 - t0)
+            stage_s["score"].append(t2 - t1)
+    return {"retrieval": method, "requests": n, **percentiles(lat),
+            **{f"{k}_p50_ms": float(np.median(v) * 1e3) for k, v in stage_s.items()}}
 
 
 def build_default_artefacts(root: Path, users: int) -> dict:
@@ -192,13 +226,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--index")
     ap.add_argument("--data")
     ap.add_argument("--port", type=int, default=18321)
+    ap.add_argument("--retrieval", default="exact", choices=("exact", "pq", "sketch"))
+    ap.add_argument("--replicas", default="2,1", help="PQRetriever,ESUScorer replicas of the throughput runs")
     args = ap.parse_args(argv)
     t_start = time.time()
     quick = args.quick
-    conc = [1, 4, 8] if quick else [1, 2, 4, 8, 16]
+    conc = [1, 8] if quick else [1, 2, 4, 8, 16]
     headline = 8
-    per_level = dict(max_requests=120 if quick else 600, max_s=6 if quick else 25)
-    skew_s = 15 if quick else 40
+    per_level = {1: dict(max_requests=50 if quick else 300, max_s=6 if quick else 30)}
+    per_level_default = dict(max_requests=400 if quick else 2000, max_s=8 if quick else 30)
+    open_s = 6 if quick else 20
+    n_ret, n_sco = (int(x) for x in args.replicas.split(","))
 
     import ray
     from ray import serve
@@ -216,86 +254,152 @@ def main(argv: list[str] | None = None) -> int:
     if not users:
         raise SystemExit(f"{art['data']}: no user has a history of {L}; pass data with long histories or none")
     reqs = Requests(users, meta.num_items, meta.num_queries)
+    t_artefacts = time.time() - t_start
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port}, logging_config={"enable_access_log": False})
     url = f"http://127.0.0.1:{args.port}"
     result: dict = {"candidates": CANDIDATES, "L": L, "quick": quick, "headline_concurrency": headline,
-                    "loadavg_start": os.getloadavg()}
+                    "retrieval": args.retrieval, "replicas": {"PQRetriever": n_ret, "ESUScorer": n_sco},
+                    "load_avg_before": os.getloadavg(), "artefacts_s": t_artefacts}
 
-    def loops(label: str, cfg: dict, rec: ReplicaRecorder, levels: list[int], open_rate: float | None) -> dict:
+    def closed(c: int) -> dict:
+        return asyncio.run(closed_loop(url, reqs, c, **per_level.get(c, per_level_default)))
+
+    def loops(label: str, cfg: dict, rec: ReplicaRecorder, levels: list[int]) -> dict:
         rec.phase = f"{label}:deploy"
-        deploy(cfg)
+        waited = deploy(cfg, {"PQRetriever": n_ret, "ESUScorer": n_sco})
         rec.phase = f"{label}:warmup"
-        warm(url, reqs, 20)
-        out = {"closed": []}
+        warm(url, reqs, 30)
+        out = {"deploy_wait_s": waited, "closed": []}
         for c in levels:
             rec.phase = f"{label}:closed_c{c}"
-            out["closed"].append(asyncio.run(closed_loop(url, reqs, c, **per_level)))
-        if open_rate:
-            rec.phase = f"{label}:open"
-            out["open"] = asyncio.run(open_loop(url, reqs, open_rate, 6 if quick else 20))
+            out["closed"].append(closed(c))
         return out
 
-    base = {**art, "topology": "merged", "limits": {"max_candidates": 200}}
+    fixed = {"retriever_replicas": n_ret, "scorer_replicas": n_sco}
+    base = {**art, "topology": "merged", "limits": {"max_candidates": 200}, "retrieval": args.retrieval}
     with ReplicaRecorder() as rec:
-        floor = loops("floor_merged", {**base, "work": False}, rec, conc, None)
-        floor_head = next(r for r in floor["closed"] if r["concurrency"] == headline)
-        rate = round(0.5 * floor_head["rps"], 1)
-        floor["open"] = asyncio.run(open_loop(url, reqs, rate, 6 if quick else 20))
-        real = loops("real_merged", base, rec, conc, rate)
+        floor = loops("floor_merged", {**base, **fixed, "work": False}, rec, conc)
+        real = loops("real_merged", {**base, **fixed}, rec, conc)
+        real_head = at(real, headline)
+        rec.phase = "real_merged:open"
+        real["open"] = asyncio.run(open_loop(url, reqs, round(0.5 * real_head["rps"], 1), open_s))
         rec.phase = "inprocess"
-        inproc = in_process(art, reqs, 40 if quick else 200)
-        split_floor = loops("floor_split", {**base, "topology": "split", "work": False}, rec, [headline], None)
-        split_real = loops("real_split", {**base, "topology": "split"}, rec, [headline], None)
-        skew = {}
-        for name, extra in (("retriever_heavy", {"retriever_extra_cpu_ms": 25}),
-                            ("scorer_heavy", {"scorer_extra_cpu_ms": 25})):
-            rec.phase = f"skew_{name}:deploy"
-            deploy({**base, "topology": "split", **extra})
-            rec.phase = f"skew_{name}"
-            start = len(rec.samples)
-            run = asyncio.run(closed_loop(url, reqs, 8, 10_000, skew_s))
-            phase = [s for s in rec.samples[start:] if "error" not in s]
-            skew[name] = {**run, "extra": extra,
-                          "max_replicas": {d: max((s.get(d, 0) for s in phase), default=0)
-                                           for d in ("PQRetriever", "ESUScorer")}}
+        inproc = {m: in_process(art, reqs, 40 if quick else 200, m) for m in dict.fromkeys([args.retrieval, "pq"])}
+        topology = {"merged": {"floor": at(floor, headline), "real": at(real, headline)}}
+        if not quick:
+            split = {**base, **fixed, "topology": "split"}
+            topology["split"] = {"floor": loops("floor_split", {**split, "work": False}, rec, [headline])["closed"][0],
+                                 "real": loops("real_split", split, rec, [headline])["closed"][0]}
+        skew = skewed_runs(url, reqs, base, rec, max_s=35 if quick else 90)
     serve.shutdown()
     ray.shutdown()
 
-    real_head = next(r for r in real["closed"] if r["concurrency"] == headline)
-    c1 = next(r for r in real["closed"] if r["concurrency"] == 1)
+    floor_head, c1 = at(floor, headline), at(real, 1)
     result.update({
         "rps": real_head["rps"], "p50_ms": real_head["p50_ms"], "p95_ms": real_head["p95_ms"],
         "p99_ms": real_head["p99_ms"], "errors": sum(r["errors"] for r in real["closed"]) + real["open"]["errors"],
         "requests": sum(r["requests"] for r in real["closed"]) + real["open"]["requests"],
         "floor_rps": floor_head["rps"], "floor_p99_ms": floor_head["p99_ms"],
-        "inprocess_p50_ms": inproc["p50_ms"], "c1_p50_ms": c1["p50_ms"],
-        "floor_c1_p50_ms": next(r for r in floor["closed"] if r["concurrency"] == 1)["p50_ms"],
+        "inprocess_p50_ms": inproc[args.retrieval]["p50_ms"], "c1_p50_ms": c1["p50_ms"],
+        "floor_c1_p50_ms": at(floor, 1)["p50_ms"],
         "replicas_over_time": rec.samples,
-        "floor": floor, "real": real, "inprocess": inproc,
-        "topology": {"merged": {"floor": floor_head, "real": real_head},
-                     "split": {"floor": split_floor["closed"][0], "real": split_real["closed"][0]}},
-        "skew": skew,
+        "floor": floor, "real": real, "inprocess": inproc, "topology": topology, "skew": skew,
     })
     result["targets"] = {
         "rps_ratio_vs_floor": result["rps"] / result["floor_rps"],
         "rps_ge_0.8_floor": result["rps"] >= 0.8 * result["floor_rps"],
+        "p99_minus_floor_p99_ms": result["p99_ms"] - result["floor_p99_ms"],
         "p99_le_floor_p99_plus_20ms": result["p99_ms"] <= result["floor_p99_ms"] + 20,
         "zero_errors": result["errors"] == 0,
         "c1_p50_minus_inprocess_ms": result["c1_p50_ms"] - result["inprocess_p50_ms"],
         "c1_within_5ms_of_inprocess": result["c1_p50_ms"] - result["inprocess_p50_ms"] <= 5,
         "stretch_100_rps": result["rps"] >= 100,
+        "retriever_heavy_scaled_only_retriever": skew["retriever_heavy"]["scaled"] == ["PQRetriever"],
+        "scorer_heavy_scaled_only_scorer": skew["scorer_heavy"]["scaled"] == ["ESUScorer"],
+        "heavy_stage_scaled_first_both_ways": (skew["retriever_heavy"]["first_to_scale"] == "PQRetriever"
+                                               and skew["scorer_heavy"]["first_to_scale"] == "ESUScorer"),
     }
-    result["loadavg_end"] = os.getloadavg()
+    result["load_avg_after"] = os.getloadavg()
     result["wall_s"] = time.time() - t_start
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     summary = {k: result[k] for k in ("rps", "p50_ms", "p99_ms", "errors", "floor_rps", "floor_p99_ms",
-                                      "inprocess_p50_ms", "c1_p50_ms", "wall_s")}
+                                      "inprocess_p50_ms", "c1_p50_ms", "floor_c1_p50_ms", "load_avg_before",
+                                      "wall_s")}
     print(json.dumps({**summary, "targets": result["targets"],
-                      "skew": {k: v["max_replicas"] for k, v in skew.items()}}, indent=1))
+                      "skew": {k: v["mean_running_plus_starting"] for k, v in skew.items()
+                               if k.endswith("_heavy")}}, indent=1))
     return 0
+
+
+def at(phase: dict, concurrency: int) -> dict:
+    return next(r for r in phase["closed"] if r["concurrency"] == concurrency)
+
+
+SKEW_AUTOSCALING = {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 4, "upscale_delay_s": 1,
+                    "downscale_delay_s": 4, "look_back_period_s": 2, "metrics_interval_s": 0.5}
+SKEW_EXTRA_MS = 40.0
+SKEW_CONCURRENCY = 12
+
+
+def skewed_runs(url: str, reqs: Requests, base: dict, rec: ReplicaRecorder, max_s: float) -> dict:
+    """Independent autoscaling: topology "split" (each deployment's ongoing-request count is its own work), both
+    deployments autoscaled 1..3; one deployment made heavy with the bench-only extra_cpu_ms knob (the natural work of
+    both stages is a few ms, too little to saturate either on 2 cores), then the other. Each phase starts at 1 replica
+    each and runs until the heavy deployment has run 3 replicas for 3 s (or max_s); `scaled` names the deployments
+    the autoscaler took above 1 replica (running + starting: a replica start takes 5-80 s on this shared machine).
+
+    Between phases the app is redeployed: with the Python API, Serve gives every `serve.run` a new code version and
+    rolls all replicas (only `serve deploy` of a config reconfigures in place), so each phase starts from 1 + 1."""
+    cfg = {**base, "topology": "split", "retriever_autoscaling": SKEW_AUTOSCALING,
+           "scorer_autoscaling": SKEW_AUTOSCALING}
+    out = {"autoscaling_config": SKEW_AUTOSCALING, "concurrency": SKEW_CONCURRENCY, "extra_cpu_ms": SKEW_EXTRA_MS}
+    phases = (("retriever_heavy", "PQRetriever", {"retriever_extra_cpu_ms": SKEW_EXTRA_MS}),
+              ("scorer_heavy", "ESUScorer", {"scorer_extra_cpu_ms": SKEW_EXTRA_MS}))
+    for name, heavy, extra in phases:
+        rec.phase = f"skew_{name}:deploy"
+        waited = deploy({**cfg, **extra}, {"PQRetriever": 1, "ESUScorer": 1})
+        rec.phase = f"skew_{name}"
+        start = len(rec.samples)
+        run = asyncio.run(closed_loop_until(url, reqs, SKEW_CONCURRENCY, max_s,
+                                            lambda: scaled_and_held(rec, start, heavy, 3, 3.0)))
+        samples, pair = rec.since(start), ("PQRetriever", "ESUScorer")
+        max_running = {d: max((s.get(d, 0) for s in samples), default=0) for d in pair}
+        max_target = {d: max((s.get(d, 0) + s.get(f"{d}_starting", 0) for s in samples), default=0) for d in pair}
+        t0 = samples[0]["t_s"] if samples else 0.0
+        first = {d: next((s["t_s"] - t0 for s in samples if s.get(d, 0) + s.get(f"{d}_starting", 0) > 1), None)
+                 for d in pair}
+        mean = {d: float(np.mean([s.get(d, 0) + s.get(f"{d}_starting", 0) for s in samples])) if samples else 0.0
+                for d in pair}
+        out[name] = {**run, "extra": extra, "deploy_wait_s": waited, "max_running": max_running,
+                     "max_running_plus_starting": max_target, "mean_running_plus_starting": mean,
+                     "s_to_first_upscale": first, "scaled": [d for d, n in max_target.items() if n > 1],
+                     "first_to_scale": min((d for d in pair if first[d] is not None), key=lambda d: first[d],
+                                           default=None)}
+    return out
+
+
+def scaled_and_held(rec: ReplicaRecorder, start: int, deployment: str, n: int, hold_s: float) -> bool:
+    samples = rec.since(start)
+    reached = [s["t_s"] for s in samples if s.get(deployment, 0) >= n]
+    return bool(reached) and samples[-1]["t_s"] - reached[0] >= hold_s
+
+
+async def closed_loop_until(url: str, reqs: Requests, concurrency: int, max_s: float, done) -> dict:
+    """Closed loop that stops when done() is true (checked every 0.5 s) or after max_s."""
+    async def watch():
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < max_s and not done():
+            await asyncio.sleep(0.5)
+        stop.set()
+
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(watch())
+    result = await closed_loop(url, reqs, concurrency, 10**9, max_s, stop)
+    await watcher
+    return result
 
 
 if __name__ == "__main__":

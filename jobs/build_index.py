@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from seminar_ray.retrieval.index import CHANNEL_PARTS, FOLDED_PARTS, ITEM_CHANNE
 from seminar_ray.retrieval.quantizer import PQCodec  # noqa: E402
 from seminar_ray.retrieval.sketch import KeySketch  # noqa: E402
 from seminar_ray.retrieval.tables import GSUTables  # noqa: E402
+from seminar_ray.runtime import init_ray, run_cli  # noqa: E402
 
 
 class EncodeBatch:
@@ -87,7 +89,15 @@ def _save(index: PQIndex, out: str) -> str:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def fit_n_sub(dim: int, requested: int, flag: str) -> int:
+    """The largest sub-vector count ≤ requested that divides dim (a d = 16 model cannot take 32 sub-vectors)."""
+    n = max(k for k in range(1, min(requested, dim) + 1) if dim % k == 0)
+    if n != requested:
+        warnings.warn(f"{flag} {requested} does not divide the model's d = {dim}: using {n}", stacklevel=2)
+    return n
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--checkpoint", required=True, help="checkpoint or run directory of a fine-tuned SEMINAR")
     ap.add_argument("--data", required=True, help="dataset directory (entity tables) the model was trained on")
@@ -100,23 +110,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--num-cpus", type=float, default=4, help="embedded Ray's logical CPUs when not in a cluster")
     args = ap.parse_args(argv)
 
-    import ray
-
     from seminar_ray.data.entities import EntityTables
     from seminar_ray.models import export_gsu_tables, load_checkpoint
     from seminar_ray.train.checkpoints import resolve_checkpoint
 
     tables = EntityTables.load(args.data)
-    model, _, _ = load_checkpoint(resolve_checkpoint(args.checkpoint), tables)  # a run dir or URI, too
+    checkpoint = resolve_checkpoint(args.checkpoint)  # a run directory resolves to its best checkpoint
+    model, _, _ = load_checkpoint(checkpoint, tables)
     gsu = export_gsu_tables(model)
-    if not ray.is_initialized():
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, configure_logging=False)
-    version = f"{Path(args.checkpoint).resolve().name}-pq{args.n_sub}x{args.n_centroids}"
-    index = build(gsu, version, args.n_sub, args.n_centroids, args.folded_n_sub, args.folded_n_centroids,
+    n_sub = fit_n_sub(gsu.dim, args.n_sub, "--n-sub")
+    folded_n_sub = fit_n_sub(gsu.dim, args.folded_n_sub, "--folded-n-sub")
+    init_ray(num_cpus=int(args.num_cpus))
+    version = f"{Path(str(checkpoint)).name}-pq{n_sub}x{args.n_centroids}"
+    index = build(gsu, version, n_sub, args.n_centroids, folded_n_sub, args.folded_n_centroids,
                   args.sketch_dim, concurrency=max(1, int(args.num_cpus / 0.25) // 4))
     out = _save(index, args.out)
     print(f"index {index.version}: {index.num_items} items, {index.num_queries} queries, dim {index.dim} → {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

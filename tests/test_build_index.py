@@ -43,3 +43,11 @@ def test_build_index_job_writes_a_loadable_index_matching_the_model(ray_local, t
     scores = exact.scores(hq, hi, u)
     kth = np.take_along_axis(scores, want[:, -1:], 1)
     assert (np.take_along_axis(scores, got, 1) >= kth - 1e-3 * np.abs(kth).max()).mean() >= 0.99
+
+
+def test_sub_vector_count_is_capped_to_a_divisor_of_d():
+    with pytest.warns(UserWarning, match="--folded-n-sub 32 does not divide the model's d = 16: using 16"):
+        assert job.fit_n_sub(16, 32, "--folded-n-sub") == 16
+    with pytest.warns(UserWarning, match="using 4"):
+        assert job.fit_n_sub(12, 5, "--n-sub") == 4
+    assert job.fit_n_sub(64, 8, "--n-sub") == 8

@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-users", type=int, default=500)
     p.add_argument("--config", type=Path, default=Path(__file__).resolve().parents[1] / "configs" / "model_small.yaml")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: tabulate the seeds that OUT/compare_partial.json holds for every variant")
     args = p.parse_args(argv)
     names = args.variants.split(",")
     unknown = sorted(set(names) - set(VARIANTS))
@@ -125,6 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     partial = args.out / "compare_partial.json"  # every finished (seed, variant): a re-run skips them
     done: dict[str, dict] = json.loads(partial.read_text()) if partial.exists() else {}
     t0 = time.time()
+    if args.report_only:
+        complete = [s for s in range(args.seeds) if all(f"{s}/{n}" in done for n in names)]
+        if not complete:
+            raise ValueError(f"{partial}: no seed has every variant finished; run without --report-only")
+        args.seeds = len(complete)
+        done = {f"{i}/{n}": done[f"{s}/{n}"] for i, s in enumerate(complete) for n in names}
     for seed in range(args.seeds):
         psu_runs: dict = {}
         for name in names:

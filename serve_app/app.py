@@ -28,6 +28,11 @@ DEFAULT_RETRIEVAL = "exact"  # measured: one GEMM over the fp16 tables beats the
 
 
 QUIET = {"enable_access_log": False}  # one log line per request costs ~1 ms of replica CPU on 2 cores
+# Rolls (a new checkpoint/index via serve.run) start each replacement before its old replica stops, and old ingress
+# replicas get a minute to finish requests in flight: with the default (stop first) a single ESUScorer replica was
+# gone for the ~20 s its successor took to start on a loaded machine, and requests held by a draining retriever
+# past the 20 s default grace period were cut (500). The single-writer HistoryWriter keeps stop-then-start.
+ROLL = {"max_surge_percent": 100, "graceful_shutdown_timeout_s": 60}
 
 
 def _init_replica() -> None:
@@ -72,7 +77,8 @@ class HistoryWriter:
 
 
 # ---------------------------------------------------------------------------------------------------- scorer
-@serve.deployment(name="ESUScorer", logging_config=QUIET, ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32,
+@serve.deployment(name="ESUScorer", logging_config=QUIET, **ROLL, ray_actor_options={"num_cpus": 0.25},
+                  max_ongoing_requests=32,
                   autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 6,
                                       "upscale_delay_s": 2, "downscale_delay_s": 15,
                                       "look_back_period_s": 4, "metrics_interval_s": 1})
@@ -241,7 +247,7 @@ async def _retry_once(call):
 merged_api = FastAPI(title="SEMINAR scoring (PQRetriever ingress)")
 
 
-@serve.deployment(name="PQRetriever", logging_config=QUIET, ray_actor_options={"num_cpus": 0.25},
+@serve.deployment(name="PQRetriever", logging_config=QUIET, **ROLL, ray_actor_options={"num_cpus": 0.25},
                   max_ongoing_requests=16,
                   autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 3,
                                       "upscale_delay_s": 2, "downscale_delay_s": 15,
@@ -274,7 +280,7 @@ class PQRetrieverIngress(RetrieverCore, Routes):
         return await self._health()
 
 
-@serve.deployment(name="PQRetriever", logging_config=QUIET, ray_actor_options={"num_cpus": 0.25},
+@serve.deployment(name="PQRetriever", logging_config=QUIET, **ROLL, ray_actor_options={"num_cpus": 0.25},
                   max_ongoing_requests=16,
                   autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2,
                                       "upscale_delay_s": 2, "downscale_delay_s": 15,
@@ -289,7 +295,8 @@ class PQRetriever(RetrieverCore):
 split_api = FastAPI(title="SEMINAR scoring (separate ingress)")
 
 
-@serve.deployment(name="Ingress", logging_config=QUIET, ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32,
+@serve.deployment(name="Ingress", logging_config=QUIET, **ROLL, ray_actor_options={"num_cpus": 0.25},
+                  max_ongoing_requests=32,
                   autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8,
                                       "upscale_delay_s": 2, "downscale_delay_s": 15,
                                       "look_back_period_s": 4, "metrics_interval_s": 1})

@@ -86,6 +86,30 @@ def test_retrieval_matches_model_topk_on_an_exactly_ranked_history(stages):
     assert overlap > 0.8, overlap
 
 
+@pytest.mark.parametrize("method, min_overlap", [("exact", 0.95), ("sketch", 0.8)])
+def test_other_retrieval_methods_agree_with_the_model_gsu_topk(stages, method, min_overlap):
+    """The served default ("exact": one GEMM over the index's fp16 tables) ranks like the model's own GSU."""
+    model, retrieval, _ = stages
+    stage = RetrievalStage(model, retrieval.index, method=method)
+    rng = np.random.default_rng(2)
+    hq, hi = random_history(rng, retrieval.index.num_items - 1, retrieval.index.num_queries - 1, 60)
+    cands = rng.integers(1, retrieval.index.num_items, 5)
+    job = stage.prepare((hq, hi), 0, cands, keep_full_topk=True)
+    batch = {"hist_items": torch.from_numpy(hi)[None], "hist_queries": torch.from_numpy(hq)[None],
+             "target_items": torch.from_numpy(cands)[None], "target_queries": torch.zeros(1, 5, dtype=torch.long)}
+    with torch.no_grad():
+        exact = model.gsu_scores(batch)[0].topk(model.cfg.K, dim=-1).indices.numpy()
+    overlap = np.mean([len(set(a) & set(b)) / model.cfg.K for a, b in zip(job.full_topk, exact)])
+    assert overlap >= min_overlap, overlap
+    assert job.hist_items.dtype == np.int32 and job.topk.dtype == np.int16  # compact on the wire
+
+
+def test_unknown_retrieval_method_is_refused(stages):
+    model, retrieval, _ = stages
+    with pytest.raises(ValueError, match="retrieval method must be one of"):
+        RetrievalStage(model, retrieval.index, method="hnsw")
+
+
 def test_catalog_validation(artefacts):
     catalog = Catalog.load(artefacts.data, Limits(max_candidates=5, max_query_chars=20))
     text = next(iter(catalog.query_text))

@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             + markdown(agg, table2, "Table 2: SEMINAR against the baselines") + "\n"
             + markdown(agg, table3, "Table 3: ablation of the PSU pretraining tasks") + "\n"
             + ("\n".join(f"- {v}" for v in verdict(agg)) + "\n" if "SEMINAR" in agg else "")
-            + f"\n{time.time() - t0:.0f} s in all.\n")
+            + ("" if args.report_only else f"\n{time.time() - t0:.0f} s in all.\n"))
     (args.out / "compare.md").write_text(text)
     (args.out / "compare.json").write_text(json.dumps({"seeds": args.seeds, "data": str(args.data), "aggregate": agg,
                                                         "per_seed": per_seed, "seconds": time.time() - t0}, indent=1))

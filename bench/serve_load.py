@@ -4,13 +4,15 @@
 
 Self-contained: without --checkpoint/--index/--data it builds synthetic data with L = 2,000 histories, an untrained
 small SEMINAR and its folded PQ index. Every request: a user with a 2,000-long history, 100 candidates.
-Phases, one Ray Serve instance on 127.0.0.1 only, bounded request counts and wall time:
+Each ingress mode (--ingress; serve_app/deploy.py: "proxy" = Serve's HTTP proxy, "direct" = Serve's
+throughput-optimized preset, clients spread over the ingress replicas' own ports) runs on its own local Ray on
+127.0.0.1 only, with bounded request counts and wall time; per mode:
   1. zero-work floor (same graph, work removed) then the real app, topology "merged", the same fixed replica counts
      (--replicas), each measured only once its replicas run: closed loop at several concurrencies; then a
      fixed-rate open loop on the real app at half its closed-loop throughput;
-  2. the same scoring called in-process, one request at a time (the served retrieval method and "pq");
+  2. (first mode) the same scoring called in-process, one request at a time (the served method and "pq");
   3. (full runs) topology "split" (separate Ingress) floor and real at the headline concurrency;
-  4. skewed loads on "split" with aggressive autoscaling: retriever-heavy, then scorer-heavy; replica counts of
+  4. (first mode) skewed loads on "split" with aggressive autoscaling: retriever-heavy, then scorer-heavy; replica counts of
      every deployment are sampled each second through the whole run (replicas_over_time).
 The machine is shared and noisy: the ratios against the floor of the same run are the figures.
 """
@@ -24,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +34,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from serve_app.deploy import INGRESS_MODES, direct_urls, set_ingress_env  # noqa: E402
 
 APP = "bench"
 L, CANDIDATES = 2000, 100
@@ -57,56 +62,70 @@ class Requests:
         return self.bodies[n % len(self.bodies)]
 
 
-async def closed_loop(url: str, reqs: Requests, concurrency: int, max_requests: int, max_s: float,
+def _clients(urls: list[str], n: int):
+    import httpx
+
+    per_url = max(1, -(-n // len(urls)))
+    limits = httpx.Limits(max_connections=per_url, max_keepalive_connections=per_url)
+    return [httpx.AsyncClient(base_url=u, timeout=60, limits=limits) for u in urls]
+
+
+async def closed_loop(urls: list[str], reqs: Requests, concurrency: int, max_requests: int, max_s: float,
                       stop: asyncio.Event | None = None) -> dict:
+    """`concurrency` workers, each sending its next request when the last one answered; worker i talks to
+    urls[i % len(urls)] (direct ingress: one address per ingress replica, spread like a load balancer would)."""
     import httpx
 
     lat, errors, sent = [], 0, 0
     deadline = time.perf_counter() + max_s
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
-        async def worker():
-            nonlocal errors, sent
-            while sent < max_requests and time.perf_counter() < deadline and not (stop and stop.is_set()):
-                body = reqs[sent]
-                sent += 1
-                t0 = time.perf_counter()
-                try:
-                    r = await client.post("/v1/score", json=body)
-                    ok = r.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                lat.append(time.perf_counter() - t0) if ok else None
-                errors += 0 if ok else 1
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - t0
+    clients = _clients(urls, concurrency)
+
+    async def worker(client):
+        nonlocal errors, sent
+        while sent < max_requests and time.perf_counter() < deadline and not (stop and stop.is_set()):
+            body = reqs[sent]
+            sent += 1
+            t0 = time.perf_counter()
+            try:
+                r = await client.post("/v1/score", json=body)
+                ok = r.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            lat.append(time.perf_counter() - t0) if ok else None
+            errors += 0 if ok else 1
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(clients[i % len(clients)]) for i in range(concurrency)))
+    wall = time.perf_counter() - t0
+    for client in clients:
+        await client.aclose()
     return {"concurrency": concurrency, "requests": sent, "errors": errors, "wall_s": wall,
             "rps": len(lat) / wall, **percentiles(lat)}
 
 
-async def open_loop(url: str, reqs: Requests, rate: float, duration_s: float) -> dict:
+async def open_loop(urls: list[str], reqs: Requests, rate: float, duration_s: float) -> dict:
     """Fixed arrival rate; latency counted from each request's scheduled time (queueing included)."""
     import httpx
 
     lat, errors = [], 0
     n = int(rate * duration_s)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=64)) as client:
-        start = time.perf_counter()
+    clients = _clients(urls, 64)
+    start = time.perf_counter()
 
-        async def one(i: int):
-            nonlocal errors
-            due = start + i / rate
-            await asyncio.sleep(max(0.0, due - time.perf_counter()))
-            try:
-                r = await client.post("/v1/score", json=reqs[i])
-                ok = r.status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            lat.append(time.perf_counter() - due) if ok else None
-            errors += 0 if ok else 1
-        await asyncio.gather(*(one(i) for i in range(n)))
-        wall = time.perf_counter() - start
+    async def one(i: int):
+        nonlocal errors
+        due = start + i / rate
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        try:
+            r = await clients[i % len(clients)].post("/v1/score", json=reqs[i])
+            ok = r.status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        lat.append(time.perf_counter() - due) if ok else None
+        errors += 0 if ok else 1
+    await asyncio.gather(*(one(i) for i in range(n)))
+    wall = time.perf_counter() - start
+    for client in clients:
+        await client.aclose()
     return {"rate": rate, "requests": n, "errors": errors, "wall_s": wall, "rps": len(lat) / wall,
             **percentiles(lat)}
 
@@ -173,8 +192,8 @@ def deploy(args: dict, expect: dict[str, int], max_wait_s: float = 240) -> float
     raise RuntimeError(f"replicas not up after {max_wait_s} s: want {expect}, have {replica_counts()}")
 
 
-def warm(url: str, reqs: Requests, n: int) -> None:
-    asyncio.run(closed_loop(url, reqs, 2, n, 60))
+def warm(urls: list[str], reqs: Requests, n: int) -> None:
+    asyncio.run(closed_loop(urls, reqs, 2, n, 60))
 
 
 def in_process(art, reqs: Requests, n: int, method: str) -> dict:
@@ -221,25 +240,23 @@ def build_default_artefacts(root: Path, users: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("bench/out/serve.json"))
-    ap.add_argument("--quick", action="store_true", help="short runs (< 5 minutes in all)")
+    ap.add_argument("--quick", action="store_true", help="short runs (about 5 minutes in all)")
     ap.add_argument("--checkpoint")
     ap.add_argument("--index")
     ap.add_argument("--data")
     ap.add_argument("--port", type=int, default=18321)
     ap.add_argument("--retrieval", default="exact", choices=("exact", "pq", "sketch"))
-    ap.add_argument("--replicas", default="2,1", help="PQRetriever,ESUScorer replicas of the throughput runs")
+    ap.add_argument("--replicas", help="PQRetriever,ESUScorer replicas of the throughput runs in every mode "
+                                        f"(default per mode: {DEFAULT_REPLICAS})")
+    ap.add_argument("--ingress", default="proxy,direct",
+                    help="ingress modes to measure, each on its own Ray instance (serve_app/deploy.py); the first "
+                         "gives the top-level figures and runs the in-process and skewed-load phases")
     args = ap.parse_args(argv)
+    modes = args.ingress.split(",")
+    if not modes or any(m not in INGRESS_MODES for m in modes):
+        raise SystemExit(f"--ingress: a comma list of {INGRESS_MODES}, got {args.ingress!r}")
     t_start = time.time()
-    quick = args.quick
-    conc = [1, 8] if quick else [1, 2, 4, 8, 16]
-    headline = 8
-    per_level = {1: dict(max_requests=50 if quick else 300, max_s=6 if quick else 30)}
-    per_level_default = dict(max_requests=400 if quick else 2000, max_s=8 if quick else 30)
-    open_s = 6 if quick else 20
-    n_ret, n_sco = (int(x) for x in args.replicas.split(","))
-
-    import ray
-    from ray import serve
+    plan = Plan.make(args.quick, args.replicas)
 
     from seminar_ray.data.schema import DatasetMeta, read_table
 
@@ -247,91 +264,155 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoint:
         art = {"checkpoint": args.checkpoint, "index": args.index, "data": args.data, "store": str(root / "history")}
     else:
-        art = build_default_artefacts(root, users=24 if quick else 64)
+        art = build_default_artefacts(root, users=24 if args.quick else 64)
     meta = DatasetMeta.load(art["data"])
     seqs = read_table(art["data"], "sequences", ["user_id", "item_ids"]).to_pydict()
     users = [u for u, items in zip(seqs["user_id"], seqs["item_ids"]) if len(items) >= L]
     if not users:
         raise SystemExit(f"{art['data']}: no user has a history of {L}; pass data with long histories or none")
     reqs = Requests(users, meta.num_items, meta.num_queries)
-    t_artefacts = time.time() - t_start
-
-    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port}, logging_config={"enable_access_log": False})
-    url = f"http://127.0.0.1:{args.port}"
-    result: dict = {"candidates": CANDIDATES, "L": L, "quick": quick, "headline_concurrency": headline,
-                    "retrieval": args.retrieval, "replicas": {"PQRetriever": n_ret, "ESUScorer": n_sco},
-                    "load_avg_before": os.getloadavg(), "artefacts_s": t_artefacts}
-
-    def closed(c: int) -> dict:
-        return asyncio.run(closed_loop(url, reqs, c, **per_level.get(c, per_level_default)))
-
-    def loops(label: str, cfg: dict, rec: ReplicaRecorder, levels: list[int]) -> dict:
-        rec.phase = f"{label}:deploy"
-        waited = deploy(cfg, {"PQRetriever": n_ret, "ESUScorer": n_sco})
-        rec.phase = f"{label}:warmup"
-        warm(url, reqs, 30)
-        out = {"deploy_wait_s": waited, "closed": []}
-        for c in levels:
-            rec.phase = f"{label}:closed_c{c}"
-            out["closed"].append(closed(c))
-        return out
-
-    fixed = {"retriever_replicas": n_ret, "scorer_replicas": n_sco}
+    result: dict = {"candidates": CANDIDATES, "L": L, "quick": args.quick, "headline_concurrency": plan.headline,
+                    "retrieval": args.retrieval,
+                    "load_avg_before": os.getloadavg(), "artefacts_s": time.time() - t_start,
+                    "replicas_over_time": [], "modes": {}}
     base = {**art, "topology": "merged", "limits": {"max_candidates": 200}, "retrieval": args.retrieval}
-    with ReplicaRecorder() as rec:
-        floor = loops("floor_merged", {**base, **fixed, "work": False}, rec, conc)
-        real = loops("real_merged", {**base, **fixed}, rec, conc)
-        real_head = at(real, headline)
-        rec.phase = "real_merged:open"
-        real["open"] = asyncio.run(open_loop(url, reqs, round(0.5 * real_head["rps"], 1), open_s))
-        rec.phase = "inprocess"
-        inproc = {m: in_process(art, reqs, 40 if quick else 200, m) for m in dict.fromkeys([args.retrieval, "pq"])}
-        topology = {"merged": {"floor": at(floor, headline), "real": at(real, headline)}}
-        if not quick:
-            split = {**base, **fixed, "topology": "split"}
-            topology["split"] = {"floor": loops("floor_split", {**split, "work": False}, rec, [headline])["closed"][0],
-                                 "real": loops("real_split", split, rec, [headline])["closed"][0]}
-        skew = skewed_runs(url, reqs, base, rec, max_s=35 if quick else 90)
-    serve.shutdown()
-    ray.shutdown()
-
-    floor_head, c1 = at(floor, headline), at(real, 1)
-    result.update({
-        "rps": real_head["rps"], "p50_ms": real_head["p50_ms"], "p95_ms": real_head["p95_ms"],
-        "p99_ms": real_head["p99_ms"], "errors": sum(r["errors"] for r in real["closed"]) + real["open"]["errors"],
-        "requests": sum(r["requests"] for r in real["closed"]) + real["open"]["requests"],
-        "floor_rps": floor_head["rps"], "floor_p99_ms": floor_head["p99_ms"],
-        "inprocess_p50_ms": inproc[args.retrieval]["p50_ms"], "c1_p50_ms": c1["p50_ms"],
-        "floor_c1_p50_ms": at(floor, 1)["p50_ms"],
-        "replicas_over_time": rec.samples,
-        "floor": floor, "real": real, "inprocess": inproc, "topology": topology, "skew": skew,
-    })
-    result["targets"] = {
-        "rps_ratio_vs_floor": result["rps"] / result["floor_rps"],
-        "rps_ge_0.8_floor": result["rps"] >= 0.8 * result["floor_rps"],
-        "p99_minus_floor_p99_ms": result["p99_ms"] - result["floor_p99_ms"],
-        "p99_le_floor_p99_plus_20ms": result["p99_ms"] <= result["floor_p99_ms"] + 20,
-        "zero_errors": result["errors"] == 0,
-        "c1_p50_minus_inprocess_ms": result["c1_p50_ms"] - result["inprocess_p50_ms"],
-        "c1_within_5ms_of_inprocess": result["c1_p50_ms"] - result["inprocess_p50_ms"] <= 5,
-        "stretch_100_rps": result["rps"] >= 100,
+    for i, mode in enumerate(modes):
+        run = run_mode(mode, args.port, base, reqs, plan, first=i == 0)
+        result["replicas_over_time"] += run.pop("replica_samples")
+        result["modes"][mode] = run
+    head = result["modes"][modes[0]]
+    inproc_p50 = head["inprocess"][args.retrieval]["p50_ms"]
+    for run in result["modes"].values():
+        run.update(summarise(run, inproc_p50, plan.headline))
+    skew = head["skew"]
+    head["targets"].update({
         "retriever_heavy_scaled_only_retriever": skew["retriever_heavy"]["scaled"] == ["PQRetriever"],
         "scorer_heavy_scaled_only_scorer": skew["scorer_heavy"]["scaled"] == ["ESUScorer"],
         "heavy_stage_scaled_first_both_ways": (skew["retriever_heavy"]["first_to_scale"] == "PQRetriever"
-                                               and skew["scorer_heavy"]["first_to_scale"] == "ESUScorer"),
-    }
+                                               and skew["scorer_heavy"]["first_to_scale"] == "ESUScorer")})
+    result.update({k: head[k] for k in SUMMARY_KEYS}, ingress=modes[0], targets=head["targets"],
+                  inprocess=head["inprocess"], skew=head["skew"])
     result["load_avg_after"] = os.getloadavg()
     result["wall_s"] = time.time() - t_start
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    summary = {k: result[k] for k in ("rps", "p50_ms", "p99_ms", "errors", "floor_rps", "floor_p99_ms",
-                                      "inprocess_p50_ms", "c1_p50_ms", "floor_c1_p50_ms", "load_avg_before",
-                                      "wall_s")}
-    print(json.dumps({**summary, "targets": result["targets"],
-                      "skew": {k: v["mean_running_plus_starting"] for k, v in skew.items()
+    print(json.dumps({"load_avg_before": result["load_avg_before"], "wall_s": result["wall_s"],
+                      **{m: {**{k: r[k] for k in SUMMARY_KEYS if k != "requests"}, "targets": r["targets"]}
+                         for m, r in result["modes"].items()},
+                      "skew": {k: v["mean_running_plus_starting"] for k, v in head["skew"].items()
                                if k.endswith("_heavy")}}, indent=1))
     return 0
+
+
+SUMMARY_KEYS = ("rps", "p50_ms", "p95_ms", "p99_ms", "errors", "requests", "floor_rps", "floor_p99_ms",
+                "inprocess_p50_ms", "c1_p50_ms", "floor_c1_p50_ms")
+
+
+# Fixed replica counts of the throughput runs (PQRetriever, ESUScorer), per ingress mode, measured (README): with
+# the proxy parsing HTTP, a second retriever replica helped (54.8 vs 48.7 req/s); in direct mode, where each ingress
+# replica also serves HTTP, one fewer process on 2 cores did (89.0 vs 78.3 req/s).
+DEFAULT_REPLICAS = {"proxy": (2, 1), "direct": (1, 1)}
+
+
+@dataclass
+class Plan:
+    """Request counts and limits per phase (bounded in requests and seconds), replica counts per mode."""
+
+    quick: bool
+    levels: list[int]
+    headline: int
+    replicas: dict[str, tuple[int, int]]
+    open_s: float
+
+    @classmethod
+    def make(cls, quick: bool, replicas: str | None) -> "Plan":
+        fixed = DEFAULT_REPLICAS
+        if replicas:
+            fixed = {m: tuple(int(x) for x in replicas.split(",")) for m in INGRESS_MODES}
+        return cls(quick, [1, 8] if quick else [1, 2, 4, 8, 16], 8, fixed, 6 if quick else 20)
+
+    def limits(self, concurrency: int) -> dict:
+        if concurrency == 1:
+            return dict(max_requests=100 if self.quick else 300, max_s=6 if self.quick else 30)
+        return dict(max_requests=400 if self.quick else 2000, max_s=8 if self.quick else 30)
+
+
+def run_mode(mode: str, port: int, base: dict, reqs: Requests, plan: Plan, first: bool) -> dict:
+    """One ingress mode on its own local Ray: floor and real app (merged, fixed replicas) at each concurrency, an
+    open loop; on the first mode also the in-process baseline and the skewed-load autoscaling runs."""
+    import ray
+    from ray import serve
+
+    set_ingress_env(mode)
+    # A replaced direct-ingress replica drains 30 s by default (clients of its port move on); the bench redeploys
+    # between phases and waits for old replicas to stop, so it drains for 2 s.
+    os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "2"
+    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": False})
+    proxy_url = [f"http://127.0.0.1:{port}"]
+    n_ret, n_sco = plan.replicas[mode]
+    fixed = {"retriever_replicas": n_ret, "scorer_replicas": n_sco}
+    expect = {"PQRetriever": n_ret, "ESUScorer": n_sco}
+
+    def loops(label: str, cfg: dict, rec: ReplicaRecorder, levels: list[int]) -> dict:
+        rec.phase = f"{mode}/{label}:deploy"
+        waited = deploy(cfg, expect)
+        urls = direct_urls(APP) if mode == "direct" else proxy_url
+        if not urls:
+            raise RuntimeError(f"{mode} ingress: the controller lists no HTTP target for app {APP!r}")
+        rec.phase = f"{mode}/{label}:warmup"
+        warm(urls, reqs, 30)
+        out = {"deploy_wait_s": waited, "urls": urls, "closed": []}
+        for c in levels:
+            rec.phase = f"{mode}/{label}:closed_c{c}"
+            out["closed"].append(asyncio.run(closed_loop(urls, reqs, c, **plan.limits(c))))
+        return out
+
+    with ReplicaRecorder() as rec:
+        floor = loops("floor_merged", {**base, **fixed, "work": False}, rec, plan.levels)
+        real = loops("real_merged", {**base, **fixed}, rec, plan.levels)
+        real_head = at(real, plan.headline)
+        rec.phase = f"{mode}/real_merged:open"
+        real["open"] = asyncio.run(open_loop(real["urls"], reqs, round(0.5 * real_head["rps"], 1), plan.open_s))
+        out = {"replicas": expect, "floor": floor, "real": real}
+        if first:
+            rec.phase = f"{mode}/inprocess"
+            out["inprocess"] = {m: in_process(base, reqs, 40 if plan.quick else 200, m)
+                                for m in dict.fromkeys([base["retrieval"], "pq"])}
+            out["skew"] = skewed_runs(proxy_url, reqs, base, rec, max_s=35 if plan.quick else 90)
+        topology = {"merged": {"floor": at(floor, plan.headline), "real": real_head}}
+        if not plan.quick:
+            split = {**base, **fixed, "topology": "split"}
+            topology["split"] = {"floor": loops("floor_split", {**split, "work": False}, rec,
+                                                [plan.headline])["closed"][0],
+                                 "real": loops("real_split", split, rec, [plan.headline])["closed"][0]}
+        out["topology"] = topology
+    serve.shutdown()
+    ray.shutdown()
+    return {**out, "replica_samples": rec.samples}
+
+
+def summarise(run: dict, inproc_p50_ms: float, headline: int) -> dict:
+    """The issue's figures and targets for one mode (floor and real from the same Ray instance)."""
+    floor, real = run["floor"], run["real"]
+    head, floor_head, c1 = at(real, headline), at(floor, headline), at(real, 1)
+    s = {"rps": head["rps"], "p50_ms": head["p50_ms"], "p95_ms": head["p95_ms"], "p99_ms": head["p99_ms"],
+         "errors": sum(r["errors"] for r in real["closed"]) + real["open"]["errors"],
+         "requests": sum(r["requests"] for r in real["closed"]) + real["open"]["requests"],
+         "floor_rps": floor_head["rps"], "floor_p99_ms": floor_head["p99_ms"], "inprocess_p50_ms": inproc_p50_ms,
+         "c1_p50_ms": c1["p50_ms"], "floor_c1_p50_ms": at(floor, 1)["p50_ms"]}
+    s["targets"] = {
+        "rps_ratio_vs_floor": s["rps"] / s["floor_rps"],
+        "rps_ge_0.8_floor": s["rps"] >= 0.8 * s["floor_rps"],
+        "p99_minus_floor_p99_ms": s["p99_ms"] - s["floor_p99_ms"],
+        "p99_le_floor_p99_plus_20ms": s["p99_ms"] <= s["floor_p99_ms"] + 20,
+        "zero_errors": s["errors"] == 0,
+        "c1_p50_minus_inprocess_ms": s["c1_p50_ms"] - inproc_p50_ms,
+        "c1_within_5ms_of_inprocess": s["c1_p50_ms"] - inproc_p50_ms <= 5,
+        "floor_c1_p50_minus_inprocess_ms": s["floor_c1_p50_ms"] - inproc_p50_ms,
+        "stretch_100_rps": s["rps"] >= 100,
+    }
+    return s
 
 
 def at(phase: dict, concurrency: int) -> dict:
@@ -344,7 +425,7 @@ SKEW_EXTRA_MS = 40.0
 SKEW_CONCURRENCY = 12
 
 
-def skewed_runs(url: str, reqs: Requests, base: dict, rec: ReplicaRecorder, max_s: float) -> dict:
+def skewed_runs(urls: list[str], reqs: Requests, base: dict, rec: ReplicaRecorder, max_s: float) -> dict:
     """Independent autoscaling: topology "split" (each deployment's ongoing-request count is its own work), both
     deployments autoscaled 1..3; one deployment made heavy with the bench-only extra_cpu_ms knob (the natural work of
     both stages is a few ms, too little to saturate either on 2 cores), then the other. Each phase starts at 1 replica
@@ -363,7 +444,7 @@ def skewed_runs(url: str, reqs: Requests, base: dict, rec: ReplicaRecorder, max_
         waited = deploy({**cfg, **extra}, {"PQRetriever": 1, "ESUScorer": 1})
         rec.phase = f"skew_{name}"
         start = len(rec.samples)
-        run = asyncio.run(closed_loop_until(url, reqs, SKEW_CONCURRENCY, max_s,
+        run = asyncio.run(closed_loop_until(urls, reqs, SKEW_CONCURRENCY, max_s,
                                             lambda: scaled_and_held(rec, start, heavy, 3, 3.0)))
         samples, pair = rec.since(start), ("PQRetriever", "ESUScorer")
         max_running = {d: max((s.get(d, 0) for s in samples), default=0) for d in pair}
@@ -387,7 +468,7 @@ def scaled_and_held(rec: ReplicaRecorder, start: int, deployment: str, n: int, h
     return bool(reached) and samples[-1]["t_s"] - reached[0] >= hold_s
 
 
-async def closed_loop_until(url: str, reqs: Requests, concurrency: int, max_s: float, done) -> dict:
+async def closed_loop_until(urls: list[str], reqs: Requests, concurrency: int, max_s: float, done) -> dict:
     """Closed loop that stops when done() is true (checked every 0.5 s) or after max_s."""
     async def watch():
         t0 = time.perf_counter()
@@ -397,7 +478,7 @@ async def closed_loop_until(url: str, reqs: Requests, concurrency: int, max_s: f
 
     stop = asyncio.Event()
     watcher = asyncio.create_task(watch())
-    result = await closed_loop(url, reqs, concurrency, 10**9, max_s, stop)
+    result = await closed_loop(urls, reqs, concurrency, 10**9, max_s, stop)
     await watcher
     return result
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs the test suite. Ray Serve and Ray Train open listeners on all interfaces, so pytest runs
 # inside a private network namespace with only loopback when the kernel lets us make one.
-# Multi-node tests (ray.cluster_utils.Cluster) run in their own pytest process: a process joins
-# one Ray cluster only.
+# Multi-node tests (ray.cluster_utils.Cluster) and tests that start a Ray of their own (other Serve
+# settings) run in a second pytest process: a process joins one Ray cluster only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -15,8 +15,8 @@ run() {
     "$@"
   fi
 }
-run "$PY" -m pytest -m "not multinode" "$@"
-if [ -n "$(grep -rl 'pytest.mark.multinode\|pytestmark = pytest.mark.multinode' tests 2>/dev/null)" ]; then
-  # exit 5 = nothing collected: the arguments named no multi-node test file
-  run "$PY" -m pytest -m multinode "$@" || [ $? -eq 5 ]
+run "$PY" -m pytest -m "not multinode and not ownray" "$@"
+if [ -n "$(grep -rl 'pytest.mark.multinode\|pytest.mark.ownray' tests 2>/dev/null)" ]; then
+  # exit 5 = nothing collected: the arguments named no such test file
+  run "$PY" -m pytest -m "multinode or ownray" "$@" || [ $? -eq 5 ]
 fi

@@ -1,11 +1,13 @@
-"""`python -m serve_app --checkpoint CKPT --index DIR --data DIR [--store DIR] [--port 8000]`: serve on 127.0.0.1.
+"""`python -m serve_app --checkpoint CKPT --index DIR --data DIR [--store DIR] [--port 8000] [--ingress direct]`.
 
-Starts an embedded local Ray when no cluster is running; Ctrl-C shuts Serve down cleanly.
+Serves on 127.0.0.1. Starts an embedded local Ray when no cluster is running; Ctrl-C shuts Serve down cleanly.
+`--ingress direct` starts that Ray in Serve's throughput-optimized mode (serve_app/deploy.py) and prints the ingress
+replicas' own addresses, which answer faster than the proxy's port (the proxy keeps working too).
 """
 import argparse
 import time
 
-from serve_app.deploy import start
+from serve_app.deploy import APP_NAME, INGRESS_MODES, direct_urls, start
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -17,12 +19,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--topology", default="merged", choices=("merged", "split"))
+    ap.add_argument("--ingress", default="proxy", choices=INGRESS_MODES)
     args = ap.parse_args(argv)
     from ray import serve
 
     start({"checkpoint": args.checkpoint, "index": args.index, "data": args.data, "store": args.store,
-           "topology": args.topology}, host=args.host, port=args.port)
+           "topology": args.topology}, host=args.host, port=args.port, ingress=args.ingress)
     print(f"serving on http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
+    if args.ingress == "direct":
+        print(f"direct ingress replicas: {' '.join(direct_urls(APP_NAME))}", flush=True)
     try:
         while True:
             time.sleep(3600)

@@ -99,7 +99,7 @@ class ESUScorer:
             self.stage, self.version = None, FLOOR_VERSION
         self.work, self.extra_ms = work, float(config.get("extra_cpu_ms", 0.0))
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.001)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def score(self, jobs: list[ScoreJob]) -> list[tuple[list[float], str]]:
         stage, version = self.stage, self.version
         busy_ms(self.extra_ms * len(jobs))

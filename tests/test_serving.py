@@ -175,3 +175,16 @@ def test_every_acknowledged_append_survives_sigkill(tmp_path):
     total = sum(len(store.history(u, 10**6)[1]) for u in range(7))
     assert total == 3 * store.last_seq
     assert store.append(0, [1], [0], [0]) == store.last_seq
+
+
+def test_ingress_mode_is_checked_before_anything_starts(monkeypatch):
+    from serve_app.deploy import set_ingress_env, start
+
+    with pytest.raises(ValueError, match="ingress must be one of"):
+        set_ingress_env("haproxy")
+    with pytest.raises(ValueError, match="ingress must be one of"):
+        start({}, ingress="haproxy")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # a cluster "already running" without the direct preset
+    monkeypatch.delenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", raising=False)
+    with pytest.raises(ValueError, match="RAY_SERVE_THROUGHPUT_OPTIMIZED=1 ray start"):
+        start({}, ingress="direct")

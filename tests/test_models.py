@@ -13,7 +13,7 @@ from seminar_ray.data.schema import DatasetMeta
 from seminar_ray.models import MODELS, ModelConfig, build_model, export_gsu_tables, load_checkpoint, save_checkpoint
 from seminar_ray.models.layers import (Channels, MultiHeadTargetAttention, gather_rows, masked_softmax, masked_topk)
 from seminar_ray.models.psu import RelevanceHead, alignment_loss, derangement, relevance_loss
-from seminar_ray.models.seminar import restore_psu
+from seminar_ray.models.seminar import gsu_target_tables, restore_psu
 
 torch.set_num_threads(1)
 N_ITEMS, N_QUERIES, N_ATTRS, N_TOKENS = 60, 25, 12, 30
@@ -382,6 +382,36 @@ def test_gsu_export_reproduces_model_scores(cfg, tables, batch):
         real = batch["hist_items"][row].numpy() != 0
         exported = u[row].numpy() @ keys.T
         np.testing.assert_allclose(exported[:, real], scores[row].numpy()[:, real], rtol=1e-4, atol=1e-5)
+
+
+def test_gsu_target_tables_sum_to_the_models_target_vectors(cfg, tables, batch):
+    model = build_model("seminar", cfg, tables)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        u = model.gsu_target_vectors(batch["target_items"], batch["target_queries"]).numpy()
+    items, queries = gsu_target_tables(model)
+    assert items.shape == (N_ITEMS + 1, cfg.d) and queries.shape == (N_QUERIES + 1, cfg.d)
+    summed = items[batch["target_items"].numpy()] + queries[batch["target_queries"].numpy()]
+    np.testing.assert_allclose(summed, u, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["seminar", "sim", "din"])
+def test_cached_entities_score_like_projected_ones_and_training_drops_the_cache(kind, cfg, tables, batch):
+    model = build_model(kind, cfg, tables).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        plain = model(batch)
+        model.embedding.cache_entities(chunk=37)  # several chunks, one ragged
+        cached = model(batch)
+    assert model.embedding._entity_cache is not None
+    torch.testing.assert_close(cached, plain, rtol=1e-5, atol=1e-6)
+    model.train()
+    assert model.embedding._entity_cache is None
+    loss = model.loss(batch)[0]
+    loss.backward()
+    assert model.embedding.W_t.weight.grad is not None  # gradients reach the projections again
 
 
 @pytest.mark.parametrize("kind", ["seminar", "sim", "twin", "qin", "din", "eta"])

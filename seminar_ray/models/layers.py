@@ -116,6 +116,7 @@ class MultiModalEmbedding(nn.Module):
             nn.init.normal_(emb.weight, std=0.1)
             with torch.no_grad():
                 emb.weight[0].zero_()
+        self._entity_cache: tuple[Tensor, Tensor, Tensor] | None = None  # cache_entities()
 
     def query_channel(self, query_ids: Tensor) -> Tensor:
         """[..., d]: Q channel of each query id."""
@@ -147,8 +148,28 @@ class MultiModalEmbedding(nn.Module):
 
     def entity_channels(self, query_ids: Tensor, item_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per-entity (Q [Uq, d], T/I/A [Ui, 3, d], w [Ui, 3]) for unique id tensors."""
+        if self._entity_cache is not None:
+            q_all, items_all, w_all = self._entity_cache
+            return q_all[query_ids], items_all[item_ids], w_all[item_ids]
         items = self.item_channels(item_ids)
         return self.query_channel(query_ids), items, self.item_weights(items)
+
+    @torch.no_grad()
+    def cache_entities(self, chunk: int = 65536) -> None:
+        """Inference: compute every query's and item's channels and w once (each depends on its entity alone), so
+        a forward pass gathers rows instead of projecting 512-d features; `train()` drops the cache."""
+        def rows(fn, n: int) -> Tensor:
+            return torch.cat([fn(torch.arange(s, min(s + chunk, n), device=self.item_text.device))
+                              for s in range(0, n, chunk)])
+
+        q_all = rows(self.query_channel, self.query_tokens.shape[0])
+        items_all = rows(self.item_channels, self.item_text.shape[0])
+        self._entity_cache = (q_all, items_all, self.item_weights(items_all))
+
+    def train(self, mode: bool = True) -> "MultiModalEmbedding":
+        if mode:
+            self._entity_cache = None
+        return super().train(mode)
 
     def table(self, query_ids: list[Tensor], item_ids: list[Tensor],
               project: ChannelProjection | None = None) -> tuple[PairTable, list[Tensor], list[Tensor]]:

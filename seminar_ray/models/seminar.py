@@ -61,6 +61,17 @@ def restore_psu(model: SeminarCTR, psu_state: Mapping[str, Tensor]) -> None:
 
 
 @torch.no_grad()
+def gsu_target_tables(model: SeminarCTR) -> tuple[np.ndarray, np.ndarray]:
+    """(items [N+1, d], queries [Q+1, d]) with gsu_target_vectors(i, q) = items[i] + queries[q] (DESIGN §5).
+
+    u = folded_query(k) is linear in the key k = λ·x^Q_q + Σ_j γ_ij x^(j)_i, whose two parts each depend on one entity.
+    """
+    tables, fold = export_gsu_tables(model), model.gsu.attention.folded_query
+    return (fold(torch.from_numpy(tables.item_folded().copy())).numpy(),
+            fold(torch.from_numpy(tables.query_folded().copy())).numpy())
+
+
+@torch.no_grad()
 def export_gsu_tables(model: SeminarCTR, chunk: int = 65536) -> GSUTables:
     """Every item's and query's GSU-space channels and γ (rows indexed by id) for the PQ retriever (DESIGN §5)."""
     if not isinstance(model, SeminarCTR):

@@ -17,6 +17,7 @@ import torch
 
 from seminar_ray.data.entities import EntityTables
 from seminar_ray.models import SeminarCTR, load_checkpoint
+from seminar_ray.models.seminar import gsu_target_tables
 from seminar_ray.retrieval.index import PQIndex
 from seminar_ray.retrieval.retrievers import ExactRetriever, Retriever, ServingRetriever, SketchRerankRetriever
 from seminar_ray.train.checkpoints import CHECKPOINT_FILE, resolve_checkpoint
@@ -49,7 +50,8 @@ def load_serving_model(checkpoint: str | Path, tables: EntityTables) -> tuple[Se
     """(fine-tuned SEMINAR in eval mode, its version) from a checkpoint or run directory."""
     ckpt = resolve_checkpoint(checkpoint)
     model, _, _ = load_checkpoint(ckpt, tables, kind="seminar")
-    return model.eval(), checkpoint_version(ckpt)
+    model.eval().embedding.cache_entities()
+    return model, checkpoint_version(ckpt)
 
 
 def compact_history(hq: np.ndarray, hi: np.ndarray, topk: np.ndarray, recent: int) -> tuple[np.ndarray, ...]:
@@ -95,13 +97,12 @@ class RetrievalStage:
         self.model, self.index = model, index
         self.retriever = make_retriever(index, method, rerank_factor)
         self.K, self.max_len, self.recent = model.cfg.K, model.cfg.max_len, model.cfg.recent_len
+        self.u_items, self.u_queries = gsu_target_tables(model)  # u per candidate: two row gathers, no model pass
 
-    @torch.no_grad()
     def prepare(self, history: tuple[np.ndarray, np.ndarray], query_id: int, candidates: np.ndarray,
                 keep_full_topk: bool = False) -> ScoreJob:
         hq, hi = (np.asarray(a, dtype=np.int64)[-self.max_len:] for a in history)
-        targets = torch.from_numpy(candidates)
-        u = self.model.gsu_target_vectors(targets, torch.full_like(targets, query_id)).numpy()
+        u = self.u_items[candidates] + self.u_queries[query_id]
         topk = self.retriever.topk(hq, hi, u, self.K)
         cq, ci, ctopk = compact_history(hq, hi, topk, self.recent)
         return ScoreJob(ci, cq, ctopk, candidates, query_id, len(hi), self.index.version,

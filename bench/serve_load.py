@@ -37,7 +37,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from serve_app.deploy import INGRESS_MODES, direct_urls, set_ingress_env  # noqa: E402
 
-APP = "bench"
+APP, FLOOR_APP = "bench", "floor"
 L, CANDIDATES = 2000, 100
 
 
@@ -99,7 +99,16 @@ async def closed_loop(urls: list[str], reqs: Requests, concurrency: int, max_req
     for client in clients:
         await client.aclose()
     return {"concurrency": concurrency, "requests": sent, "errors": errors, "wall_s": wall,
-            "rps": len(lat) / wall, **percentiles(lat)}
+            "rps": len(lat) / wall, **percentiles(lat), "_lat": lat}
+
+
+def pooled(parts: list[dict]) -> dict:
+    """One closed-loop result from several bursts at the same concurrency (latencies pooled, rate = ok / wall)."""
+    lat = [x for p in parts for x in p.pop("_lat")]
+    wall = sum(p["wall_s"] for p in parts)
+    return {"concurrency": parts[0]["concurrency"], "requests": sum(p["requests"] for p in parts),
+            "errors": sum(p["errors"] for p in parts), "wall_s": wall, "rps": len(lat) / wall, "bursts": len(parts),
+            "burst_rps": [p["rps"] for p in parts], **percentiles(lat)}
 
 
 async def open_loop(urls: list[str], reqs: Requests, rate: float, duration_s: float) -> dict:
@@ -161,11 +170,11 @@ class ReplicaRecorder:
         self._thread.join()
 
 
-def replica_counts() -> dict:
-    """{deployment: RUNNING, deployment_starting: STARTING (+ PENDING_ALLOCATION)} of the bench app."""
+def replica_counts(app_name: str = APP) -> dict:
+    """{deployment: RUNNING, deployment_starting: STARTING (+ PENDING_ALLOCATION)} of one app."""
     from ray import serve
 
-    app = serve.status().applications.get(APP)
+    app = serve.status().applications.get(app_name)
     out = {}
     for name, d in (app.deployments.items() if app is not None else ()):
         states = d.replica_states
@@ -175,25 +184,26 @@ def replica_counts() -> dict:
     return out
 
 
-def deploy(args: dict, expect: dict[str, int], max_wait_s: float = 240) -> float:
+def deploy(args: dict, expect: dict[str, int], max_wait_s: float = 240, name: str = APP,
+           route_prefix: str = "/") -> float:
     """Deploy (or update in place) and wait until `expect` replicas run and none start or stop; returns the wait."""
     from ray import serve
 
     from serve_app.app import build_app
 
     t0 = time.perf_counter()
-    serve.run(build_app(args), name=APP, route_prefix="/")
+    serve.run(build_app(args), name=name, route_prefix=route_prefix)
     while time.perf_counter() - t0 < max_wait_s:
-        counts = replica_counts()
+        counts = replica_counts(name)
         if all(counts.get(d, 0) == n for d, n in expect.items()) and not any(
                 v for k, v in counts.items() if k.endswith(("_starting", "_stopping"))):
             return time.perf_counter() - t0
         time.sleep(0.5)
-    raise RuntimeError(f"replicas not up after {max_wait_s} s: want {expect}, have {replica_counts()}")
+    raise RuntimeError(f"replicas not up after {max_wait_s} s: want {expect}, have {replica_counts(name)}")
 
 
 def warm(urls: list[str], reqs: Requests, n: int) -> None:
-    asyncio.run(closed_loop(urls, reqs, 2, n, 60))
+    asyncio.run(closed_loop(urls, reqs, 2, n, 60)).pop("_lat")
 
 
 def in_process(art, reqs: Requests, n: int, method: str) -> dict:
@@ -248,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--retrieval", default="exact", choices=("exact", "pq", "sketch"))
     ap.add_argument("--replicas", help="PQRetriever,ESUScorer replicas of the throughput runs in every mode "
                                         f"(default per mode: {DEFAULT_REPLICAS})")
-    ap.add_argument("--ingress", default="proxy,direct",
+    ap.add_argument("--ingress", default="direct,proxy",
                     help="ingress modes to measure, each on its own Ray instance (serve_app/deploy.py); the first "
                          "gives the top-level figures and runs the in-process and skewed-load phases")
     args = ap.parse_args(argv)
@@ -296,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     result["wall_s"] = time.time() - t_start
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
+    plot_replicas(result, args.out.with_suffix(".png"))
     print(json.dumps({"load_avg_before": result["load_avg_before"], "wall_s": result["wall_s"],
                       **{m: {**{k: r[k] for k in SUMMARY_KEYS if k != "requests"}, "targets": r["targets"]}
                          for m, r in result["modes"].items()},
@@ -304,8 +315,38 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def plot_replicas(result: dict, path: Path) -> None:
+    """Running replicas of each deployment over time in the skewed-load phases (one panel per phase)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    phases = ("retriever_heavy", "scorer_heavy")
+    fig, axes = plt.subplots(1, len(phases), figsize=(11, 3.6), sharey=True)
+    for ax, phase in zip(axes, phases):
+        samples = [s for s in result["replicas_over_time"] if s["phase"].endswith(f"skew_{phase}") and "error" not in s]
+        if not samples:
+            continue
+        t0 = samples[0]["t_s"]
+        t = [s["t_s"] - t0 for s in samples]
+        for name, color in (("PQRetriever", "tab:blue"), ("ESUScorer", "tab:orange")):
+            ax.step(t, [s.get(name, 0) for s in samples], "-", color=color, where="post", label=f"{name} running")
+            ax.step(t, [s.get(name, 0) + s.get(f"{name}_starting", 0) for s in samples], ":", color=color,
+                    where="post", label=f"{name} running + starting")
+        ax.set_yticks([1, 2, 3])
+        ax.set_title(f"{phase.replace('_', '-')} load (extra {SKEW_EXTRA_MS:.0f} ms CPU on that stage)")
+        ax.set_xlabel("seconds into the phase")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("replicas")
+    axes[0].legend(loc="center left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 SUMMARY_KEYS = ("rps", "p50_ms", "p95_ms", "p99_ms", "errors", "requests", "floor_rps", "floor_p99_ms",
-                "inprocess_p50_ms", "c1_p50_ms", "floor_c1_p50_ms")
+                "inprocess_p50_ms", "c1_p50_ms", "floor_c1_p50_ms", "alone_rps", "alone_p99_ms")
 
 
 # Fixed replica counts of the throughput runs (PQRetriever, ESUScorer), per ingress mode, measured (README): with
@@ -323,6 +364,7 @@ class Plan:
     headline: int
     replicas: dict[str, tuple[int, int]]
     open_s: float
+    bursts: int = 4  # alternating floor/real bursts per concurrency
 
     @classmethod
     def make(cls, quick: bool, replicas: str | None) -> "Plan":
@@ -333,8 +375,8 @@ class Plan:
 
     def limits(self, concurrency: int) -> dict:
         if concurrency == 1:
-            return dict(max_requests=100 if self.quick else 300, max_s=6 if self.quick else 30)
-        return dict(max_requests=400 if self.quick else 2000, max_s=8 if self.quick else 30)
+            return dict(max_requests=120 if self.quick else 300, max_s=8 if self.quick else 30)
+        return dict(max_requests=600 if self.quick else 2000, max_s=10 if self.quick else 30)
 
 
 def run_mode(mode: str, port: int, base: dict, reqs: Requests, plan: Plan, first: bool) -> dict:
@@ -354,24 +396,42 @@ def run_mode(mode: str, port: int, base: dict, reqs: Requests, plan: Plan, first
     fixed = {"retriever_replicas": n_ret, "scorer_replicas": n_sco}
     expect = {"PQRetriever": n_ret, "ESUScorer": n_sco}
 
-    def loops(label: str, cfg: dict, rec: ReplicaRecorder, levels: list[int]) -> dict:
-        rec.phase = f"{mode}/{label}:deploy"
-        waited = deploy(cfg, expect)
-        urls = direct_urls(APP) if mode == "direct" else proxy_url
+    def endpoints(app: str, prefix: str) -> list[str]:
+        urls = direct_urls(app) if mode == "direct" else proxy_url
         if not urls:
-            raise RuntimeError(f"{mode} ingress: the controller lists no HTTP target for app {APP!r}")
+            raise RuntimeError(f"{mode} ingress: the controller lists no HTTP target for app {app!r}")
+        return [u + prefix for u in urls]
+
+    def pair(label: str, cfg: dict, rec: ReplicaRecorder, levels: list[int]) -> tuple[dict, dict]:
+        """The zero-work floor (app "floor" under /floor) and the real app side by side, same graph and replicas;
+        at each concurrency alternating bursts floor, real, floor, real, ... pooled per side, so a drift in the
+        machine's load hits both alike (sequential phases swung the ratio 0.64-1.12 between runs)."""
+        rec.phase = f"{mode}/{label}:deploy"
+        waits = {"floor": deploy({**cfg, "work": False, "store": None}, expect, name=FLOOR_APP, route_prefix="/floor"),
+                 "real": deploy(cfg, expect)}
+        urls = {"floor": endpoints(FLOOR_APP, "/floor"), "real": endpoints(APP, "")}
         rec.phase = f"{mode}/{label}:warmup"
-        warm(urls, reqs, 30)
-        out = {"deploy_wait_s": waited, "urls": urls, "closed": []}
+        for side in urls.values():
+            warm(side, reqs, 30)
+        out = {k: {"deploy_wait_s": waits[k], "urls": urls[k], "closed": []} for k in urls}
         for c in levels:
-            rec.phase = f"{mode}/{label}:closed_c{c}"
-            out["closed"].append(asyncio.run(closed_loop(urls, reqs, c, **plan.limits(c))))
-        return out
+            lim, parts = plan.limits(c), {"floor": [], "real": []}
+            for _ in range(plan.bursts):
+                for k in parts:
+                    rec.phase = f"{mode}/{label}:{k}_c{c}"
+                    parts[k].append(asyncio.run(closed_loop(urls[k], reqs, c, lim["max_requests"] // plan.bursts,
+                                                            lim["max_s"] / plan.bursts)))
+            for k in parts:
+                out[k]["closed"].append(pooled(parts[k]))
+        serve.delete(FLOOR_APP)
+        return out["floor"], out["real"]
 
     with ReplicaRecorder() as rec:
-        floor = loops("floor_merged", {**base, **fixed, "work": False}, rec, plan.levels)
-        real = loops("real_merged", {**base, **fixed}, rec, plan.levels)
+        floor, real = pair("merged", {**base, **fixed}, rec, plan.levels)
         real_head = at(real, plan.headline)
+        rec.phase = f"{mode}/real_merged:alone"  # the app as deployed on its own, the idle floor app gone
+        real["alone"] = asyncio.run(closed_loop(real["urls"], reqs, plan.headline, **plan.limits(plan.headline)))
+        real["alone"].pop("_lat")
         rec.phase = f"{mode}/real_merged:open"
         real["open"] = asyncio.run(open_loop(real["urls"], reqs, round(0.5 * real_head["rps"], 1), plan.open_s))
         out = {"replicas": expect, "floor": floor, "real": real}
@@ -382,10 +442,8 @@ def run_mode(mode: str, port: int, base: dict, reqs: Requests, plan: Plan, first
             out["skew"] = skewed_runs(proxy_url, reqs, base, rec, max_s=35 if plan.quick else 90)
         topology = {"merged": {"floor": at(floor, plan.headline), "real": real_head}}
         if not plan.quick:
-            split = {**base, **fixed, "topology": "split"}
-            topology["split"] = {"floor": loops("floor_split", {**split, "work": False}, rec,
-                                                [plan.headline])["closed"][0],
-                                 "real": loops("real_split", split, rec, [plan.headline])["closed"][0]}
+            split_floor, split_real = pair("split", {**base, **fixed, "topology": "split"}, rec, [plan.headline])
+            topology["split"] = {"floor": split_floor["closed"][0], "real": split_real["closed"][0]}
         out["topology"] = topology
     serve.shutdown()
     ray.shutdown()
@@ -397,10 +455,11 @@ def summarise(run: dict, inproc_p50_ms: float, headline: int) -> dict:
     floor, real = run["floor"], run["real"]
     head, floor_head, c1 = at(real, headline), at(floor, headline), at(real, 1)
     s = {"rps": head["rps"], "p50_ms": head["p50_ms"], "p95_ms": head["p95_ms"], "p99_ms": head["p99_ms"],
-         "errors": sum(r["errors"] for r in real["closed"]) + real["open"]["errors"],
-         "requests": sum(r["requests"] for r in real["closed"]) + real["open"]["requests"],
+         "errors": sum(r["errors"] for r in (*real["closed"], real["open"], real["alone"])),
+         "requests": sum(r["requests"] for r in (*real["closed"], real["open"], real["alone"])),
          "floor_rps": floor_head["rps"], "floor_p99_ms": floor_head["p99_ms"], "inprocess_p50_ms": inproc_p50_ms,
-         "c1_p50_ms": c1["p50_ms"], "floor_c1_p50_ms": at(floor, 1)["p50_ms"]}
+         "c1_p50_ms": c1["p50_ms"], "floor_c1_p50_ms": at(floor, 1)["p50_ms"], "alone_rps": real["alone"]["rps"],
+         "alone_p99_ms": real["alone"]["p99_ms"]}
     s["targets"] = {
         "rps_ratio_vs_floor": s["rps"] / s["floor_rps"],
         "rps_ge_0.8_floor": s["rps"] >= 0.8 * s["floor_rps"],
@@ -410,7 +469,7 @@ def summarise(run: dict, inproc_p50_ms: float, headline: int) -> dict:
         "c1_p50_minus_inprocess_ms": s["c1_p50_ms"] - inproc_p50_ms,
         "c1_within_5ms_of_inprocess": s["c1_p50_ms"] - inproc_p50_ms <= 5,
         "floor_c1_p50_minus_inprocess_ms": s["floor_c1_p50_ms"] - inproc_p50_ms,
-        "stretch_100_rps": s["rps"] >= 100,
+        "stretch_100_rps": s["alone_rps"] >= 100,  # the app alone: no idle floor app beside it
     }
     return s
 

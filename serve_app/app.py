@@ -145,12 +145,6 @@ class RetrieverCore:
         self.state = RetrieverState(stage, store, index.version, version)
 
     async def prepare(self, user_id: int, query_id: int, candidates: np.ndarray, return_topk: bool = False) -> ScoreJob:
-        return self._prepare_now(user_id, query_id, candidates, return_topk)
-
-    async def versions(self) -> tuple[str, str, int]:
-        return self._versions_now()
-
-    def _prepare_now(self, user_id: int, query_id: int, candidates: np.ndarray, return_topk: bool) -> ScoreJob:
         state = self.state
         busy_ms(self.extra_ms)
         if state.stage is None:
@@ -161,7 +155,7 @@ class RetrieverCore:
         history = state.store.history(user_id, state.stage.max_len)
         return state.stage.prepare(history, query_id, candidates, keep_full_topk=return_topk)
 
-    def _versions_now(self) -> tuple[str, str, int]:
+    async def versions(self) -> tuple[str, str, int]:
         store = self.state.store
         return self.state.model_version, self.state.index_version, store.refresh() if store is not None else 0
 

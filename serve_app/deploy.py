@@ -21,10 +21,14 @@ INGRESS_MODES = ("proxy", "direct")
 DIRECT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 
-def set_ingress_env(ingress: str) -> None:
-    """Put the mode's variables in this process's environment: a local Ray started afterwards inherits them."""
+def _check_ingress(ingress: str) -> None:
     if ingress not in INGRESS_MODES:
         raise ValueError(f"ingress must be one of {INGRESS_MODES}, got {ingress!r}")
+
+
+def set_ingress_env(ingress: str) -> None:
+    """Put the mode's variables in this process's environment: a local Ray started afterwards inherits them."""
+    _check_ingress(ingress)
     for key in DIRECT_ENV:
         os.environ.pop(key, None)
     if ingress == "direct":
@@ -35,8 +39,7 @@ def start(args: dict, host: str = "127.0.0.1", port: int = 8000, num_cpus: float
           name: str = APP_NAME, ingress: str = "proxy") -> serve.handle.DeploymentHandle:
     """Deploy or update the app (serve.run gives a new code version, so Serve rolls every replica with no failed
     request; `serve deploy` of a config changing only user_config reconfigures in place)."""
-    if ingress not in INGRESS_MODES:
-        raise ValueError(f"ingress must be one of {INGRESS_MODES}, got {ingress!r}")
+    _check_ingress(ingress)
     if not ray.is_initialized() and not _cluster_running():
         set_ingress_env(ingress)
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, configure_logging=False,

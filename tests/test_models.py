@@ -403,10 +403,15 @@ def test_cached_entities_score_like_projected_ones_and_training_drops_the_cache(
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
         plain = model(batch)
+        exported = export_gsu_tables(model) if kind == "seminar" else None
         model.embedding.cache_entities(chunk=37)  # several chunks, one ragged
         cached = model(batch)
     assert model.embedding._entity_cache is not None
     torch.testing.assert_close(cached, plain, rtol=1e-5, atol=1e-6)
+    if exported is not None:  # the export reads the cache and gets the same tables
+        again = export_gsu_tables(model)
+        for name in ("item_channels", "item_gamma", "query_channel"):
+            np.testing.assert_array_equal(getattr(again, name), getattr(exported, name))
     model.train()
     assert model.embedding._entity_cache is None
     loss = model.loss(batch)[0]

@@ -79,14 +79,17 @@ def export_gsu_tables(model: SeminarCTR, chunk: int = 65536) -> GSUTables:
     emb, G = model.embedding, model.G
     device = emb.item_text.device
     items, gammas, queries = [], [], []
+    none = torch.zeros(0, dtype=torch.long, device=device)
+    # entity_channels, not item_channels/query_channel: a serving model's entity cache is read, not recomputed
     for start in range(0, emb.item_text.shape[0], chunk):
         ids = torch.arange(start, min(start + chunk, emb.item_text.shape[0]), device=device)
-        channels = emb.item_channels(ids)
-        gammas.append(emb.gamma(emb.item_weights(channels))[:, 1:].cpu())
+        _, channels, w = emb.entity_channels(none, ids)
+        gammas.append(emb.gamma(w)[:, 1:].cpu())
         items.append(G(channels, slice(1, None)).cpu())
     for start in range(0, emb.query_tokens.shape[0], chunk):
         ids = torch.arange(start, min(start + chunk, emb.query_tokens.shape[0]), device=device)
-        queries.append(G(emb.query_channel(ids).unsqueeze(-2), slice(0, 1)).squeeze(-2).cpu())
+        q, _, _ = emb.entity_channels(ids, none)
+        queries.append(G(q.unsqueeze(-2), slice(0, 1)).squeeze(-2).cpu())
     item_channels = torch.cat(items).numpy().astype(np.float32)
     item_gamma = torch.cat(gammas).numpy().astype(np.float32)
     item_channels[0], item_gamma[0] = 0.0, 0.0  # padding item

@@ -8,6 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from seminar_ray.data.splits import EVAL_SEED  # noqa: E402
 from seminar_ray.models import ModelConfig  # noqa: E402
 from seminar_ray.train.job import TrainJob  # noqa: E402
 
@@ -27,9 +28,13 @@ def add_train_flags(p: argparse.ArgumentParser, model_choices: tuple[str, ...] |
                         '(cluster.yaml)')
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="model YAML (configs/)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields, e.g. K=64 lam=0.3")
-    p.add_argument("--samples-per-user", type=int, default=8, help="training targets drawn per user per epoch")
+    p.add_argument("--samples-per-user", type=int, default=8,
+                   help="training targets drawn per user per epoch (0 = every training position)")
     p.add_argument("--max-failures", type=int, default=2, help="worker failures tolerated before the run fails")
-    p.add_argument("--eval-users", type=int, default=0, help="validate on at most this many users (0 = all)")
+    p.add_argument("--eval-users", type=int, default=0,
+                   help="validate on a fixed set of this many users, the same every epoch (0 = all)")
+    p.add_argument("--eval-seed", type=int, default=EVAL_SEED,
+                   help="seed of the validation users and negatives, independent of --seed (recorded per epoch)")
     p.add_argument("--seed", type=int, default=None)
     if model_choices:
         p.add_argument("--model", choices=model_choices, default=model_choices[0])
@@ -61,7 +66,7 @@ def job_from_args(args: argparse.Namespace, kind: str, pretrained: str | None = 
                     num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker, use_gpu=args.use_gpu,
                     worker_resources=args.worker_resources,
                     samples_per_user=args.samples_per_user, max_failures=args.max_failures,
-                    pretrained=pretrained, eval_users=args.eval_users)
+                    pretrained=pretrained, eval_users=args.eval_users, eval_seed=args.eval_seed)
 
 
 def _storage(out: str) -> str:

@@ -1,9 +1,13 @@
-"""The comparison of the paper's Tables 2 and 3: SEMINAR, its pretraining ablations, five baselines, popularity.
+"""The comparison of the paper's Tables 2 and 3: SEMINAR, its pretraining ablations, five baselines and rules.
 
-Every model gets the same budget (epochs, samples per user, config) and is selected by validation NDCG@10;
-the table reports the test split, mean ± std over seeds.
+One protocol for every row: the same validation users and the same 99 test negatives per user, drawn by
+--eval-seed and never by a model's seed (each row's candidates digest is checked equal). Every model gets the
+same budget (epochs, samples per user, config). Checkpoints follow one rule (`selection_score`): a CTR model keeps
+its best validation NDCG@10 epoch, a PSU its last epoch. The table reports the test split, mean ± std over seeds;
+the rules (Popularity, and QueryMatch+Pop on derived queries) are deterministic.
 
     python jobs/compare.py --data data/small --out runs/compare --seeds 3
+    python jobs/compare.py --data data/ml100k --out runs/ml100k --seeds 2 --samples-per-user 0 --epochs 8
 """
 from __future__ import annotations
 
@@ -17,6 +21,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from jobs.common import parse_overrides  # noqa: E402
+from seminar_ray.baselines import evaluate_rule  # noqa: E402
+from seminar_ray.data.splits import EVAL_SEED  # noqa: E402
 from seminar_ray.runtime import init_ray, run_cli, setup_logging  # noqa: E402
 
 # name → (kind, PSU tasks to pretrain with, or None for no pretraining)
@@ -31,21 +38,15 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...] | None]] = {
 TABLE_KEYS = ("ndcg@5", "ndcg@10", "ndcg@50", "hr@10", "mrr", "auc")
 
 
-def popularity_scores(data: str, split: str, max_len: int) -> dict:
-    """Rank candidates by their number of training behaviours (each user's last two held out)."""
-    from seminar_ray.data.pipeline import sample_config
-    from seminar_ray.data.schema import read_table
-    from seminar_ray.data.splits import SequenceBatch, eval_batch
-    from seminar_ray.metrics import evaluate_scores
+def query_mode(data: Path) -> str:
+    from seminar_ray.data.schema import DatasetMeta
 
-    seqs = SequenceBatch.from_arrow(read_table(data, "sequences"))
-    train_mask = np.ones(len(seqs.items), dtype=bool)
-    ends = seqs.offsets[1:]
-    for back in (1, 2):
-        train_mask[ends[seqs.lengths >= back] - back] = False
-    counts = np.bincount(seqs.items[train_mask], minlength=int(seqs.items.max()) + 2)
-    ev = eval_batch(seqs, split, sample_config(data, max_len=max_len))
-    return evaluate_scores(ev["user_id"], ev["target_queries"], counts[ev["target_items"]].astype(np.float64))
+    return DatasetMeta.load(data).extra.get("queries", "source")
+
+
+def rule_rows(data: Path) -> dict[str, str]:
+    """The rule rows of a table: popularity always, QueryMatch+Pop where the queries are derived from the items."""
+    return {"Popularity": "popularity", **({"QueryMatch+Pop": "querymatch_pop"} if query_mode(data) == "derived" else {})}
 
 
 def _psu_cfg(base, tasks: tuple[str, ...], seed: int):
@@ -60,7 +61,7 @@ def train_variant(name: str, seed: int, args, base, psu_runs: dict) -> dict:
     kind, tasks = VARIANTS[name]
     storage = str(args.out.resolve() / f"seed{seed}")
     common = dict(data=str(args.data.resolve()), storage_path=storage, num_workers=0,
-                  samples_per_user=args.samples_per_user, eval_users=args.eval_users)
+                  samples_per_user=args.samples_per_user, eval_users=args.eval_users, eval_seed=args.eval_seed)
     pretrained = None
     if tasks is not None:
         key = "psu_" + "_".join(tasks)
@@ -73,7 +74,7 @@ def train_variant(name: str, seed: int, args, base, psu_runs: dict) -> dict:
     cfg = base.replace(seed=seed, pretrained=pretrained is not None)
     job = TrainJob(kind=kind, run_name=run_name, model=cfg.to_dict(), epochs=args.epochs, pretrained=pretrained, **common)
     summary = run_training(job)
-    return evaluate_checkpoint(summary["run_dir"], "test", actors=1)
+    return evaluate_checkpoint(summary["run_dir"], "test", actors=1, eval_seed=args.eval_seed)
 
 
 def aggregate(per_seed: dict[str, list[dict]]) -> dict[str, dict[str, tuple[float, float]]]:
@@ -110,8 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--pretrain-epochs", type=int, default=2)
-    p.add_argument("--samples-per-user", type=int, default=8)
-    p.add_argument("--eval-users", type=int, default=500)
+    p.add_argument("--samples-per-user", type=int, default=8, help="training targets per user per epoch; 0 = all")
+    p.add_argument("--eval-users", type=int, default=500, help="validation users, a fixed set drawn by --eval-seed")
+    p.add_argument("--eval-seed", type=int, default=EVAL_SEED, help="seed of the evaluation users and negatives")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields, e.g. lr=0.003")
     p.add_argument("--config", type=Path, default=Path(__file__).resolve().parents[1] / "configs" / "model_small.yaml")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
     p.add_argument("--report-only", action="store_true",
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; known: {list(VARIANTS)}")
     init_ray()
-    base = ModelConfig.from_yaml(args.config)
+    base = ModelConfig.from_yaml(args.config, **parse_overrides(args.set))
     args.out.mkdir(parents=True, exist_ok=True)
     partial = args.out / "compare_partial.json"  # every finished (seed, variant): a re-run skips them
     done: dict[str, dict] = json.loads(partial.read_text()) if partial.exists() else {}
@@ -145,17 +148,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[compare] seed {seed} {name}: test ndcg@10 {done[key]['ndcg@10']:.4f} "
                   f"({time.time() - start:.0f}s, {time.time() - t0:.0f}s total)", flush=True)
     per_seed: dict[str, list[dict]] = {n: [done[f"{s}/{n}"] for s in range(args.seeds)] for n in names}
-    per_seed["Popularity"] = [popularity_scores(str(args.data), "test", base.max_len)] * args.seeds
+    for name, rule in rule_rows(args.data).items():
+        per_seed[name] = [evaluate_rule(rule, args.data, "test", args.eval_seed)] * args.seeds
+    digests = sorted({r["candidates_digest"] for runs in per_seed.values() for r in runs})
+    if len(digests) != 1:
+        raise RuntimeError(f"rows ranked different candidate lists (digests {digests}): the protocol is broken")
     agg = aggregate(per_seed)
-    table2 = [n for n in ("Popularity", "DIN", "SIM", "QIN", "ETA", "TWIN", "SEMINAR") if n in agg]
+    table2 = [n for n in ("Popularity", "QueryMatch+Pop", "DIN", "SIM", "QIN", "ETA", "TWIN", "SEMINAR",
+                          "w/o pretraining") if n in agg]
     table3 = [n for n in ("SEMINAR", "w/o pretraining", "w. align only", "w. next-pair only", "w. q-i relevance only") if n in agg]
     text = (f"# Comparison on {args.data} ({args.seeds} seeds, test split, mean ± std)\n\n"
+            f"Queries: {query_mode(args.data)}. Every row ranks the same candidates: eval seed {args.eval_seed}, "
+            f"digest {digests[0]}. Config {args.config.name} {' '.join(args.set)}, {args.epochs} epochs, "
+            f"{args.pretrain_epochs} pretraining epochs, samples per user {args.samples_per_user or 'all'}.\n\n"
             + markdown(agg, table2, "Table 2: SEMINAR against the baselines") + "\n"
             + markdown(agg, table3, "Table 3: ablation of the PSU pretraining tasks") + "\n"
             + ("\n".join(f"- {v}" for v in verdict(agg)) + "\n" if "SEMINAR" in agg else "")
             + ("" if args.report_only else f"\n{time.time() - t0:.0f} s in all.\n"))
     (args.out / "compare.md").write_text(text)
     (args.out / "compare.json").write_text(json.dumps({"seeds": args.seeds, "data": str(args.data), "aggregate": agg,
+                                                        "eval_seed": args.eval_seed, "candidates_digest": digests[0],
                                                         "per_seed": per_seed, "seconds": time.time() - t0}, indent=1))
     print(text)
     return 0

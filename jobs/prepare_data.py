@@ -2,6 +2,7 @@
 
     python jobs/prepare_data.py --source synthetic --scale small --out data/small
     python jobs/prepare_data.py --source recbole --input ml-100k/ --out data/ml100k
+    python jobs/prepare_data.py --source recbole --input ml-100k/ --out data/ml100k-none --queries none
     ray job submit --working-dir . -- python jobs/prepare_data.py --source synthetic --out /shared/data/small
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from seminar_ray.data.queries import QUERY_MODES, apply_mode, resolve_mode  # noqa: E402
 from seminar_ray.data.schema import DatasetMeta, DatasetTables  # noqa: E402
 from seminar_ray.runtime import init_ray, run_cli, setup_logging  # noqa: E402
 
@@ -34,6 +36,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--users", type=int, help="synthetic: override the number of users")
     p.add_argument("--items", type=int, help="synthetic: override the number of items")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--queries", choices=QUERY_MODES, default=None,
+                   help="source: real search logs (synthetic, kuaisar); derived: each item's query from its own "
+                        "description or category (recbole, amazon); none: every behaviour gets the empty query "
+                        "(pure sequential recommendation). Default: the source's own kind")
     return p.parse_args(argv)
 
 
@@ -75,7 +81,8 @@ def summarize(out: Path) -> dict:
         _row_stats, batch_format="pyarrow", num_cpus=MAP_CPUS, concurrency=MAP_CONCURRENCY).to_pandas()
     meta = DatasetMeta.load(out)
     n = stats["n"].to_numpy()
-    return {"users": int(len(n)), "items": meta.num_items, "queries": meta.num_queries, "behaviours": int(n.sum()),
+    return {"users": int(len(n)), "items": meta.num_items, "queries": meta.num_queries,
+            "query_mode": meta.extra.get("queries"), "behaviours": int(n.sum()),
             "search_share": round(float(stats["search"].sum() / max(1, n.sum())), 4),
             "mean_len": round(float(n.mean()), 1), "max_len": int(n.max()), "out": str(out)}
 
@@ -84,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
     t0 = time.time()
+    mode = resolve_mode(args.source, args.queries)  # before reading: a wrong mode costs nothing
     log.info("reading %s%s", args.source, f" from {args.input}" if args.input else f" (preset {args.scale})")
-    tables = read_source(args)
+    tables = apply_mode(read_source(args), mode)
     log.info("validating and writing %s", args.out)
     out = tables.write(args.out)
     init_ray()

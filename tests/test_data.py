@@ -12,7 +12,8 @@ import pytest
 from seminar_ray.data.entities import EntityTables
 from seminar_ray.data.errors import DataError
 from seminar_ray.data.schema import ITEMS, QUERIES, SEQUENCES, DatasetMeta, read_table, write_dataset
-from seminar_ray.data.splits import SampleConfig, SequenceBatch, eval_batch, sample_negatives, train_batch, train_positions
+from seminar_ray.data.splits import (SampleConfig, SequenceBatch, candidates_digest, eval_batch, eval_users,
+                                     sample_negatives, train_batch, train_positions)
 from seminar_ray.data.synthetic import Oracle, SyntheticConfig, generate
 from seminar_ray.metrics import ranking_metrics
 
@@ -82,7 +83,24 @@ def test_eval_split_targets_and_negatives(seqs, cfg):
         assert (hist[: cfg.max_len - len(real)] == 0).all(), "left-padded"
     again = eval_batch(seqs, "test", cfg)
     np.testing.assert_array_equal(again["target_items"], test["target_items"])
-    assert not np.array_equal(eval_batch(seqs, "test", replace(cfg, seed=7))["target_items"][:, 1:], test["target_items"][:, 1:])
+    # the model's seed never moves the evaluation negatives; only the protocol's eval_seed does
+    np.testing.assert_array_equal(eval_batch(seqs, "test", replace(cfg, seed=7))["target_items"], test["target_items"])
+    assert not np.array_equal(eval_batch(seqs, "test", replace(cfg, eval_seed=7))["target_items"][:, 1:],
+                              test["target_items"][:, 1:])
+
+
+def test_eval_users_are_a_fixed_seeded_subset_in_any_block_order(seqs, cfg):
+    users = eval_users(seqs.user_id, seqs.lengths, 30, eval_seed=0)
+    assert len(users) == 30 and np.array_equal(users, np.sort(users))
+    np.testing.assert_array_equal(users, eval_users(seqs.user_id[::-1], seqs.lengths[::-1], 30, eval_seed=0))
+    assert not np.array_equal(users, eval_users(seqs.user_id, seqs.lengths, 30, eval_seed=1))
+    assert eval_users(seqs.user_id, seqs.lengths, 0) is None
+    picked = eval_batch(seqs, "valid", cfg, users)
+    np.testing.assert_array_equal(np.sort(picked["user_id"]), users)
+    full = eval_batch(seqs, "valid", cfg)
+    rows = np.isin(full["user_id"], users)
+    assert candidates_digest(picked["user_id"], picked["target_items"]) == candidates_digest(
+        full["user_id"][rows][::-1], full["target_items"][rows][::-1]), "the digest ignores row order"
 
 
 def test_train_positions_are_seeded_fresh_per_epoch_and_exclude_eval(seqs, cfg):

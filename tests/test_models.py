@@ -450,3 +450,30 @@ def test_ctr_scores_candidates_against_one_history_encoding(cfg, tables):
 def test_dataclass_config_is_frozen(cfg):
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.d = 3
+
+
+def test_alignment_loss_is_the_papers_sum_over_ordered_pairs():
+    """§3.3.1: L_align = Σ_i Σ_(j≠i) L_CLIP(x̂^(i), x̂^(j)) with CLIP's symmetric loss, over T, I, A (one chunk here)."""
+    torch.manual_seed(5)
+    units = F.normalize(torch.randn(2, 12, 3, 8), dim=-1)
+    present = torch.ones(2, 12, 3, dtype=torch.bool)
+    ids = torch.arange(1, 13).expand(2, 12)
+    target = torch.arange(12)
+
+    def clip(a, b):  # CLIP: ½ (CE over rows + CE over columns), mean over the batch's rows
+        logits = a @ b.T / 0.1
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+    ordered = [(i, j) for i in range(3) for j in range(3) if i != j]
+    paper = sum(clip(units[u, :, i], units[u, :, j]) for i, j in ordered for u in range(2)) / 2
+    assert torch.allclose(alignment_loss(units, present, ids, 1, 0.1), paper, atol=1e-5)
+
+
+def test_chance_normalised_losses_are_one_at_chance():
+    """loss_norm="chance": a task that predicts nothing (all logits equal) scores 1, whatever its candidate count."""
+    units = F.normalize(torch.ones(1, 30, 3, 4), dim=-1)  # every row identical: every logit ties
+    present = torch.ones(1, 30, 3, dtype=torch.bool)
+    for n_chunks in (1, 3):
+        loss = alignment_loss(units, present, torch.arange(1, 31).view(1, 30), n_chunks, 0.1, by_chance=True)
+        assert abs(float(loss) - 1.0) < 1e-5
+    assert alignment_loss(units, present, torch.arange(1, 31).view(1, 30), 1, 0.1) > 6.0  # paper scale: 6·log 30

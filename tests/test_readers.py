@@ -6,6 +6,8 @@ import io
 import shutil
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -239,3 +241,34 @@ def test_prepare_data_job_exits_non_zero_and_writes_nothing(tmp_path, source, fi
                            "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and named in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [fixture]  # no output, no temporary directory
+
+
+def test_query_modes_derived_none_and_a_mode_the_source_cannot_give():
+    from seminar_ray.data.queries import apply_mode, resolve_mode
+
+    derived = apply_mode(recbole.read(FIXTURES / "recbole", min_interactions=1, max_len=10), resolve_mode("recbole", None))
+    assert derived.meta.extra["queries"] == "derived" and derived.meta.num_queries > 0
+    none = apply_mode(recbole.read(FIXTURES / "recbole", min_interactions=1, max_len=10), resolve_mode("recbole", "none"))
+    assert none.meta.extra["queries"] == "none" and none.meta.num_queries == 0 and none.queries.num_rows == 1
+    flat = pa.compute.list_flatten(none.sequences.column("query_ids")).to_numpy()
+    assert (flat == 0).all() and len(flat) == derived.meta.num_behaviours
+    assert none.sequences.column("item_ids").equals(derived.sequences.column("item_ids")), "only the queries change"
+    with pytest.raises(ValueError, match="source 'recbole' gives 'derived' queries only"):
+        resolve_mode("recbole", "source")
+    with pytest.raises(ValueError, match="source 'kuaisar' gives 'source' queries only"):
+        resolve_mode("kuaisar", "derived")
+
+
+def test_querymatch_pop_ranks_candidates_of_the_targets_derived_query_first():
+    from seminar_ray.baselines import item_queries, rule_scores
+    from seminar_ray.data.splits import SequenceBatch
+
+    # two users; items 1, 2 carry query 7, item 3 query 9; the last two behaviours of each user are held out
+    seqs = SequenceBatch(user_id=np.array([1, 2]), items=np.array([1, 3, 3, 2, 1, 2, 1, 3, 3]),
+                         queries=np.array([7, 9, 9, 7, 7, 7, 7, 9, 9]), offsets=np.array([0, 5, 9]))
+    np.testing.assert_array_equal(item_queries(seqs, 4), [0, 7, 7, 9, 0])
+    targets, queries = np.array([[2, 3, 4]]), np.array([[7, 7, 7]])
+    pop = rule_scores("popularity", seqs, 4, targets, queries)
+    assert pop[0, 1] > pop[0, 0], "item 3 is the more popular"
+    match = rule_scores("querymatch_pop", seqs, 4, targets, queries)
+    assert match[0].argmax() == 0 and match[0, 1] > match[0, 2], "query match first, then popularity"

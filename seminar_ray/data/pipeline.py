@@ -19,7 +19,7 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 from seminar_ray import storage
 from seminar_ray.data.errors import DataError
 from seminar_ray.data.schema import DatasetMeta, table_path
-from seminar_ray.data.splits import SampleConfig, SequenceBatch, eval_batch, train_batch
+from seminar_ray.data.splits import SampleConfig, SequenceBatch, eval_batch, eval_users, train_batch
 
 MAP_CPUS = 0.25  # fractional CPU for every map task: a 1-CPU task starves Train workers on 2 cores
 MAP_CONCURRENCY = 2  # ... and a cap, or 0.25-CPU tasks start 16 worker processes that each import torch
@@ -67,18 +67,28 @@ class TrainCollate(ArrowBatchCollateFn):
 
 
 class _EvalSamples:
-    def __init__(self, cfg: SampleConfig, split: str):
-        self.cfg, self.split = cfg, split
+    def __init__(self, cfg: SampleConfig, split: str, users: np.ndarray | None):
+        self.cfg, self.split, self.users = cfg, split, users
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        return eval_batch(SequenceBatch.from_arrow(batch), self.split, self.cfg)
+        return eval_batch(SequenceBatch.from_arrow(batch), self.split, self.cfg, self.users)
 
 
-def eval_dataset(data_dir: str | Path, split: str, cfg: SampleConfig):
-    """One row per user: its validation or test target with 99 seeded negatives sharing its query."""
+def pick_eval_users(data_dir: str | Path, n: int, eval_seed: int) -> np.ndarray | None:
+    """The fixed user set of `n` evaluable users (eval_users), read from the sequences table; None = all users."""
+    table = pq.read_table(table_path(data_dir, "sequences"), columns=["user_id", "item_ids"])
+    return eval_users(table.column("user_id").to_numpy(), pa.compute.list_value_length(table.column("item_ids")).to_numpy(),
+                      n, eval_seed)
+
+
+def eval_dataset(data_dir: str | Path, split: str, cfg: SampleConfig, users: np.ndarray | None = None):
+    """One row per user (of `users` when given): its validation or test target with 99 negatives sharing its query.
+
+    The rows depend on (cfg.eval_seed, users) only, never on block order or the model's seed.
+    """
     return read_sequences(data_dir).map_batches(
-        _EvalSamples(cfg, split), batch_format="pyarrow", batch_size=256, num_cpus=MAP_CPUS, concurrency=MAP_CONCURRENCY
-    )
+        _EvalSamples(cfg, split, users), batch_format="pyarrow", batch_size=256, num_cpus=MAP_CPUS,
+        concurrency=MAP_CONCURRENCY)
 
 
 def train_batches(ds, cfg: SampleConfig, epoch: int, users_per_batch: int, queries: np.ndarray | None = None,

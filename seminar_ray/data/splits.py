@@ -16,6 +16,7 @@ import pyarrow as pa
 from seminar_ray.data.errors import DataError
 
 SPLIT_OFFSET = {"test": 1, "valid": 2}  # target position = N - offset
+EVAL_SEED = 0  # the evaluation protocol's seed: the same users and negatives for every model, seed and epoch
 
 
 @dataclass(frozen=True)
@@ -26,9 +27,10 @@ class SampleConfig:
     num_items: int = 0  # item ids are 1..num_items
     num_neg: int = 4  # sampled negatives per training target (C = 1 + num_neg)
     eval_neg: int = 99  # negatives per evaluation target (paper: 99)
-    samples_per_user: int = 8  # training targets drawn per user per epoch
+    samples_per_user: int = 8  # training targets drawn per user per epoch; 0 = every training position
     task: str = "ctr"  # "ctr": negatives share the positive's query; "psu": negatives get sampled queries too
-    seed: int = 0
+    seed: int = 0  # the model's seed: training targets and negatives
+    eval_seed: int = EVAL_SEED  # validation/test negatives: independent of the model's seed, fixed across models
 
 
 @dataclass
@@ -98,12 +100,17 @@ def sample_negatives(rng: np.random.Generator, num_items: int, exclude: np.ndarr
     return picked
 
 
-def eval_batch(seqs: SequenceBatch, split: str, cfg: SampleConfig) -> dict[str, np.ndarray]:
-    """The validation or test target of every user with its 99 seeded negatives sharing its query."""
+def eval_batch(seqs: SequenceBatch, split: str, cfg: SampleConfig,
+               users: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The validation or test target of every user (of `users` when given) with its 99 negatives sharing its query.
+
+    Negatives are a function of (cfg.eval_seed, user, split) alone: every model, seed and epoch ranks the same lists.
+    """
     if split not in SPLIT_OFFSET:
         raise ValueError(f"split must be one of {sorted(SPLIT_OFFSET)}, got {split!r}")
     lengths = seqs.lengths
-    keep = np.nonzero(lengths >= 3)[0]
+    chosen = np.ones(len(lengths), dtype=bool) if users is None else np.isin(seqs.user_id, users)
+    keep = np.nonzero((lengths >= 3) & chosen)[0]
     pos = lengths[keep] - SPLIT_OFFSET[split]
     hist_items, hist_queries = history_matrix(seqs, keep, pos, cfg.max_len)
     c = 1 + cfg.eval_neg
@@ -112,21 +119,39 @@ def eval_batch(seqs: SequenceBatch, split: str, cfg: SampleConfig) -> dict[str, 
     for j, (u, p) in enumerate(zip(keep, pos)):
         absolute = seqs.offsets[u] + p
         t_items[j, 0] = seqs.items[absolute]
-        rng = _rng(cfg.seed, seqs.user_id[u], SPLIT_OFFSET[split])
+        rng = _rng(cfg.eval_seed, seqs.user_id[u], SPLIT_OFFSET[split])
         t_items[j, 1:] = sample_negatives(rng, cfg.num_items, seqs.user_items(u), cfg.eval_neg)
         t_queries[j] = seqs.queries[absolute]
     return _batch(seqs.user_id[keep], hist_items, hist_queries, t_items, t_queries)
 
 
+def eval_users(user_ids: np.ndarray, lengths: np.ndarray, n: int, eval_seed: int = EVAL_SEED) -> np.ndarray | None:
+    """A fixed set of `n` evaluable users (≥ 3 behaviours) drawn by `eval_seed`, sorted; None = every user (n = 0)."""
+    candidates = np.sort(np.asarray(user_ids)[np.asarray(lengths) >= 3])
+    if n <= 0 or n >= len(candidates):
+        return None
+    return np.sort(np.random.default_rng([eval_seed, 3]).choice(candidates, size=n, replace=False))
+
+
+def candidates_digest(user_ids: np.ndarray, target_items: np.ndarray) -> str:
+    """A fingerprint of evaluation candidate lists, independent of row order: equal digests = identical protocol."""
+    import hashlib
+
+    order = np.argsort(user_ids, kind="stable")
+    rows = np.concatenate([np.asarray(user_ids)[order, None], np.asarray(target_items)[order]], axis=1)
+    return hashlib.sha1(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
 def train_positions(seqs: SequenceBatch, cfg: SampleConfig, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-    """Training targets of this epoch: up to `samples_per_user` distinct positions 1..N-3 per user, seeded."""
+    """Training targets of this epoch: up to `samples_per_user` distinct positions 1..N-3 per user (all of them when
+    samples_per_user is 0, as SASRec-style training does), seeded by (seed, user, epoch)."""
     rows, positions = [], []
     for u, n in enumerate(seqs.lengths):
         n_targets = int(n) - 3
         if n_targets < 1:
             continue
         rng = _rng(cfg.seed, seqs.user_id[u], 1_000 + epoch)
-        k = min(cfg.samples_per_user, n_targets)
+        k = n_targets if cfg.samples_per_user <= 0 else min(cfg.samples_per_user, n_targets)
         rows.append(np.full(k, u)), positions.append(1 + rng.choice(n_targets, size=k, replace=False))
     if not rows:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)

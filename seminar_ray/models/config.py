@@ -26,6 +26,7 @@ class ModelConfig:
     w_next: float = 1.0
     w_align: float = 1.0
     w_rel: float = 1.0
+    loss_norm: str = "none"  # "none": the paper's sum of the three losses; "chance": each divided by its chance value
     use_next: bool = True
     use_align: bool = True
     use_rel: bool = True
@@ -51,7 +52,7 @@ class ModelConfig:
             "d": self.d > 0, "heads": self.heads > 0, "K": self.K > 0, "n_chunks": self.n_chunks > 0,
             "lam": 0.0 <= self.lam <= 1.0, "temperature": self.temperature > 0, "max_len": self.max_len > 0,
             "qin_k1": self.qin_k1 >= self.qin_k2 > 0, "eta_bits": self.eta_bits > 0, "din_recent": self.din_recent > 0,
-            "recent_len": self.recent_len > 0, "n_neg": self.n_neg >= 0,
+            "recent_len": self.recent_len > 0, "n_neg": self.n_neg >= 0, "loss_norm": self.loss_norm in ("none", "chance"),
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:

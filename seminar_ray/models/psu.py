@@ -14,6 +14,9 @@ from seminar_ray.models.layers import MLP, MultiHeadTargetAttention, MultiModalE
 ALIGN_PAIRS = ((0, 1), (0, 2), (1, 2))  # (T, I), (T, A), (I, A) among the item channels
 
 
+LOSS_NORMS = ("none", "chance")  # ModelConfig.loss_norm
+
+
 def soft_target_ce(logits: Tensor, labels: Tensor) -> Tensor:
     """Softmax cross-entropy of the labelled candidate(s) among the C candidates of each row, mean over rows."""
     log_p = torch.log_softmax(logits, dim=-1)
@@ -30,23 +33,36 @@ def chunk(x: Tensor, n_chunks: int) -> Tensor:
     return x.reshape(b, n_chunks, size, *x.shape[2:])
 
 
-def clip_loss(a: Tensor, b: Tensor, valid: Tensor, distinct: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    """Symmetric InfoNCE within chunks (sum over real rows, and their count) for unit vectors a, b [B, N, S, d].
+def clip_loss(a: Tensor, b: Tensor, valid: Tensor, distinct: Tensor, temperature: float,
+              by_chance: bool = False) -> tuple[Tensor, Tensor]:
+    """InfoNCE within chunks in both directions, a→b and b→a (sum over real rows, and their count); a, b [B, N, S, d].
 
     Logits are cos / temperature; padding and missing features are masked out of rows and columns; another
     behaviour with the same item is not used as a negative (`distinct` [B, N, S, S] False there, True on the diagonal).
+    Each row's loss is L(a→b) + L(b→a): the paper's ordered pairs (i, j) and (j, i) of §3.3.1. With `by_chance`, each
+    direction is divided by its value at chance, log(#candidates of the row), and the two are averaged: 1 at chance.
     """
     logits = torch.einsum("bnid,bnjd->bnij", a * (1.0 / temperature), b)
     keep = valid.unsqueeze(-1) & valid.unsqueeze(-2) & distinct  # one mask serves both directions: bad rows are dropped
     masked = logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
     diag = torch.diagonal(logits, dim1=-2, dim2=-1)
-    per_row = 0.5 * (torch.logsumexp(masked, dim=-1) + torch.logsumexp(masked, dim=-2)) - diag
+    a_to_b = torch.logsumexp(masked, dim=-1) - diag
+    b_to_a = torch.logsumexp(masked, dim=-2) - diag
+    if by_chance:
+        chance = (keep.sum(-1).clamp(min=2).log(), keep.sum(-2).clamp(min=2).log())
+        per_row = 0.5 * (a_to_b / chance[0].to(a_to_b.dtype) + b_to_a / chance[1].to(b_to_a.dtype))
+    else:
+        per_row = a_to_b + b_to_a
     per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
     return per_row.sum(), valid.sum().to(logits.dtype)
 
 
-def alignment_loss(units: Tensor, present: Tensor, item_ids: Tensor, n_chunks: int, temperature: float) -> Tensor:
-    """L_align = Σ_(i,j) L_CLIP(x̂^(i), x̂^(j)) over (T,I), (T,A), (I,A), each within N_ch chunks: O(L²/N_ch) memory.
+def alignment_loss(units: Tensor, present: Tensor, item_ids: Tensor, n_chunks: int, temperature: float,
+                   by_chance: bool = False) -> Tensor:
+    """L_align = Σ_i Σ_(j≠i) L_CLIP(x̂^(i), x̂^(j)) over the ordered pairs of T, I, A (§3.3.1), within N_ch chunks:
+    O(L²/N_ch) memory. Each L_CLIP is a mean over the real rows of all chunks (the paper sums per-chunk means, which
+    would scale the loss by N_ch, a memory knob). With `by_chance`, the mean over the pairs of the chance-normalised
+    losses: 1 at chance.
 
     units [B, L, 3, d] unit vectors; present [B, L, 3] True where the behaviour is real and the feature exists.
     """
@@ -56,9 +72,9 @@ def alignment_loss(units: Tensor, present: Tensor, item_ids: Tensor, n_chunks: i
     total = units.new_zeros(())
     for i, j in ALIGN_PAIRS:
         valid = present[..., i] & present[..., j]
-        loss_sum, n = clip_loss(units[..., i, :], units[..., j, :], valid, distinct, temperature)
+        loss_sum, n = clip_loss(units[..., i, :], units[..., j, :], valid, distinct, temperature, by_chance)
         total = total + loss_sum / n.clamp(min=1.0)
-    return total
+    return total / len(ALIGN_PAIRS) if by_chance else total
 
 
 def derangement(n: int, device: torch.device) -> Tensor:
@@ -133,7 +149,8 @@ class PSU(nn.Module):
         units = F.embedding(i_rows, F.normalize(table.items, dim=-1).flatten(1)).unflatten(-1, table.items.shape[1:])
         present = torch.stack([e.item_text_mask[hist_items], e.item_image_mask[hist_items],
                                torch.ones_like(hist_items, dtype=torch.bool)], dim=-1) & (hist_items != 0).unsqueeze(-1)
-        return alignment_loss(units, present, hist_items, self.cfg.n_chunks, self.cfg.temperature)
+        return alignment_loss(units, present, hist_items, self.cfg.n_chunks, self.cfg.temperature,
+                              by_chance=self.cfg.loss_norm == "chance")
 
     def _relevance(self, table: PairTable, q_rows: Tensor, i_rows: Tensor, batch: dict[str, Tensor]) -> Tensor:
         """Over behaviours with a non-empty query only; negatives keep the query and take another behaviour's item."""
@@ -146,17 +163,25 @@ class PSU(nn.Module):
         return relevance_loss(self.relevance, xq, xi, neg, (items[neg] != items).float())
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        """L_PSU = w_next·L_next + w_align·L_align + w_rel·L_rel, each switchable (paper Table 3 ablation)."""
+        """L_PSU = w_next·L_next + w_align·L_align + w_rel·L_rel, each switchable (paper Table 3 ablation).
+
+        loss_norm "none" is the paper's sum. "chance" divides each task by its value at chance (log C for next-pair,
+        log of the candidates per row for each InfoNCE, 2·log 2 for the relevance BCE pair), so each starts near 1
+        and none dominates by its scale alone.
+        """
         cfg = self.cfg
+        by_chance = cfg.loss_norm == "chance"
         table, q_rows, i_rows = self._encode(batch)
         terms: dict[str, Tensor] = {}
         if cfg.use_next:
             logits = self._next_logits(table, q_rows, i_rows, batch["hist_items"])
-            terms["next"] = cfg.w_next * soft_target_ce(logits, batch["labels"])
+            scale = math.log(max(logits.shape[-1], 2)) if by_chance else 1.0
+            terms["next"] = cfg.w_next * soft_target_ce(logits, batch["labels"]) / scale
         if cfg.use_align:
             terms["align"] = cfg.w_align * self._alignment(table, i_rows[0], batch["hist_items"])
         if cfg.use_rel:
-            terms["rel"] = cfg.w_rel * self._relevance(table, q_rows[0], i_rows[0], batch)
+            scale = 2.0 * math.log(2.0) if by_chance else 1.0
+            terms["rel"] = cfg.w_rel * self._relevance(table, q_rows[0], i_rows[0], batch) / scale
         if not terms:
             raise ValueError("PSU: use_next, use_align and use_rel are all False; nothing to train")
         total = sum(terms.values())

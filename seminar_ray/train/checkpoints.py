@@ -10,7 +10,18 @@ CHECKPOINT_FILE = "model.pt"
 METRICS_FILE = "metrics.json"  # the epoch's metrics, inside each checkpoint directory
 HISTORY_FILE = "history.json"  # every epoch so far, inside each checkpoint directory
 TRAIN_STATE_FILE = "train_state.pt"  # optimizer state and epoch, for resuming
-SELECT_METRIC = "ndcg@10"
+SELECT_METRIC = "ndcg@10"  # what a CTR run is selected by (validation)
+SELECT_KEY = "select"  # each epoch's selection score, recorded in its metrics: higher is better
+
+
+def selection_score(kind: str, metrics: dict) -> float:
+    """The one checkpoint-selection rule, applied by every run and by jobs/compare.py.
+
+    A CTR model keeps its epoch with the best validation NDCG@10. A PSU keeps its last epoch: the paper pretrains
+    for a fixed budget (§4.1, Figure 3), and the validation ranking comes from the next-pair head, which the
+    align-only and relevance-only ablations never train, so it cannot choose among their epochs.
+    """
+    return float(metrics["epoch"]) if kind == "psu" else float(metrics[SELECT_METRIC])
 
 
 def run_checkpoints(run_dir: str | Path) -> list[tuple[str | Path, dict]]:
@@ -25,12 +36,12 @@ def run_checkpoints(run_dir: str | Path) -> list[tuple[str | Path, dict]]:
     return sorted(found, key=lambda pm: pm[1].get("epoch", 0))
 
 
-def best_checkpoint(found: list[tuple[str | Path, dict]], metric: str = SELECT_METRIC) -> tuple[str | Path, dict]:
-    """The (checkpoint, metrics) with the best validation `metric`; the later epoch wins a tie."""
+def best_checkpoint(found: list[tuple[str | Path, dict]], metric: str = SELECT_KEY) -> tuple[str | Path, dict]:
+    """The (checkpoint, metrics) with the highest `metric` (the selection score); the later epoch wins a tie."""
     return max(found, key=lambda pm: (pm[1].get(metric, float("-inf")), pm[1].get("epoch", 0)))
 
 
-def find_checkpoint(path: str | Path, metric: str = SELECT_METRIC) -> str | Path:
+def find_checkpoint(path: str | Path, metric: str = SELECT_KEY) -> str | Path:
     """Like resolve_checkpoint but without downloading: a URI stays a URI."""
     if storage.exists(storage.join(path, CHECKPOINT_FILE)):
         return path
@@ -44,8 +55,8 @@ def find_checkpoint(path: str | Path, metric: str = SELECT_METRIC) -> str | Path
     return best_checkpoint(found, metric)[0]
 
 
-def resolve_checkpoint(path: str | Path, metric: str = SELECT_METRIC) -> Path:
-    """A checkpoint directory as is; a run directory → its checkpoint with the best validation `metric`.
+def resolve_checkpoint(path: str | Path, metric: str = SELECT_KEY) -> Path:
+    """A checkpoint directory as is; a run directory → its selected checkpoint (`selection_score`).
 
     `path` may be a shared-storage URI; the chosen checkpoint is then mirrored into the node-local cache.
     """

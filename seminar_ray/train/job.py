@@ -15,9 +15,11 @@ import torch
 from seminar_ray import storage
 from seminar_ray.data.entities import EntityTables
 from seminar_ray.data.errors import DataError
+from seminar_ray.data.splits import EVAL_SEED
 from seminar_ray.models import ModelConfig, build_model, restore_psu, save_checkpoint
 from seminar_ray.models.checkpoint import read_checkpoint
-from seminar_ray.train.checkpoints import HISTORY_FILE, METRICS_FILE, SELECT_METRIC, TRAIN_STATE_FILE, resolve_checkpoint, run_checkpoints
+from seminar_ray.train.checkpoints import (HISTORY_FILE, METRICS_FILE, SELECT_KEY, TRAIN_STATE_FILE, resolve_checkpoint,
+                                          run_checkpoints, selection_score)
 from seminar_ray.train.loop import WithLoss, evaluate, train_one_epoch, unwrap
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,8 @@ class TrainJob:
     samples_per_user: int = 8
     max_failures: int = 2
     pretrained: str | None = None  # PSU checkpoint or run directory (seminar only)
-    eval_users: int = 0  # validate on at most this many users (0 = all)
+    eval_users: int = 0  # validate on a fixed set of this many users, drawn by eval_seed (0 = all)
+    eval_seed: int = EVAL_SEED  # validation negatives and users: the same for every model and seed
     threads: int = 1  # torch threads per worker
     fault_at_step: int = -1  # tests: SIGKILL the rank-0 worker once at this step of epoch `fault_epoch` (0-based)
     fault_epoch: int = 1
@@ -80,7 +83,7 @@ def _sample_cfg(job: TrainJob):
 
     cfg = job.model_config
     return sample_config(job.data, max_len=cfg.max_len, num_neg=cfg.n_neg, samples_per_user=job.samples_per_user,
-                         task="psu" if job.kind == "psu" else "ctr", seed=cfg.seed)
+                         task="psu" if job.kind == "psu" else "ctr", seed=cfg.seed, eval_seed=job.eval_seed)
 
 
 def _load_state(net, optimizer, job: TrainJob) -> tuple[int, list[dict]]:
@@ -110,7 +113,7 @@ def _persist_local(d: str, job: TrainJob, epoch: int, keep: int = 3) -> None:
     """Local mode: copy the epoch's checkpoint into the run directory, keeping the best `keep` and the latest."""
     storage.copy_dir(d, storage.join(job.run_dir, f"checkpoint_epoch_{epoch:04d}"))
     found = run_checkpoints(job.run_dir)
-    ranked = sorted(found[:-1], key=lambda pm: pm[1].get(SELECT_METRIC, float("-inf")), reverse=True)
+    ranked = sorted(found[:-1], key=lambda pm: pm[1][SELECT_KEY], reverse=True)
     for path, _ in ranked[max(keep - 1, 0):]:
         storage.delete_dir(path)
 
@@ -166,7 +169,7 @@ def train_loop_per_worker(config: dict) -> None:
     start_epoch, history = _load_state(net, optimizer, job)
     sample_cfg = _sample_cfg(job)
     queries = query_pool(data, seed=cfg.seed) if job.kind == "psu" else None
-    users_per_batch = max(1, cfg.batch // job.samples_per_user)
+    users_per_batch = max(1, cfg.batch // job.samples_per_user) if job.samples_per_user > 0 else 1
     shard = ray.train.get_dataset_shard("train")
     valid = ray.train.get_dataset_shard("valid")
     for epoch in range(start_epoch, job.epochs):
@@ -187,7 +190,8 @@ def train_loop_per_worker(config: dict) -> None:
             bar.close()
             val = evaluate(net, valid.iter_torch_batches(batch_size=64), device)
             metrics.update({k: v for k, v in val.items() if isinstance(v, float)})
-            metrics["valid"] = val
+            metrics.update(valid=val, eval_seed=job.eval_seed, valid_candidates=val["candidates_digest"])
+            metrics[SELECT_KEY] = selection_score(job.kind, metrics)
             history.append(metrics)
             checkpoint = _save(net, cfg, optimizer, epoch, history, metrics, job)
             print(f"[{job.run_name}] epoch {epoch + 1}/{job.epochs} loss {stats['loss']:.4f} "
@@ -254,16 +258,15 @@ def build_trainer(job: TrainJob, train_ds=None, valid_ds=None):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from seminar_ray.data.pipeline import eval_dataset, read_sequences
+    from seminar_ray.data.pipeline import eval_dataset, pick_eval_users, read_sequences
 
     sample_cfg = _sample_cfg(job)
     # enough blocks that every worker's shard gets users; one consumer needs no repartition (an all-to-all step)
     min_blocks = 4 * job.num_workers if job.num_workers > 1 else 1
     train_ds = train_ds if train_ds is not None else read_sequences(job.data, min_blocks=min_blocks)
-    if valid_ds is None:
-        valid_ds = eval_dataset(job.data, "valid", sample_cfg)
-        if job.eval_users:
-            valid_ds = valid_ds.limit(job.eval_users)
+    if valid_ds is None:  # the same users and candidates every epoch (eval_users drawn once by eval_seed)
+        users = pick_eval_users(job.data, job.eval_users, job.eval_seed) if job.eval_users else None
+        valid_ds = eval_dataset(job.data, "valid", sample_cfg, users)
     resources = worker_resources(job)
     return TorchTrainer(
         train_loop_per_worker,
@@ -272,7 +275,7 @@ def build_trainer(job: TrainJob, train_ds=None, valid_ds=None):
         run_config=RunConfig(
             name=job.run_name,
             storage_path=job.storage_path,
-            checkpoint_config=CheckpointConfig(num_to_keep=3, checkpoint_score_attribute=SELECT_METRIC,
+            checkpoint_config=CheckpointConfig(num_to_keep=3, checkpoint_score_attribute=SELECT_KEY,
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=job.max_failures),
         ),

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from seminar_ray.data.splits import candidates_digest
 from seminar_ray.metrics import evaluate_scores
 
 Batch = dict[str, torch.Tensor]
@@ -52,8 +53,7 @@ def train_one_epoch(net: nn.Module, batches: Iterable[Batch], optimizer: torch.o
         optimizer.step()
         n = int(batch["labels"].shape[0])
         samples, steps = samples + n, steps + 1
-        sums["loss"] += float(loss.detach()) * n
-        for k, v in parts.items():
+        for k, v in parts.items():  # parts hold "loss" too (model.loss's contract)
             sums[k] += float(v) * n
         if on_step is not None:
             on_step(n, float(loss.detach()))
@@ -67,19 +67,21 @@ def train_one_epoch(net: nn.Module, batches: Iterable[Batch], optimizer: torch.o
 
 @torch.no_grad()
 def score_batches(model: nn.Module, batches: Iterable[Batch], device: torch.device | str = "cpu"):
-    """(user ids, target queries, scores [targets, C]) of every evaluation batch."""
+    """(user ids, target queries [targets, C], target items [targets, C], scores [targets, C]) of every batch."""
     net = unwrap(model).eval()
-    users, queries, scores = [], [], []
+    parts: dict[str, list[np.ndarray]] = defaultdict(list)
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        scores.append(net(batch).float().cpu().numpy())
-        users.append(batch["user_id"].cpu().numpy())
-        queries.append(batch["target_queries"].cpu().numpy())
-    if not scores:
+        parts["scores"].append(net(batch).float().cpu().numpy())
+        for key in ("user_id", "target_queries", "target_items"):
+            parts[key].append(batch[key].cpu().numpy())
+    if not parts["scores"]:
         raise ValueError("no evaluation targets: every user needs at least 3 behaviours")
-    return np.concatenate(users), np.concatenate(queries), np.concatenate(scores)
+    return tuple(np.concatenate(parts[k]) for k in ("user_id", "target_queries", "target_items", "scores"))
 
 
 def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device | str = "cpu") -> dict:
-    """HR/NDCG@K, MRR, AUC and gAUC, overall and per target type (seminar_ray.metrics)."""
-    return evaluate_scores(*score_batches(model, batches, device))
+    """HR/NDCG@K, MRR, AUC and gAUC, overall and per target type (seminar_ray.metrics), and the candidate lists'
+    digest (`candidates_digest`), which shows that two evaluations ranked the same users' same candidates."""
+    users, queries, items, scores = score_batches(model, batches, device)
+    return {**evaluate_scores(users, queries, scores), "candidates_digest": candidates_digest(users, items)}

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from seminar_ray import storage
-from seminar_ray.train.checkpoints import HISTORY_FILE, SELECT_METRIC, best_checkpoint, run_checkpoints
+from seminar_ray.train.checkpoints import HISTORY_FILE, best_checkpoint, run_checkpoints
 
 
 def write_run_summary(run_dir: str | Path, seconds: float | None = None) -> dict:
@@ -16,9 +16,9 @@ def write_run_summary(run_dir: str | Path, seconds: float | None = None) -> dict
         raise FileNotFoundError(f"{run_dir}: the run left no checkpoint")
     latest = found[-1][0]
     history = json.loads(storage.read_text(storage.join(latest, HISTORY_FILE)))
-    best, best_metrics = best_checkpoint(found, SELECT_METRIC)
+    best, best_metrics = best_checkpoint(found)
     summary = {"run_dir": str(run_dir), "best_checkpoint": str(best), "best_epoch": best_metrics.get("epoch"),
-               "select_metric": SELECT_METRIC, "best": best_metrics.get("valid", best_metrics),
+               "eval_seed": best_metrics.get("eval_seed"), "best": best_metrics.get("valid", best_metrics),
                "epochs": len(history), "seconds": seconds,
                "history": [{k: v for k, v in h.items() if k != "valid"} for h in history]}
     storage.write_text(storage.join(run_dir, "metrics.json"), json.dumps(summary, indent=1))

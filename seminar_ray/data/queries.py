@@ -1,0 +1,47 @@
+"""What a dataset's queries are (`jobs/prepare_data.py --queries`), and the empty-query transform.
+
+- `source`: real search logs (KuaiSAR, the synthetic generator): a behaviour's query is what the user typed.
+- `derived`: sources without search logs (RecBole, Amazon): every behaviour gets its item's query, derived from the
+  item's own description or category (paper §4.1, Amazon). Every evaluation candidate then carries the positive's
+  derived query, so a ranker that matches query and item text narrows the candidates with the answer's own words:
+  report the QueryMatch+Pop rule (`seminar_ray.baselines`) beside any model on such data.
+- `none`: every behaviour gets the empty query (pure sequential recommendation).
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+from seminar_ray.data.schema import EMPTY_QUERY, QUERIES, DatasetMeta, DatasetTables
+
+QUERY_MODES = ("source", "derived", "none")
+NATIVE_MODE = {"synthetic": "source", "kuaisar": "source", "recbole": "derived", "amazon": "derived"}
+
+
+def resolve_mode(source: str, mode: str | None) -> str:
+    """The query mode for `source` (its native one when None); a mode the source cannot give is an error."""
+    native = NATIVE_MODE[source]
+    mode = mode or native
+    if mode not in QUERY_MODES:
+        raise ValueError(f"--queries {mode!r}: choose from {QUERY_MODES}")
+    if mode != "none" and mode != native:
+        raise ValueError(f"--queries {mode}: source {source!r} gives {native!r} queries only "
+                         f"({'it has no search log' if native == 'derived' else 'it has real search logs'}); "
+                         f"use --queries {native} or --queries none")
+    return mode
+
+
+def apply_mode(tables: DatasetTables, mode: str) -> DatasetTables:
+    """Record the mode in meta.extra["queries"]; for `none`, give every behaviour the empty query."""
+    meta = DatasetMeta(**{**tables.meta.__dict__, "extra": {**tables.meta.extra, "queries": mode}})
+    if mode != "none":
+        return DatasetTables(tables.items, tables.queries, tables.sequences, meta, tables.extra_files)
+    seqs = tables.sequences
+    lengths = pa.compute.list_value_length(seqs.column("query_ids")).combine_chunks()
+    offsets = pa.array([0, *pa.compute.cumulative_sum(lengths).to_pylist()], pa.int32())
+    empty = pa.ListArray.from_arrays(offsets, pa.array([EMPTY_QUERY] * int(sum(lengths.to_pylist())), pa.int64()))
+    seqs = seqs.set_column(seqs.schema.get_field_index("query_ids"), "query_ids", empty)
+    queries = pa.table({"query_id": [EMPTY_QUERY], "token_ids": pa.array([[]], pa.list_(pa.int32())),
+                        "text": pa.array([None], pa.string()),
+                        "text_emb": pa.nulls(1, QUERIES.field("text_emb").type)}, schema=QUERIES)
+    meta.num_queries, meta.num_tokens = 0, 0
+    return DatasetTables(tables.items, queries, seqs, meta, tables.extra_files)

@@ -1,0 +1,107 @@
+"""The evaluation protocol behind every table: one eval seed for all models, fixed validation users, checkpoint
+selection by one rule, and a training run that stops on a non-finite loss."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from seminar_ray.baselines import evaluate_rule
+from seminar_ray.models import DIN, MODELS, ModelConfig
+from seminar_ray.train.checkpoints import HISTORY_FILE, resolve_checkpoint, run_checkpoints
+from seminar_ray.train.evaluation import evaluate_checkpoint
+from seminar_ray.train.job import TrainJob, run_training
+
+CFG = ModelConfig.preset("small", max_len=32, din_recent=8, batch=32)
+
+
+def _job(data, tmp_path, seed: int, epochs: int, run_name: str, kind: str = "din", **kw) -> TrainJob:
+    return TrainJob(kind=kind, data=str(data), storage_path=str(tmp_path / "runs"), run_name=run_name,
+                    model=CFG.replace(seed=seed).to_dict(), epochs=epochs, num_workers=0, samples_per_user=2, **kw)
+
+
+def _history(run_dir) -> list[dict]:
+    return json.loads((run_checkpoints(run_dir)[-1][0] / HISTORY_FILE).read_text())
+
+
+def test_models_of_other_seeds_rank_the_same_users_and_candidates(ray_local, tiny_data, tmp_path):
+    a = run_training(_job(tiny_data, tmp_path, seed=0, epochs=2, run_name="a", eval_users=20))
+    b = run_training(_job(tiny_data, tmp_path, seed=1, epochs=1, run_name="b", eval_users=20))
+    history = _history(a["run_dir"]) + _history(b["run_dir"])
+    assert {h["valid"]["targets"] for h in history} == {20}
+    assert len({h["valid_candidates"] for h in history}) == 1, "the same validation users and negatives every epoch"
+    assert {h["eval_seed"] for h in history} == {0}
+    tests = [evaluate_checkpoint(run["run_dir"], "test", actors=1) for run in (a, b)]
+    tests.append(evaluate_rule("popularity", tiny_data, "test"))
+    assert len({t["candidates_digest"] for t in tests}) == 1, "every model and the rule rank identical candidate lists"
+    assert tests[0]["ndcg@10"] != tests[1]["ndcg@10"], "the two seeds did train different models"
+    assert {t["eval_seed"] for t in tests} == {0}
+
+
+class _AscendingDIN(DIN):
+    """DIN trained by gradient ascent: every step makes the model worse."""
+
+    def loss(self, batch):
+        loss, parts = super().loss(batch)
+        return -loss, parts
+
+
+class _NaNDIN(DIN):
+    def loss(self, batch):
+        loss, parts = super().loss(batch)
+        return loss * float("nan"), parts
+
+
+def test_a_worse_last_epoch_does_not_replace_the_best(ray_local, tiny_data, tmp_path, monkeypatch):
+    def job(epochs: int) -> TrainJob:  # lr 0.01 and 8 targets per user: epoch 1 learns, so epoch 2 can undo it
+        return TrainJob(**{**_job(tiny_data, tmp_path, seed=0, epochs=epochs, run_name="r").__dict__,
+                           "model": CFG.replace(lr=0.01).to_dict(), "samples_per_user": 8})
+
+    first = run_training(job(1))
+    monkeypatch.setitem(MODELS, "din", _AscendingDIN)  # the re-run resumes epoch 1's checkpoint, then ruins it
+    summary = run_training(job(2))
+    epoch1, epoch2 = summary["history"]
+    assert epoch1 == first["history"][0] and epoch2["ndcg@10"] < epoch1["ndcg@10"] - 0.02
+    assert summary["best_epoch"] == 1
+    best = resolve_checkpoint(summary["run_dir"])
+    assert json.loads((best / "metrics.json").read_text())["epoch"] == 1
+    assert sorted(m["epoch"] for _, m in run_checkpoints(summary["run_dir"])) == [1, 2], "the last epoch is kept too"
+
+
+def test_a_psu_run_selects_its_last_epoch(ray_local, tiny_data, tmp_path):
+    """The align-only ablation trains no next-pair head, so its validation ranking cannot choose an epoch."""
+    job = _job(tiny_data, tmp_path, seed=0, epochs=2, run_name="psu", kind="psu")
+    job.model = CFG.replace(use_next=False, use_rel=False).to_dict()
+    summary = run_training(job)
+    assert summary["best_epoch"] == 2
+    assert json.loads((resolve_checkpoint(summary["run_dir"]) / "metrics.json").read_text())["epoch"] == 2
+
+
+def test_a_non_finite_loss_stops_the_run_with_a_clear_error(ray_local, tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setitem(MODELS, "din", _NaNDIN)
+    # local mode raises in this process; with workers, run_training re-raises Ray Train's error as a RuntimeError
+    with pytest.raises((FloatingPointError, RuntimeError), match=r"loss became nan at step 0: lower the learning"):
+        run_training(_job(tiny_data, tmp_path, seed=0, epochs=1, run_name="nan"))
+    assert run_checkpoints(tmp_path / "runs" / "nan") == [], "no checkpoint of the broken epoch was written"
+
+
+def test_epoch_loss_is_the_sample_weighted_mean_of_step_losses():
+    from torch import nn
+
+    from seminar_ray.train.loop import train_one_epoch
+
+    class Fixed(nn.Module):  # loss = the batch's value, parts as model.loss returns them ("loss" included)
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(()))
+
+        def forward(self, batch):
+            loss = self.w + batch["value"][0]
+            return loss, {"ctr": float(loss), "loss": float(loss)}
+
+    batches = [{"value": torch.tensor([1.0]), "labels": torch.zeros(2, 5)},
+               {"value": torch.tensor([4.0]), "labels": torch.zeros(6, 5)}]
+    net = Fixed()
+    stats = train_one_epoch(net, batches, torch.optim.SGD(net.parameters(), lr=0.0))
+    assert stats["loss"] == pytest.approx((2 * 1.0 + 6 * 4.0) / 8) and stats["ctr"] == stats["loss"]

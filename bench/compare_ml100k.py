@@ -54,6 +54,8 @@ def main() -> int:
     p.add_argument("--modes", default="none,derived")
     p.add_argument("--variants", default=VARIANTS)
     p.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, 1 pretraining epoch, SEMINAR and DIN")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: tabulate the seeds each mode's WORK/compare-MODE/compare_partial.json completes")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     if args.quick:
@@ -68,14 +70,16 @@ def main() -> int:
             run("jobs/prepare_data.py", "--source", "recbole", "--input", str(raw), "--out", str(data), "--queries", mode)
         run("jobs/compare.py", "--data", str(data), "--out", str(runs), "--seeds", str(args.seeds),
             "--epochs", str(args.epochs), "--pretrain-epochs", str(args.pretrain_epochs), "--samples-per-user", "0",
-            "--eval-users", "0", "--variants", args.variants)
+            "--eval-users", "0", "--variants", args.variants, *(["--report-only"] if args.report_only else []))
         results[mode] = json.loads((runs / "compare.json").read_text())
         texts.append(f"## --queries {mode}\n\n" + (runs / "compare.md").read_text().split("\n", 2)[2])
     seconds = time.time() - t0
     load1 = os.getloadavg()
-    header = (f"# MovieLens-100K (RecBole atomic files from {WHEEL}), {args.seeds} seed(s)\n\n"
-              f"Wall time {seconds / 60:.0f} min; load average {load0[0]:.1f} at start, {load1[0]:.1f} at end "
-              f"(2-core machine).\n\n")
+    seeds = {mode: r["seeds"] for mode, r in results.items()}
+    header = (f"# MovieLens-100K (RecBole atomic files from {WHEEL}), seeds per query mode {seeds}\n\n"
+              + ("Tabulated from finished runs (--report-only).\n\n" if args.report_only else
+                 f"Wall time {seconds / 60:.0f} min; load average {load0[0]:.1f} at start, {load1[0]:.1f} at end "
+                 f"(2-core machine).\n\n"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(header + "\n".join(texts))
     out.with_suffix(".json").write_text(json.dumps({"seconds": seconds, "loadavg_start": load0, "loadavg_end": load1,

@@ -89,8 +89,10 @@ def markdown(agg: dict, names: list[str], title: str) -> str:
     return head + rows
 
 
-def verdict(agg: dict) -> list[str]:
+def verdict(agg: dict, seeds: int) -> list[str]:
     """Does SEMINAR beat the no-pretraining ablation and every baseline on NDCG@10 by more than the seed std?"""
+    if seeds < 2:
+        return ["one seed: no seed-to-seed spread to judge a difference against"]
     lines = []
     m, s = agg["SEMINAR"]["ndcg@10"]
     for other in [n for n in agg if n != "SEMINAR" and not n.startswith("w. ")]:
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.pretrain_epochs} pretraining epochs, samples per user {args.samples_per_user or 'all'}.\n\n"
             + markdown(agg, table2, "Table 2: SEMINAR against the baselines") + "\n"
             + markdown(agg, table3, "Table 3: ablation of the PSU pretraining tasks") + "\n"
-            + ("\n".join(f"- {v}" for v in verdict(agg)) + "\n" if "SEMINAR" in agg else "")
+            + ("\n".join(f"- {v}" for v in verdict(agg, args.seeds)) + "\n" if "SEMINAR" in agg else "")
             + ("" if args.report_only else f"\n{time.time() - t0:.0f} s in all.\n"))
     (args.out / "compare.md").write_text(text)
     (args.out / "compare.json").write_text(json.dumps({"seeds": args.seeds, "data": str(args.data), "aggregate": agg,

@@ -12,7 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
@@ -20,6 +23,7 @@ from ray.serve.handle import DeploymentHandle
 from seminar_ray.serving import (Catalog, EventsRequest, EventsResponse, HealthResponse, Limits, LogHistoryStore,
                                  RequestError, RetrievalStage, ScoreJob, ScoreRequest, ScoreResponse, ScoringStage,
                                  load_serving_model)
+from seminar_ray.serving.api import json_safe
 
 FLOOR_VERSION = "zero-work"
 DEFAULT_RETRIEVAL = "exact"  # measured: one GEMM over the fp16 tables beats the PQ shortlist at L = 2,000 (README)
@@ -232,7 +236,18 @@ async def _retry_once(call):
         return await call()
 
 
-merged_api = FastAPI(title="SEMINAR scoring (PQRetriever ingress)")
+def _api(title: str) -> FastAPI:
+    """A FastAPI app whose 422 answers are strict JSON even when the bad input was NaN or 1e400 (see json_safe)."""
+    api = FastAPI(title=title)
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(status_code=422, content={"detail": json_safe(jsonable_encoder(exc.errors()))})
+
+    return api
+
+
+merged_api = _api("SEMINAR scoring (PQRetriever ingress)")
 
 
 @serve.deployment(name="PQRetriever", logging_config=QUIET, **ROLL, ray_actor_options={"num_cpus": 0.25},
@@ -280,7 +295,7 @@ class PQRetriever(RetrieverCore):
         self._setup()
 
 
-split_api = FastAPI(title="SEMINAR scoring (separate ingress)")
+split_api = _api("SEMINAR scoring (separate ingress)")
 
 
 @serve.deployment(name="Ingress", logging_config=QUIET, **ROLL, ray_actor_options={"num_cpus": 0.25},

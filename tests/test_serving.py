@@ -15,8 +15,8 @@ import torch
 from seminar_ray.data.entities import EntityTables
 from seminar_ray.models import load_checkpoint
 from seminar_ray.retrieval.index import PQIndex
-from seminar_ray.serving import (Catalog, Limits, LogHistoryStore, RequestError, RetrievalStage, ScoreRequest,
-                                 ScoringStage, compact_history)
+from seminar_ray.serving import (Catalog, EventsRequest, Limits, LogHistoryStore, RequestError, RetrievalStage,
+                                 ScoreRequest, ScoringStage, compact_history)
 from seminar_ray.serving.artefacts import build_artefacts
 from seminar_ray.serving.history import LOG_FILE
 
@@ -128,10 +128,32 @@ def test_catalog_validation(artefacts):
 
 @pytest.mark.parametrize("body", [{"candidates": [1]}, {"user_id": 1, "candidates": []},
                                   {"user_id": "x", "candidates": [1]}, {"user_id": 1, "candidates": [1], "extra": 1},
-                                  {"user_id": 1, "candidates": ["a"]}])
+                                  {"user_id": 1, "candidates": ["a"]}, {"user_id": 1, "candidates": [2**63]},
+                                  {"user_id": 10**30, "candidates": [1]}, {"user_id": 1, "candidates": [float("nan")]},
+                                  {"user_id": 1, "query": 2**63, "candidates": [1]},
+                                  {"user_id": 1, "candidates": [float("inf")]}])
 def test_malformed_score_bodies_are_rejected(body):
     with pytest.raises(pydantic.ValidationError):
         ScoreRequest.model_validate(body)
+
+
+@pytest.mark.parametrize("event", [{"item_id": 2**63}, {"item_id": 1, "timestamp": 10**30},
+                                   {"item_id": 1, "timestamp": -(2**63) - 1}, {"item_id": float("nan")}])
+def test_events_past_int64_are_rejected(event):
+    with pytest.raises(pydantic.ValidationError):
+        EventsRequest.model_validate({"user_id": 1, "events": [event]})
+    assert EventsRequest.model_validate({"user_id": 2**63 - 1, "events": [{"item_id": 1, "timestamp": -(2**63)}]})
+
+
+def test_validation_errors_echo_only_strict_json():
+    """A 422 echoes the bad input; NaN, inf and lone surrogates in it must not break the JSON answer (a 500)."""
+    import json
+
+    from seminar_ray.serving.api import json_safe
+
+    bad = {"input": [float("nan"), float("-inf"), "\ud800", {"\udfff": 1.5}], "ctx": (1, "x")}
+    text = json.dumps(json_safe(bad), allow_nan=False, ensure_ascii=False).encode("utf-8")
+    assert json.loads(text) == {"input": ["nan", "-inf", "\\ud800", {"\\udfff": 1.5}], "ctx": [1, "x"]}
 
 
 def test_log_store_read_your_writes_and_torn_tail(tmp_path, artefacts):
@@ -188,3 +210,15 @@ def test_ingress_mode_is_checked_before_anything_starts(monkeypatch):
     monkeypatch.delenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", raising=False)
     with pytest.raises(ValueError, match="RAY_SERVE_THROUGHPUT_OPTIMIZED=1 ray start"):
         start({}, ingress="direct")
+
+
+def test_concurrent_appends_take_consecutive_seqs(tmp_path):
+    """Serve runs the writer's sync `append` on a thread pool: simultaneous appends must not share a seq."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = LogHistoryStore(tmp_path, writer=True)
+    with ThreadPoolExecutor(8) as pool:
+        seqs = list(pool.map(lambda n: store.append(n % 5, [n + 1], [0], [n]), range(200)))
+    assert sorted(seqs) == list(range(1, 201))
+    reader = LogHistoryStore(tmp_path)
+    assert reader.last_seq == 200 and sum(len(reader.history(u, 10**6)[1]) for u in range(5)) == 200

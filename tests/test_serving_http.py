@@ -15,6 +15,7 @@ import pytest
 from ray import serve
 
 from seminar_ray.serving.artefacts import build_artefacts
+from seminar_ray.serving import Limits
 from seminar_ray.serving.history import LogHistoryStore
 from serve_app.app import build_app
 
@@ -192,3 +193,19 @@ def test_history_writer_sigkill_keeps_every_acknowledged_event(service):
     q, items = LogHistoryStore(a.store).history(user, 100)
     assert items.tolist() == [10, 11, 12, 13, 14, 99]
     assert score(client, user_id=user, candidates=[1]).json()["history_len"] == 6
+
+
+def test_fuzzed_requests_get_4xx_with_a_message_never_5xx_and_the_log_holds_exactly_the_acks(service):
+    """2,000 generated requests (bench/fuzz.py's hypothesis strategies), valid and malformed: ids and timestamps past
+    int64, NaN / Infinity / 1e400, wrong types, missing and unknown fields, lists past the limits, non-JSON bodies."""
+    from bench.fuzz import Space, fuzz
+
+    client, (a, _) = service
+    out = fuzz(str(client.base_url), Space.load(a.data, Limits(max_candidates=50, max_query_chars=64)), a.store,
+               requests=2000)
+    summary = out.summary()
+    assert out.requests >= 2000 and not out.problems, summary
+    assert summary["responses_5xx"] == 0 and out.lost_events == 0 and out.unacknowledged_in_log == 0
+    for path in ("/v1/score", "/v1/events"):  # both routes saw accepted and refused requests
+        assert out.status[f"{path} 200"] > 100 and out.status[f"{path} 422"] > 100, summary
+    assert len(out.acked) == out.status["/v1/events 200"]

@@ -4,9 +4,9 @@ Two ingress modes, chosen when Ray starts (Serve reads them from the environment
 - "proxy" (Serve's default): clients talk to the HTTP proxy, which forwards each request to an ingress replica.
 - "direct": Ray Serve's throughput-optimized preset (`RAY_SERVE_THROUGHPUT_OPTIMIZED=1`, Ray ≥ 2.55): every ingress
   replica serves HTTP itself on its own port (direct ingress; the head-node proxy stays up as a fallback), replicas
-  talk gRPC, and user code and routers run on each replica's main event loop. Measured in bench/out/serve.json: about
-  2x the proxy mode's throughput on 2 cores and half its latency. Clients spread requests over `direct_urls()`
-  (what HAProxy does in Serve's `RAY_SERVE_ENABLE_HA_PROXY` mode on a cluster).
+  talk gRPC, and user code and routers run on each replica's main event loop. Clients spread requests over
+  `direct_urls()` (what HAProxy does in Serve's `RAY_SERVE_ENABLE_HA_PROXY` mode on a cluster). The measured
+  comparison is in serve_app/README.md.
 """
 import os
 import time
@@ -14,7 +14,7 @@ import time
 import ray
 from ray import serve
 
-from serve_app.app import build_app
+from serve_app.app import AppArgs, compose
 
 APP_NAME = "seminar"
 INGRESS_MODES = ("proxy", "direct")
@@ -35,7 +35,7 @@ def set_ingress_env(ingress: str) -> None:
         os.environ.update(DIRECT_ENV)
 
 
-def start(args: dict, host: str = "127.0.0.1", port: int = 8000, num_cpus: float = 4,
+def start(args: AppArgs | dict, host: str = "127.0.0.1", port: int = 8000, num_cpus: float = 4,
           name: str = APP_NAME, ingress: str = "proxy") -> serve.handle.DeploymentHandle:
     """Deploy or update the app (serve.run gives a new code version, so Serve rolls every replica with no failed
     request; `serve deploy` of a config changing only user_config reconfigures in place)."""
@@ -51,7 +51,7 @@ def start(args: dict, host: str = "127.0.0.1", port: int = 8000, num_cpus: float
     elif not ray.is_initialized():
         ray.init(address="auto", include_dashboard=False, configure_logging=False, log_to_driver=False)
     serve.start(http_options={"host": host, "port": port}, logging_config={"enable_access_log": False})
-    return serve.run(build_app(args), name=name, route_prefix="/")
+    return serve.run(compose(args), name=name, route_prefix="/")
 
 
 def direct_urls(app: str = APP_NAME, wait_s: float = 10.0) -> list[str]:

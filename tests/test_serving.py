@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pydantic
@@ -222,3 +223,24 @@ def test_concurrent_appends_take_consecutive_seqs(tmp_path):
     assert sorted(seqs) == list(range(1, 201))
     reader = LogHistoryStore(tmp_path)
     assert reader.last_seq == 200 and sum(len(reader.history(u, 10**6)[1]) for u in range(5)) == 200
+
+
+def test_app_builder_takes_typed_args_and_names_a_bad_key():
+    """Serve validates config.yaml's `args:` into build_app's pydantic model before calling it (app_builder pattern)."""
+    import yaml
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from serve_app.app import AppArgs, build_app, compose
+
+    root = Path(__file__).resolve().parents[1] / "serve_app"
+    for config in ("config.yaml", "config.cluster.yaml"):
+        args = yaml.safe_load((root / config).read_text())["applications"][0]["args"]
+        app = call_user_app_builder_with_args_if_necessary(build_app, args)
+        assert type(app).__name__ == "Application" and AppArgs.model_validate(args).retrieval == "exact"
+    good = {"checkpoint": "c", "index": "i", "data": "d", "store": "s"}
+    for bad, name in (({**good, "topology": "split"}, "topology"), ({**good, "retrieval": "fast"}, "retrieval"),
+                      ({**good, "limits": {"max_candidate": 5}}, "max_candidate"), ({"checkpoint": "c"}, "index")):
+        with pytest.raises(pydantic.ValidationError, match=name):
+            call_user_app_builder_with_args_if_necessary(build_app, bad)
+    with pytest.raises(ValueError, match="unknown deployments"):
+        compose(good, {"PQRetriever": {"num_replicas": 2}})

@@ -84,8 +84,10 @@ async def closed_loop(urls: list[str], reqs: Requests, concurrency: int, max_req
     deadline = time.perf_counter() + max_s
     clients = _clients(urls, concurrency)
 
+    first_error = None
+
     async def worker(client):
-        nonlocal errors, sent
+        nonlocal errors, sent, first_error
         while sent < max_requests and time.perf_counter() < deadline and not (stop and stop.is_set()):
             body = reqs[sent]
             sent += 1
@@ -93,8 +95,10 @@ async def closed_loop(urls: list[str], reqs: Requests, concurrency: int, max_req
             try:
                 r = await client.post("/v1/score", json=body)
                 ok = r.status_code == 200
-            except httpx.HTTPError:
+                first_error = first_error or (None if ok else f"{client.base_url}: {r.status_code} {r.text[:200]}")
+            except httpx.HTTPError as e:
                 ok = False
+                first_error = first_error or f"{client.base_url}: {e!r}"
             lat.append(time.perf_counter() - t0) if ok else None
             errors += 0 if ok else 1
     t0 = time.perf_counter()
@@ -104,7 +108,7 @@ async def closed_loop(urls: list[str], reqs: Requests, concurrency: int, max_req
         await client.aclose()
     return {"concurrency": concurrency, "requests": sent, "errors": errors, "wall_s": wall,
             "rps": len(lat) / wall, **percentiles(lat), "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
-            "_lat": lat}
+            "first_error": first_error, "_lat": lat}
 
 
 def pooled(parts: list[dict]) -> dict:
@@ -225,11 +229,11 @@ def in_process(art, reqs: Requests, n: int, method: str) -> dict:
     retrieval = RetrievalStage(model, PQIndex.load(art["index"], mmap=True), method=method)
     scoring = ScoringStage(model)
     store, catalog = LogHistoryStore(art["store"], art["data"]), Catalog.load(art["data"])
-    lat, stage_s = [], {"retrieve": [], "score": []}
+    lat, cpu, stage_s = [], [], {"retrieve": [], "score": []}
     load_start = os.getloadavg()
     for i in range(n + 5):
         body = reqs[i]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         qid, _ = catalog.resolve_query(body["query"])
         store.refresh()
         job = retrieval.prepare(store.history(body["user_id"], model.cfg.max_len), qid,
@@ -239,10 +243,12 @@ def in_process(art, reqs: Requests, n: int, method: str) -> dict:
         t2 = time.perf_counter()
         if i >= 5:
             lat.append(t2 - t0)
+            cpu.append(time.thread_time() - c0)
             stage_s["retrieve"].append(t1 - t0)
             stage_s["score"].append(t2 - t1)
     return {"retrieval": method, "requests": n, **percentiles(lat),
             **{f"{k}_p50_ms": float(np.median(v) * 1e3) for k, v in stage_s.items()},
+            "cpu_p50_ms": float(np.median(cpu) * 1e3),  # thread CPU time: what a loaded machine does not inflate
             "load_avg_start": load_start, "load_avg_end": os.getloadavg()}
 
 

@@ -7,9 +7,10 @@
   loop of `extra_cpu_ms` per request on one stage. The skewed-load runs use it to show each deployment autoscaling
   on its own signal: in production the Retriever is the ingress, so its ongoing requests include the time it awaits
   the Scorer, and a heavy Scorer would scale both.
-"""
-from __future__ import annotations
 
+No `from __future__ import annotations` here: FastAPI must see the route parameters' real types (ScoreRequest) in
+the pickled routes, or it reads them as query parameters.
+"""
 import time
 
 import numpy as np
@@ -36,8 +37,8 @@ def busy_ms(ms: float) -> None:
 @serve.deployment(name="Scorer", logging_config=QUIET, max_ongoing_requests=32, **CPU)
 class FloorScorer:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
-    async def score(self, jobs: list[ScoreJob]) -> list[tuple[list[float], str]]:
-        return [([0.0] * len(j.candidates), FLOOR_VERSION) for j in jobs]
+    async def score(self, jobs: list[tuple]) -> list[tuple[list[float], str]]:
+        return [([0.0] * len(ScoreJob.from_wire(j).candidates), FLOOR_VERSION) for j in jobs]
 
 
 floor_api = strict_json_errors(FastAPI(title="zero-work floor"))
@@ -54,7 +55,7 @@ class FloorRetriever:
     async def score(self, req: ScoreRequest) -> ScoreResponse:
         candidates = np.asarray(req.candidates, dtype=np.int64)
         job = ScoreJob(EMPTY, EMPTY, np.zeros((len(candidates), 0), np.int16), candidates, 0, 0, FLOOR_VERSION)
-        scores, version = await self.scorer.score.remote(job)
+        scores, version = await self.scorer.score.remote(job.to_wire())
         return ScoreResponse(scores=scores, model_version=version, index_version=FLOOR_VERSION, query_id=0,
                              history_len=0)
 
@@ -73,9 +74,9 @@ class BusyScorer:
         self.stage, self.extra_ms = ScoringStage(load_model(args)[0]), extra_cpu_ms
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
-    async def score(self, jobs: list[ScoreJob]) -> list[tuple[list[float], str]]:
+    async def score(self, jobs: list[tuple]) -> list[tuple[list[float], str]]:
         busy_ms(self.extra_ms * len(jobs))
-        return [(s.tolist(), "busy") for s in self.stage.score_batch(jobs)]
+        return [(s.tolist(), "busy") for s in self.stage.score_batch([ScoreJob.from_wire(j) for j in jobs])]
 
 
 @serve.deployment(name="Retriever", logging_config=QUIET, max_ongoing_requests=16, **CPU)
@@ -88,10 +89,10 @@ class BusyRetriever:
         self.history = LogHistoryStore(args["store"], args["data"])
         self.extra_ms = extra_cpu_ms
 
-    async def prepare(self, user_id: int, query_id: int, candidates: np.ndarray) -> ScoreJob:
+    async def prepare(self, user_id: int, query_id: int, candidates: np.ndarray) -> tuple:
         busy_ms(self.extra_ms)
         self.history.refresh()
-        return self.stage.prepare(self.history.history(user_id, self.stage.max_len), query_id, candidates)
+        return self.stage.prepare(self.history.history(user_id, self.stage.max_len), query_id, candidates).to_wire()
 
 
 split_api = strict_json_errors(FastAPI(title="split topology (bench)"))
@@ -111,8 +112,9 @@ class Ingress:
             candidates = self.catalog.validate_candidates(req.candidates)
         except RequestError as e:
             raise HTTPException(status_code=e.status, detail=str(e)) from e
-        job = await retry_once(lambda: self.retriever.prepare.remote(req.user_id, query_id, candidates))
-        scores, version = await retry_once(lambda: self.scorer.score.remote(job))
+        wire = await retry_once(lambda: self.retriever.prepare.remote(req.user_id, query_id, candidates))
+        scores, version = await retry_once(lambda: self.scorer.score.remote(wire))
+        job = ScoreJob.from_wire(wire)
         return ScoreResponse(scores=scores, model_version=version, index_version=job.index_version,
                              query_id=query_id, history_len=job.history_len, note=note)
 

@@ -104,9 +104,10 @@ class Scorer:
         self.loaded = (ScoringStage(model), version)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
-    async def score(self, jobs: list[ScoreJob]) -> list[tuple[list[float], str]]:
+    async def score(self, jobs: list[tuple]) -> list[tuple[list[float], str]]:
+        """Scores for each job (ScoreJob.to_wire), with the version of the model that computed them."""
         stage, version = self.loaded
-        return [(s.tolist(), version) for s in stage.score_batch(jobs)]
+        return [(s.tolist(), version) for s in stage.score_batch([ScoreJob.from_wire(j) for j in jobs])]
 
 
 # ---------------------------------------------------------------------------------------------------- retriever
@@ -174,7 +175,8 @@ class Retriever:
         self.history.refresh()  # read-your-writes: every acknowledged append is in the log
         history = self.history.history(req.user_id, loaded.stage.max_len)
         job = loaded.stage.prepare(history, query_id, candidates, keep_full_topk=req.return_topk)
-        scores, model_version = await retry_once(lambda: self.scorer.score.remote(job))
+        wire = job.to_wire()
+        scores, model_version = await retry_once(lambda: self.scorer.score.remote(wire))
         topk = job.full_topk.tolist() if req.return_topk else None
         return ScoreResponse(scores=scores, model_version=model_version, index_version=job.index_version,
                              query_id=query_id, history_len=job.history_len, note=note, topk=topk)

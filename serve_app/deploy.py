@@ -63,11 +63,15 @@ def direct_urls(app: str = APP_NAME, wait_s: float = 10.0) -> list[str]:
     from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
     controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    # A target is listed with its node's address; replicas listen on http_options.host, which is the address to use
+    # when it is loopback (the default here: nothing else can reach them).
+    bound = ray.get(controller.get_http_config.remote()).host
+    loopback = bound if bound == "localhost" or bound.startswith("127.") else None
     deadline = time.monotonic() + wait_s
     while True:
         groups = ray.get(controller.get_target_groups.remote(app))
-        urls = sorted(f"http://{t.ip}:{t.port}" for g in groups if g.protocol == "HTTP" and g.app_name == app
-                      for t in g.targets)
+        urls = sorted(f"http://{loopback or t.ip}:{t.port}" for g in groups if g.protocol == "HTTP"
+                      and g.app_name == app for t in g.targets)
         if urls or time.monotonic() > deadline:
             return urls
         time.sleep(0.2)

@@ -17,7 +17,7 @@ from seminar_ray.data.entities import EntityTables
 from seminar_ray.models import load_checkpoint
 from seminar_ray.retrieval.index import PQIndex
 from seminar_ray.serving import (Catalog, EventsRequest, Limits, LogHistoryStore, RequestError, RetrievalStage,
-                                 ScoreRequest, ScoringStage, compact_history)
+                                 ScoreJob, ScoreRequest, ScoringStage, compact_history)
 from seminar_ray.serving.artefacts import build_artefacts
 from seminar_ray.serving.history import LOG_FILE
 
@@ -244,3 +244,19 @@ def test_app_builder_takes_typed_args_and_names_a_bad_key():
             call_user_app_builder_with_args_if_necessary(build_app, bad)
     with pytest.raises(ValueError, match="unknown deployments"):
         compose(good, {"PQRetriever": {"num_replicas": 2}})
+
+
+def test_score_job_wire_round_trip_scores_the_same(stages):
+    """The Scorer receives ScoreJob.to_wire() (msgpack-native buffers); decoded, it is the same job."""
+    _, retrieval, scoring = stages
+    rng = np.random.default_rng(3)
+    n_items, n_queries = retrieval.index.num_items - 1, retrieval.index.num_queries - 1
+    jobs = [retrieval.prepare(random_history(rng, n_items, n_queries, L), 2, rng.integers(1, n_items + 1, 6))
+            for L in (40, 0)]
+    back = [ScoreJob.from_wire(j.to_wire()) for j in jobs]
+    for a, b in zip(jobs, back):
+        for f in ("hist_items", "hist_queries", "topk", "candidates"):
+            assert np.array_equal(getattr(a, f), getattr(b, f)) and getattr(a, f).dtype == getattr(b, f).dtype, f
+        assert (a.query_id, a.history_len, a.index_version) == (b.query_id, b.history_len, b.index_version)
+    for x, y in zip(scoring.score_batch(jobs), scoring.score_batch(back)):
+        np.testing.assert_array_equal(x, y)

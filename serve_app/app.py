@@ -141,8 +141,8 @@ api = strict_json_errors(FastAPI(title="SEMINAR scoring"))
 class Retriever:
     """The HTTP ingress and the GSU stage: validation, history, top-K by the index, then one hop to the Scorer.
 
-    Retrieval runs inline on the replica's event loop (about a millisecond or two): a worker thread's hand-off
-    cost more than it overlapped. Nothing awaits between reading the history and building the job, so calls into
+    Retrieval runs inline on the replica's event loop: a worker thread's hand-off cost more than it overlapped
+    (serve_app/README.md). Nothing awaits between reading the history and building the job, so calls into
     the stage and the history reader never interleave. user_config: checkpoint, index, data, store, retrieval,
     rerank_factor.
     """

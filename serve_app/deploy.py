@@ -36,7 +36,8 @@ def set_ingress_env(ingress: str) -> None:
 
 
 def start(args: AppArgs | dict, host: str = "127.0.0.1", port: int = 8000, num_cpus: float = 4,
-          name: str = APP_NAME, ingress: str = "proxy") -> serve.handle.DeploymentHandle:
+          name: str = APP_NAME, ingress: str = "proxy", options: dict[str, dict] | None = None
+          ) -> serve.handle.DeploymentHandle:
     """Deploy or update the app (serve.run gives a new code version, so Serve rolls every replica with no failed
     request; `serve deploy` of a config changing only user_config reconfigures in place)."""
     _check_ingress(ingress)
@@ -51,7 +52,7 @@ def start(args: AppArgs | dict, host: str = "127.0.0.1", port: int = 8000, num_c
     elif not ray.is_initialized():
         ray.init(address="auto", include_dashboard=False, configure_logging=False, log_to_driver=False)
     serve.start(http_options={"host": host, "port": port}, logging_config={"enable_access_log": False})
-    return serve.run(compose(args), name=name, route_prefix="/")
+    return serve.run(compose(args, options), name=name, route_prefix="/")
 
 
 def direct_urls(app: str = APP_NAME, wait_s: float = 10.0) -> list[str]:

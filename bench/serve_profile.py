@@ -5,7 +5,8 @@
 Same artefacts and requests as bench/serve_load.py (L = 2,000, 100 candidates), 1 Retriever + 1 Scorer each, on a
 local Ray on 127.0.0.1. For each side (floor, then app), a closed loop at c = 1 runs for --seconds while py-spy
 samples both replica processes (non-blocking; stacks waiting in C dropped). Per process and side it reports the CPU
-milliseconds per request from /proc (immune to the machine's load, which inflates sampled wall time) and the
+milliseconds per request from /proc, less its idle background (immune to the machine's load, which inflates
+sampled wall time) and the
 heaviest frames (self and inclusive sampled time per request), so the app's extra time over the floor can be read
 off by process and by frame. The in-process stage times of the same requests are measured too.
 """
@@ -34,6 +35,7 @@ from serve_app.app import compose  # noqa: E402
 from serve_app.deploy import direct_urls, set_ingress_env  # noqa: E402
 
 RATE_HZ = 250
+IDLE_S = 5.0
 TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 
 
@@ -94,17 +96,22 @@ def summarise(stacks: Counter, requests: int, top: int = 25) -> dict:
 def profile_side(label: str, app: str, urls: list[str], reqs: Requests, seconds: float, out_dir: Path) -> dict:
     pids = replica_pids(app)
     procs = {}
-    for deployment, pid in pids.items():
+    for deployment, pid in pids.items():  # py-spy runs through the idle window and the loop
         path = out_dir / f"{label}_{deployment}.txt"
         procs[deployment] = (subprocess.Popen(
             [shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid),
-             "--rate", str(RATE_HZ), "--format", "raw", "--nonblocking", "--duration", str(int(seconds) + 2),
+             "--rate", str(RATE_HZ), "--format", "raw", "--nonblocking", "--duration", str(int(seconds + IDLE_S) + 2),
              "--output", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), path)
-    time.sleep(1.0)  # py-spy attached
+    # the replicas' background CPU (metrics, health checks) while idle, subtracted below: spread over requests it
+    # would weigh more on the side that served fewer of them
+    idle_start, t_idle = {d: cpu_s(pid) for d, pid in pids.items()}, time.perf_counter()
+    time.sleep(IDLE_S)
+    idle_rate = {d: (cpu_s(pid) - idle_start[d]) / (time.perf_counter() - t_idle) for d, pid in pids.items()}
     load_start = os.getloadavg()
-    cpu_start = {d: cpu_s(pid) for d, pid in pids.items()}
+    cpu_start, t0 = {d: cpu_s(pid) for d, pid in pids.items()}, time.perf_counter()
     run = asyncio.run(closed_loop(urls, reqs, 1, 10**9, seconds))
-    cpu_used = {d: cpu_s(pid) - cpu_start[d] for d, pid in pids.items()}
+    busy_s = time.perf_counter() - t0
+    cpu_used = {d: cpu_s(pid) - cpu_start[d] - idle_rate[d] * busy_s for d, pid in pids.items()}
     run.pop("_lat")
     result = {"closed_c1": run, "processes": {}, "load_avg_start": load_start, "load_avg_end": os.getloadavg()}
     for deployment, (proc, path) in procs.items():
@@ -114,6 +121,7 @@ def profile_side(label: str, app: str, urls: list[str], reqs: Requests, seconds:
         result["processes"][deployment] = {
             # CPU time from the kernel: unlike sampled wall time, a loaded machine does not inflate it
             "cpu_ms_per_request": 1e3 * cpu_used[deployment] / max(run["requests"], 1),
+            "idle_cpu_ms_per_s": 1e3 * idle_rate[deployment],
             **summarise(parse_raw(path.read_text()), run["requests"])}
     return result
 

@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) bench/features.py --out bench/out/features.json
 	$(PY) bench/retrieval.py --out bench/out/retrieval.json --quick
 	$(PY) bench/serve_load.py --out bench/out/serve.json --quick
+	$(PY) bench/fuzz.py --out bench/out/fuzz.json
 
 clean:
 	rm -rf runs .pytest_cache

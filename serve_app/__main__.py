@@ -18,13 +18,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--store", default="runs/history", help="history log directory")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--topology", default="merged", choices=("merged", "split"))
     ap.add_argument("--ingress", default="proxy", choices=INGRESS_MODES)
     args = ap.parse_args(argv)
     from ray import serve
 
-    start({"checkpoint": args.checkpoint, "index": args.index, "data": args.data, "store": args.store,
-           "topology": args.topology}, host=args.host, port=args.port, ingress=args.ingress)
+    start({"checkpoint": args.checkpoint, "index": args.index, "data": args.data, "store": args.store},
+          host=args.host, port=args.port, ingress=args.ingress)
     print(f"serving on http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
     if args.ingress == "direct":
         print(f"direct ingress replicas: {' '.join(direct_urls(APP_NAME))}", flush=True)

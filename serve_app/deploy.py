@@ -4,9 +4,9 @@ Two ingress modes, chosen when Ray starts (Serve reads them from the environment
 - "proxy" (Serve's default): clients talk to the HTTP proxy, which forwards each request to an ingress replica.
 - "direct": Ray Serve's throughput-optimized preset (`RAY_SERVE_THROUGHPUT_OPTIMIZED=1`, Ray ≥ 2.55): every ingress
   replica serves HTTP itself on its own port (direct ingress; the head-node proxy stays up as a fallback), replicas
-  talk gRPC, and user code and routers run on each replica's main event loop. Measured in bench/out/serve.json: about
-  2x the proxy mode's throughput on 2 cores and half its latency. Clients spread requests over `direct_urls()`
-  (what HAProxy does in Serve's `RAY_SERVE_ENABLE_HA_PROXY` mode on a cluster).
+  talk gRPC, and user code and routers run on each replica's main event loop. Clients spread requests over
+  `direct_urls()` (what HAProxy does in Serve's `RAY_SERVE_ENABLE_HA_PROXY` mode on a cluster). The measured
+  comparison is in serve_app/README.md.
 """
 import os
 import time
@@ -14,7 +14,7 @@ import time
 import ray
 from ray import serve
 
-from serve_app.app import build_app
+from serve_app.app import AppArgs, compose
 
 APP_NAME = "seminar"
 INGRESS_MODES = ("proxy", "direct")
@@ -35,8 +35,9 @@ def set_ingress_env(ingress: str) -> None:
         os.environ.update(DIRECT_ENV)
 
 
-def start(args: dict, host: str = "127.0.0.1", port: int = 8000, num_cpus: float = 4,
-          name: str = APP_NAME, ingress: str = "proxy") -> serve.handle.DeploymentHandle:
+def start(args: AppArgs | dict, host: str = "127.0.0.1", port: int = 8000, num_cpus: float = 4,
+          name: str = APP_NAME, ingress: str = "proxy", options: dict[str, dict] | None = None
+          ) -> serve.handle.DeploymentHandle:
     """Deploy or update the app (serve.run gives a new code version, so Serve rolls every replica with no failed
     request; `serve deploy` of a config changing only user_config reconfigures in place)."""
     _check_ingress(ingress)
@@ -51,7 +52,7 @@ def start(args: dict, host: str = "127.0.0.1", port: int = 8000, num_cpus: float
     elif not ray.is_initialized():
         ray.init(address="auto", include_dashboard=False, configure_logging=False, log_to_driver=False)
     serve.start(http_options={"host": host, "port": port}, logging_config={"enable_access_log": False})
-    return serve.run(build_app(args), name=name, route_prefix="/")
+    return serve.run(compose(args, options), name=name, route_prefix="/")
 
 
 def direct_urls(app: str = APP_NAME, wait_s: float = 10.0) -> list[str]:
@@ -63,11 +64,15 @@ def direct_urls(app: str = APP_NAME, wait_s: float = 10.0) -> list[str]:
     from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
     controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    # A target is listed with its node's address; replicas listen on http_options.host, which is the address to use
+    # when it is loopback (the default here: nothing else can reach them).
+    bound = ray.get(controller.get_http_config.remote()).host
+    loopback = bound if bound == "localhost" or bound.startswith("127.") else None
     deadline = time.monotonic() + wait_s
     while True:
         groups = ray.get(controller.get_target_groups.remote(app))
-        urls = sorted(f"http://{t.ip}:{t.port}" for g in groups if g.protocol == "HTTP" and g.app_name == app
-                      for t in g.targets)
+        urls = sorted(f"http://{loopback or t.ip}:{t.port}" for g in groups if g.protocol == "HTTP"
+                      and g.app_name == app for t in g.targets)
         if urls or time.monotonic() > deadline:
             return urls
         time.sleep(0.2)

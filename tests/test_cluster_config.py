@@ -80,7 +80,7 @@ def test_serve_cluster_config_passes_serve_schema():
     assert config.http_options.host == "0.0.0.0" and config.proxy_location.value == "EveryNode"
     app = config.applications[0]
     assert app.import_path == "serve_app.app:build_app"
-    assert {d.name for d in app.deployments} == {"PQRetriever", "ESUScorer", "HistoryWriter"}
+    assert {d.name for d in app.deployments} == {"Retriever", "Scorer", "HistoryWriter"}
 
 
 def test_worker_resources_flag_reaches_the_scaling_config(tmp_path):

@@ -54,14 +54,14 @@ def _job(tiny_data, storage: Path, run_name: str, epochs: int):
                     worker_resources={"gpu_trainer": 1}, samples_per_user=2, eval_users=32, max_failures=2)
 
 
-def _serve_config(replicas: int) -> dict:
-    """serve_app/config.cluster.yaml as deployed, shrunk to this machine: the zero-work floor (no artefacts), no HTTP
-    proxies, small CPUs, and `replicas` replicas of each scaling deployment, at most one per node."""
+def _serve_config(replicas: int, artefacts) -> dict:
+    """serve_app/config.cluster.yaml as deployed, shrunk to this machine: small local artefacts in place of the
+    bucket, no HTTP proxies, small CPUs, and `replicas` replicas of each scaling deployment, at most one per node."""
     cfg = yaml.safe_load((ROOT / "serve_app" / "config.cluster.yaml").read_text())
     cfg["proxy_location"] = "Disabled"
     cfg.pop("http_options")
     app = cfg["applications"][0]
-    app["args"] = {"work": False, "topology": app["args"]["topology"]}
+    app["args"] = {k: str(getattr(artefacts, k)) for k in app["args"]}
     for dep in app["deployments"]:
         assert "cpu_worker" in dep["ray_actor_options"]["resources"], f"{dep['name']} is not steered to cpu_worker"
         dep["ray_actor_options"]["num_cpus"] = 0.1
@@ -97,23 +97,27 @@ def _wait_running(app: str, timeout_s: float) -> None:
         time.sleep(1)
 
 
-def test_serve_replicas_spread_over_cpu_worker_nodes(cluster):
+def test_serve_replicas_spread_over_cpu_worker_nodes(cluster, tmp_path):
     from ray import serve
     from ray.serve._private import api as serve_api
     from ray.serve.schema import ServeDeploySchema
 
-    config = ServeDeploySchema.model_validate(_serve_config(replicas=2))
+    from seminar_ray.serving import ScoreRequest
+    from seminar_ray.serving.artefacts import build_artefacts
+
+    artefacts = build_artefacts(tmp_path, num_users=8, min_len=10, max_len=30, model_max_len=32)
+    config = ServeDeploySchema.model_validate(_serve_config(replicas=2, artefacts=artefacts))
     client = serve_api.serve_start(proxy_location=config.proxy_location)
     try:
         client.deploy_apps(config, _blocking=False)
         _wait_running("seminar", timeout_s=240)
         handle = serve.get_app_handle("seminar")
         for user in range(8):
-            reply = handle.score.remote({"user_id": user, "candidates": [1, 2, 3]}).result(timeout_s=60)
-            assert reply["scores"] == [0.0, 0.0, 0.0] and reply["model_version"] == "zero-work"
+            reply = handle.score.remote(ScoreRequest(user_id=user, candidates=[1, 2, 3])).result(timeout_s=60)
+            assert len(reply.scores) == 3 and reply.model_version.startswith("ckpt-a@")
         placed = _replica_nodes("seminar")
         workers = _alive_nodes("cpu_worker")
-        for deployment in ("PQRetriever", "ESUScorer"):
+        for deployment in ("Retriever", "Scorer"):
             assert len(placed[deployment]) == 2, f"{deployment} replicas on {placed[deployment]}: expected 2 nodes"
         assert set().union(*placed.values()) <= workers, "a replica ran on a node without cpu_worker (the head)"
     finally:

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pydantic
@@ -15,8 +16,8 @@ import torch
 from seminar_ray.data.entities import EntityTables
 from seminar_ray.models import load_checkpoint
 from seminar_ray.retrieval.index import PQIndex
-from seminar_ray.serving import (Catalog, Limits, LogHistoryStore, RequestError, RetrievalStage, ScoreRequest,
-                                 ScoringStage, compact_history)
+from seminar_ray.serving import (Catalog, EventsRequest, Limits, LogHistoryStore, RequestError, RetrievalStage,
+                                 ScoreJob, ScoreRequest, ScoringStage, compact_history)
 from seminar_ray.serving.artefacts import build_artefacts
 from seminar_ray.serving.history import LOG_FILE
 
@@ -128,10 +129,32 @@ def test_catalog_validation(artefacts):
 
 @pytest.mark.parametrize("body", [{"candidates": [1]}, {"user_id": 1, "candidates": []},
                                   {"user_id": "x", "candidates": [1]}, {"user_id": 1, "candidates": [1], "extra": 1},
-                                  {"user_id": 1, "candidates": ["a"]}])
+                                  {"user_id": 1, "candidates": ["a"]}, {"user_id": 1, "candidates": [2**63]},
+                                  {"user_id": 10**30, "candidates": [1]}, {"user_id": 1, "candidates": [float("nan")]},
+                                  {"user_id": 1, "query": 2**63, "candidates": [1]},
+                                  {"user_id": 1, "candidates": [float("inf")]}])
 def test_malformed_score_bodies_are_rejected(body):
     with pytest.raises(pydantic.ValidationError):
         ScoreRequest.model_validate(body)
+
+
+@pytest.mark.parametrize("event", [{"item_id": 2**63}, {"item_id": 1, "timestamp": 10**30},
+                                   {"item_id": 1, "timestamp": -(2**63) - 1}, {"item_id": float("nan")}])
+def test_events_past_int64_are_rejected(event):
+    with pytest.raises(pydantic.ValidationError):
+        EventsRequest.model_validate({"user_id": 1, "events": [event]})
+    assert EventsRequest.model_validate({"user_id": 2**63 - 1, "events": [{"item_id": 1, "timestamp": -(2**63)}]})
+
+
+def test_validation_errors_echo_only_strict_json():
+    """A 422 echoes the bad input; NaN, inf and lone surrogates in it must not break the JSON answer (a 500)."""
+    import json
+
+    from seminar_ray.serving.api import json_safe
+
+    bad = {"input": [float("nan"), float("-inf"), "\ud800", {"\udfff": 1.5}], "ctx": (1, "x")}
+    text = json.dumps(json_safe(bad), allow_nan=False, ensure_ascii=False).encode("utf-8")
+    assert json.loads(text) == {"input": ["nan", "-inf", "\\ud800", {"\\udfff": 1.5}], "ctx": [1, "x"]}
 
 
 def test_log_store_read_your_writes_and_torn_tail(tmp_path, artefacts):
@@ -188,3 +211,52 @@ def test_ingress_mode_is_checked_before_anything_starts(monkeypatch):
     monkeypatch.delenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", raising=False)
     with pytest.raises(ValueError, match="RAY_SERVE_THROUGHPUT_OPTIMIZED=1 ray start"):
         start({}, ingress="direct")
+
+
+def test_concurrent_appends_take_consecutive_seqs(tmp_path):
+    """Serve runs the writer's sync `append` on a thread pool: simultaneous appends must not share a seq."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = LogHistoryStore(tmp_path, writer=True)
+    with ThreadPoolExecutor(8) as pool:
+        seqs = list(pool.map(lambda n: store.append(n % 5, [n + 1], [0], [n]), range(200)))
+    assert sorted(seqs) == list(range(1, 201))
+    reader = LogHistoryStore(tmp_path)
+    assert reader.last_seq == 200 and sum(len(reader.history(u, 10**6)[1]) for u in range(5)) == 200
+
+
+def test_app_builder_takes_typed_args_and_names_a_bad_key():
+    """Serve validates config.yaml's `args:` into build_app's pydantic model before calling it (app_builder pattern)."""
+    import yaml
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from serve_app.app import AppArgs, build_app, compose
+
+    root = Path(__file__).resolve().parents[1] / "serve_app"
+    for config in ("config.yaml", "config.cluster.yaml"):
+        args = yaml.safe_load((root / config).read_text())["applications"][0]["args"]
+        app = call_user_app_builder_with_args_if_necessary(build_app, args)
+        assert type(app).__name__ == "Application" and AppArgs.model_validate(args).retrieval == "exact"
+    good = {"checkpoint": "c", "index": "i", "data": "d", "store": "s"}
+    for bad, name in (({**good, "topology": "split"}, "topology"), ({**good, "retrieval": "fast"}, "retrieval"),
+                      ({**good, "limits": {"max_candidate": 5}}, "max_candidate"), ({"checkpoint": "c"}, "index")):
+        with pytest.raises(pydantic.ValidationError, match=name):
+            call_user_app_builder_with_args_if_necessary(build_app, bad)
+    with pytest.raises(ValueError, match="unknown deployments"):
+        compose(good, {"PQRetriever": {"num_replicas": 2}})
+
+
+def test_score_job_wire_round_trip_scores_the_same(stages):
+    """The Scorer receives ScoreJob.to_wire() (msgpack-native buffers); decoded, it is the same job."""
+    _, retrieval, scoring = stages
+    rng = np.random.default_rng(3)
+    n_items, n_queries = retrieval.index.num_items - 1, retrieval.index.num_queries - 1
+    jobs = [retrieval.prepare(random_history(rng, n_items, n_queries, L), 2, rng.integers(1, n_items + 1, 6))
+            for L in (40, 0)]
+    back = [ScoreJob.from_wire(j.to_wire()) for j in jobs]
+    for a, b in zip(jobs, back):
+        for f in ("hist_items", "hist_queries", "topk", "candidates"):
+            assert np.array_equal(getattr(a, f), getattr(b, f)) and getattr(a, f).dtype == getattr(b, f).dtype, f
+        assert (a.query_id, a.history_len, a.index_version) == (b.query_id, b.history_len, b.index_version)
+    for x, y in zip(scoring.score_batch(jobs), scoring.score_batch(back)):
+        np.testing.assert_array_equal(x, y)

@@ -27,9 +27,10 @@ def direct_app(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in (*DIRECT_ENV, "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S")}
     os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"  # shutdown waits out the drain
     args = {"checkpoint": str(art.checkpoint), "index": str(art.index), "data": str(art.data),
-            "store": str(art.store), "retriever_replicas": 2, "limits": {"max_candidates": 20}}
+            "store": str(art.store), "limits": {"max_candidates": 20}}
     try:
-        start(args, port=PORT, ingress="direct")
+        start(args, port=PORT, ingress="direct",
+              options={"Retriever": {"num_replicas": 2, "autoscaling_config": None}})
         yield direct_urls()
     finally:
         serve.shutdown()

@@ -15,12 +15,13 @@ import pytest
 from ray import serve
 
 from seminar_ray.serving.artefacts import build_artefacts
+from seminar_ray.serving import Limits, ScoreRequest
 from seminar_ray.serving.history import LogHistoryStore
-from serve_app.app import build_app
+from serve_app.app import compose
 
 PORT = 18765
 APP = "seminar"
-FAST_SCALING = {"min_replicas": 2, "max_replicas": 2, "target_ongoing_requests": 4}
+OPTIONS = {"Retriever": {"autoscaling_config": {"min_replicas": 2, "max_replicas": 2, "target_ongoing_requests": 4}}}
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +34,13 @@ def artefacts(tmp_path_factory):
 
 def app_args(art, **more) -> dict:
     return {"checkpoint": str(art.checkpoint), "index": str(art.index), "data": str(art.data), "store": str(art.store),
-            "limits": {"max_candidates": 50, "max_query_chars": 64}, "retriever_autoscaling": FAST_SCALING, **more}
+            "limits": {"max_candidates": 50, "max_query_chars": 64}, **more}
 
 
 @pytest.fixture(scope="module")
 def service(ray_local, artefacts):
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    serve.run(build_app(app_args(artefacts[0])), name=APP, route_prefix="/")
+    serve.run(compose(app_args(artefacts[0]), OPTIONS), name=APP, route_prefix="/")
     with httpx.Client(base_url=f"http://127.0.0.1:{PORT}", timeout=60) as client:
         yield client, artefacts
     serve.shutdown()
@@ -65,6 +66,8 @@ def test_score_events_and_read_your_writes(service):
     assert ack.status_code == 200 and ack.json()["appended"] == 2 and ack.json()["model_version"]
     after = score(client, user_id=10**7, candidates=[5, 6], return_topk=True).json()
     assert after["history_len"] == 2 and after["topk"][0][:2] in ([0, 1], [1, 0])  # the acknowledged events
+    by_handle = serve.get_app_handle(APP).score.remote(ScoreRequest(user_id=3, candidates=list(range(1, 21))))
+    assert by_handle.result(timeout_s=60).scores == pytest.approx(body["scores"])  # the same path without HTTP
 
 
 @pytest.mark.parametrize("body, fragment", [
@@ -123,23 +126,23 @@ def replica_states(deployment: str) -> dict:
 
 
 def retriever_actors() -> dict[str, str]:
-    """name → namespace of every live PQRetriever replica actor."""
+    """name → namespace of every live Retriever replica actor."""
     import ray
 
     return {a["name"]: a["namespace"] for a in ray.util.list_named_actors(all_namespaces=True)
-            if "PQRetriever" in a["name"]}
+            if "#Retriever#" in a["name"]}
 
 
 def replaced(before) -> bool:
     """A new retriever replica exists (so the controller has noticed the kill) and two replicas run, none starting."""
-    return bool(retriever_actors().keys() - before) and replica_states("PQRetriever") == {"RUNNING": 2}
+    return bool(retriever_actors().keys() - before) and replica_states("Retriever") == {"RUNNING": 2}
 
 
 def test_checkpoint_roll_without_failed_requests(service):
     client, (a, b) = service
     with Load(str(client.base_url)) as load:
         time.sleep(2)
-        serve.run(build_app(app_args(b, store=str(a.store))), name=APP, route_prefix="/")
+        serve.run(compose(app_args(b, store=str(a.store)), OPTIONS), name=APP, route_prefix="/")
         deadline = time.time() + 180  # the roll starts new replicas: 20-80 s each on a loaded shared machine
         while time.time() < deadline and not (load.results and str(load.results[-1][2]).startswith("ckpt-b@")):
             time.sleep(0.5)
@@ -166,7 +169,7 @@ def test_retriever_replica_killed_under_load_recovers(service):
         while time.time() < deadline and not replaced(before.keys()):
             time.sleep(0.5)
         time.sleep(3)
-    assert replaced(before.keys()), (retriever_actors(), replica_states("PQRetriever"))  # Serve replaced the replica
+    assert replaced(before.keys()), (retriever_actors(), replica_states("Retriever"))  # Serve replaced the replica
     after = [r for r in load.results if r[0] > killed_at + 1]
     assert after and all(r[1] == 200 for r in after[-20:]), after[-5:]
     assert sum(r[1] == 200 for r in load.results) > 0.8 * len(load.results)
@@ -192,3 +195,19 @@ def test_history_writer_sigkill_keeps_every_acknowledged_event(service):
     q, items = LogHistoryStore(a.store).history(user, 100)
     assert items.tolist() == [10, 11, 12, 13, 14, 99]
     assert score(client, user_id=user, candidates=[1]).json()["history_len"] == 6
+
+
+def test_fuzzed_requests_get_4xx_with_a_message_never_5xx_and_the_log_holds_exactly_the_acks(service):
+    """2,000 generated requests (bench/fuzz.py's hypothesis strategies), valid and malformed: ids and timestamps past
+    int64, NaN / Infinity / 1e400, wrong types, missing and unknown fields, lists past the limits, non-JSON bodies."""
+    from bench.fuzz import Space, fuzz
+
+    client, (a, _) = service
+    out = fuzz(str(client.base_url), Space.load(a.data, Limits(max_candidates=50, max_query_chars=64)), a.store,
+               requests=2000)
+    summary = out.summary()
+    assert out.requests >= 2000 and not out.problems, summary
+    assert summary["responses_5xx"] == 0 and out.lost_events == 0 and out.unacknowledged_in_log == 0
+    for path in ("/v1/score", "/v1/events"):  # both routes saw accepted and refused requests
+        assert out.status[f"{path} 200"] > 100 and out.status[f"{path} 422"] > 100, summary
+    assert len(out.acked) == out.status["/v1/events 200"]

@@ -1,22 +1,22 @@
 """What the service knows about entities: id ranges, query text → id, and the request limits (DESIGN §6)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from seminar_ray.data.schema import EMPTY_QUERY, DatasetMeta, read_table
 from seminar_ray.serving.api import QueryField, RequestError
 
 
-@dataclass(frozen=True)
-class Limits:
-    """Configurable request limits; exceeding one is a 4xx, never a 500."""
+class Limits(BaseModel):
+    """Configurable request limits; exceeding one is a 4xx, never a 500. Part of the app's typed args."""
 
-    max_candidates: int = 200
-    max_query_chars: int = 256
-    max_events: int = 1000
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    max_candidates: int = Field(200, ge=1)
+    max_query_chars: int = Field(256, ge=0)
+    max_events: int = Field(1000, ge=1)
 
 
 def normalise_text(text: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -49,7 +50,9 @@ class LogHistoryStore(HistoryStore):
     """Embedded store: base sequences.parquet (optional) + `events.log`, one JSON line per append.
 
     Only one process may open it with `writer=True` (the single-replica HistoryWriter); on open the writer drops
-    a torn last line (a crash mid-write, never acknowledged). Readers only consume complete lines.
+    a torn last line (a crash mid-write, never acknowledged). Readers only consume complete lines. One instance is
+    safe to share between threads: Serve runs a replica's sync methods on a thread pool, so two appends may arrive
+    at once, and without the lock both took the same seq (the fuzz in bench/fuzz.py found it).
     """
 
     def __init__(self, store_dir: str | Path, data_dir: str | Path | None = None, writer: bool = False):
@@ -59,6 +62,7 @@ class LogHistoryStore(HistoryStore):
         self._users: dict[int, History] = load_base(data_dir) if data_dir is not None else {}
         self._offset, self._seq = 0, 0
         self._writer = writer
+        self._lock = threading.RLock()
         self._fd: int | None = None
         if writer:
             self._repair_tail()
@@ -83,16 +87,21 @@ class LogHistoryStore(HistoryStore):
         if not len(item_ids) == len(query_ids) == len(timestamps) or not item_ids:
             raise ValueError(f"append needs equal, non-empty item/query/timestamp lists, got "
                              f"{len(item_ids)}/{len(query_ids)}/{len(timestamps)}")
-        self.refresh()
-        seq = self._seq + 1
-        line = json.dumps({"seq": seq, "user_id": int(user_id), "item_ids": [int(i) for i in item_ids],
-                           "query_ids": [int(q) for q in query_ids], "timestamps": [int(t) for t in timestamps]})
-        os.write(self._fd, (line + "\n").encode())
-        os.fsync(self._fd)
-        self.refresh()
-        return seq
+        with self._lock:
+            self.refresh()
+            seq = self._seq + 1
+            line = json.dumps({"seq": seq, "user_id": int(user_id), "item_ids": [int(i) for i in item_ids],
+                               "query_ids": [int(q) for q in query_ids], "timestamps": [int(t) for t in timestamps]})
+            os.write(self._fd, (line + "\n").encode())
+            os.fsync(self._fd)
+            self.refresh()
+            return seq
 
     def refresh(self) -> int:
+        with self._lock:
+            return self._refresh()
+
+    def _refresh(self) -> int:
         try:
             size = os.stat(self.path).st_size
         except FileNotFoundError:

@@ -37,7 +37,23 @@ class ScoreJob:
     query_id: int
     history_len: int  # the full history length the retriever saw
     index_version: str
-    full_topk: np.ndarray | None = None  # positions into the full history, for the debug answer
+    full_topk: np.ndarray | None = None  # positions into the full history, for the debug answer (not sent)
+
+    def to_wire(self) -> tuple:
+        """The job as the Scorer receives it: raw buffers, ints and a string, which Ray's serializer packs with
+        msgpack directly, where a dataclass of numpy arrays goes through pickle (measured in serve_app/README.md)."""
+        return (self.hist_items.astype(np.int32, copy=False).tobytes(),
+                self.hist_queries.astype(np.int32, copy=False).tobytes(), self.topk.tobytes(), self.topk.shape[1],
+                self.topk.dtype.str, self.candidates.astype(np.int64, copy=False).tobytes(), int(self.query_id),
+                int(self.history_len), self.index_version)
+
+    @classmethod
+    def from_wire(cls, wire: tuple | list) -> "ScoreJob":
+        items, queries, topk, k, pos_dtype, candidates, query_id, history_len, index_version = wire
+        cands = np.frombuffer(candidates, np.int64)
+        return cls(np.frombuffer(items, np.int32), np.frombuffer(queries, np.int32),
+                   np.frombuffer(topk, np.dtype(pos_dtype)).reshape(len(cands), k), cands, query_id, history_len,
+                   index_version)
 
 
 def checkpoint_version(ckpt_dir: Path) -> str:
@@ -72,8 +88,8 @@ RETRIEVAL_METHODS = ("exact", "pq", "sketch")
 def make_retriever(index: PQIndex, method: str, rerank_factor: int = 8) -> Retriever:
     """The top-K ranker over a serving index (DESIGN §5).
 
-    "exact": one GEMM over the index's fp16 folded tables (exact top-K; at L = 2,000 and d ≤ 64 it costs well under
-    a millisecond per request here). "pq": folded-ADC fast-scan shortlist of rerank_factor·K + exact re-rank.
+    "exact": one GEMM over the index's fp16 folded tables (exact top-K; the default, serve_app/README.md says why).
+    "pq": folded-ADC fast-scan shortlist of rerank_factor·K + exact re-rank.
     "sketch": int8 key-sketch shortlist + exact re-rank (needs an index built with a sketch).
     """
     if method == "exact":

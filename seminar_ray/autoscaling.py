@@ -168,6 +168,21 @@ class LocalAutoscalingCluster:
             raise
         return self
 
+    def connect(self, attempts: int = 3, **init_kwargs) -> None:
+        """ray.init() to this cluster. A driver's first lookup asks the GCS about every raylet on the machine (other
+        clusters' too); on a loaded machine that call can time out, so it is retried a bounded number of times."""
+        import ray
+
+        for attempt in range(attempts):
+            try:
+                ray.init(address=self.address, **init_kwargs)
+                return
+            except (ConnectionError, RuntimeError):
+                ray.shutdown()
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(5)
+
     def _wait_for_head(self, timeout_s: float) -> None:
         from ray._raylet import GcsClient
 

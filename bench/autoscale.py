@@ -32,7 +32,7 @@ from seminar_ray.autoscaling import LocalAutoscalingCluster, NodeWatcher, local_
 
 RAY_DEFAULTS = {"idle_timeout_minutes": 5.0, "upscaling_speed": 1.0}  # ray/autoscaler/aws/defaults.yaml (2.60)
 IDLE_MINUTES = 0.1
-HEAD = {"CPU": 2, "object_store_memory": 200 * 1024**2}
+HEAD = {"CPU": 8, "object_store_memory": 200 * 1024**2}  # room for the job's Ray Data tasks (docs/scaling.md)
 
 
 def _in_netns() -> None:
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         generate_to_dir(SyntheticConfig.preset("tiny"), work / "data")
         with LocalAutoscalingCluster(types, head_resources=dict(HEAD), idle_timeout_minutes=IDLE_MINUTES) as cluster:
-            ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+            cluster.connect(log_to_driver=False, configure_logging=False)
             with NodeWatcher(types) as watch:
                 cycles = [scale_cycle(watch) for _ in range(1 if args.quick else 3)]
                 job = pretrain_job(cluster, watch, work / "data", work / "runs")

@@ -174,14 +174,22 @@ class LocalAutoscalingCluster:
         import ray
 
         for attempt in range(attempts):
+            self._check_head()
             try:
                 ray.init(address=self.address, **init_kwargs)
                 return
             except (ConnectionError, RuntimeError):
                 ray.shutdown()
+                self._check_head()
                 if attempt == attempts - 1:
                     raise
                 time.sleep(5)
+
+    def _check_head(self) -> None:
+        """Fail at once when the head is gone: `ray start --head --block` exits, taking its GCS with it, when the head
+        times out during start-up (seen at load average 150), and a driver would wait on the dead GCS for minutes."""
+        if self._proc is not None and self._proc.poll() is not None:
+            raise RuntimeError(f"ray start --head exited with {self._proc.returncode}: {self.log_tail()}")
 
     def _wait_for_head(self, timeout_s: float) -> None:
         from ray._raylet import GcsClient

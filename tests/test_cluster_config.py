@@ -97,3 +97,28 @@ def test_worker_resources_flag_reaches_the_scaling_config(tmp_path):
     job.worker_resources = {"GPU": 2}
     with pytest.raises(ValueError, match="--worker-resources: GPU=2"):
         worker_resources(job)
+
+
+def test_local_cluster_yaml_has_cluster_yaml_node_types_on_the_fake_provider():
+    """cluster.local.yaml (docs/scaling.md, "On a laptop") is cluster.yaml's worker types as seminar_ray.autoscaling
+    scales them for the tests and the bench, on the fake_multinode provider, and passes the launcher's schema."""
+    from ray.autoscaler._private.util import validate_config
+
+    from seminar_ray.autoscaling import HEAD_TYPE, launchable, local_node_types
+
+    local = yaml.safe_load((ROOT / "cluster.local.yaml").read_text())
+    validate_config(local)
+    assert local["provider"]["type"] == "fake_multinode" and local["head_node_type"] == HEAD_TYPE
+    workers = {k: v for k, v in local["available_node_types"].items() if k != HEAD_TYPE}
+    assert workers == local_node_types(ROOT / "cluster.yaml")
+    assert {t["name"]: t["max_count"] for t in launchable(local)} == {"cpu_worker": 2, "gpu_trainer": 2}
+
+
+def test_cluster_yaml_head_publishes_its_node_types_for_the_placement_check(prepared):
+    """Ray's v1 autoscaler publishes no node-type table; the head's start commands publish cluster.yaml's, which
+    jobs' placement check reads (so GPU workers are accepted while no gpu_trainer node runs yet)."""
+    from seminar_ray.autoscaling import launchable
+
+    assert any("seminar_ray.autoscaling publish ~/ray_bootstrap_config.yaml" in c
+               for c in prepared["head_start_ray_commands"])
+    assert {t["name"]: t["max_count"] for t in launchable(prepared)} == {"cpu_worker": 6, "gpu_trainer": 4}

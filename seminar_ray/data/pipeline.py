@@ -8,6 +8,7 @@ Evaluation samples are fixed, so they are drawn inside the dataset by `map_batch
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from seminar_ray.data.splits import SampleConfig, SequenceBatch, eval_batch, eva
 
 MAP_CPUS = 0.25  # fractional CPU for every map task: a 1-CPU task starves Train workers on 2 cores
 MAP_CONCURRENCY = 2  # ... and a cap, or 0.25-CPU tasks start 16 worker processes that each import torch
+FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"  # read by read_parquet() in the calling process
 
 
 def sample_config(data_dir: str | Path, **overrides) -> SampleConfig:
@@ -37,7 +39,11 @@ def read_sequences(data_dir: str | Path, min_blocks: int = 8):
     path = storage.join(data_dir, "sequences.parquet")  # a shared URI is read in place by every node
     if not storage.exists(path):
         raise DataError(f"{path}: missing table 'sequences'")
-    ds = ray.data.read_parquet(str(path))
+    # Ray 2.60 lists Parquet files on a pool of FooterReader actors: 32 per read whatever the file count, each placed
+    # with 1 CPU. For our one file that is 31 idle processes and, on an autoscaling cluster, 32 CPUs of pending demand
+    # that the autoscaler answers with nodes (docs/scaling.md). One, unless the environment says otherwise.
+    os.environ.setdefault(FOOTER_ACTORS_ENV, "1")
+    ds = ray.data.read_parquet(str(path), num_cpus=MAP_CPUS)  # a fraction of a CPU, like the maps
     with storage.open_input(path) as f:
         row_groups = pq.ParquetFile(f).metadata.num_row_groups
     return ds.repartition(min_blocks) if row_groups < min_blocks else ds

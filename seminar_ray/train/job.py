@@ -213,16 +213,27 @@ def _worker_nodes() -> list[str]:
     return nodes
 
 
-def _node_capacities() -> list[tuple[dict, int]]:
-    """(resources of a node, how many such nodes) over every node the cluster has, or could launch when an
-    autoscaler (cluster.yaml, KubeRay) has published its node types: then the node types' max counts count."""
+def _node_capacities() -> tuple[list[tuple[dict, int]], str]:
+    """(resources of a node, how many such nodes) over every node the cluster has or could launch, and a description
+    of where that came from. An autoscaler's node types count with their max counts: Ray's own table where it
+    publishes one (KubeRay, autoscaler v2), else the table seminar_ray.autoscaling publishes (cluster.yaml's head,
+    the local fake cluster) plus the head; otherwise the live nodes."""
     import ray
     from ray._private.state import state
 
+    from seminar_ray.autoscaling import published_node_types
+
     config = state.get_cluster_config()
     if config is not None and config.node_group_configs:
-        return [(dict(g.resources), g.max_count if g.max_count >= 0 else 1 << 20) for g in config.node_group_configs]
-    return [(n.get("Resources", {}), 1) for n in ray.nodes() if n.get("Alive")]
+        return ([(dict(g.resources), g.max_count if g.max_count >= 0 else 1 << 20) for g in config.node_group_configs],
+                "the autoscaler's node types")
+    live = [n for n in ray.nodes() if n.get("Alive")]
+    types = published_node_types()
+    if types:
+        head = [(n.get("Resources", {}), 1) for n in live if "node:__internal_head__" in n.get("Resources", {})]
+        listed = ", ".join(f"{t['name']} (up to {t['max_count']}: {t['resources']})" for t in types)
+        return head + [(t["resources"], t["max_count"]) for t in types], f"the head and the node types {listed}"
+    return [(n.get("Resources", {}), 1) for n in live], "the live nodes"
 
 
 def check_placement(job: TrainJob) -> None:
@@ -232,15 +243,16 @@ def check_placement(job: TrainJob) -> None:
     if job.num_workers == 0:
         return
     need = {k: v for k, v in worker_resources(job).items() if v > 0}
+    capacities, source = _node_capacities()
     slots = sum(count * min((int(res.get(k, 0) // v) for k, v in need.items()), default=job.num_workers)
-                for res, count in _node_capacities())
+                for res, count in capacities)
     if slots < job.num_workers:
         total = ray.cluster_resources()
         have = ", ".join(f"{k} {total.get(k, 0)}" for k in need)
         raise ValueError(
-            f"--num-workers {job.num_workers} × {need} cannot be placed: the cluster's nodes hold at most {slots} "
-            f"such workers ({have}). Lower --num-workers, --cpus-per-worker or --worker-resources, or add nodes "
-            f"(on an autoscaling cluster, a node type that provides them).")
+            f"--num-workers {job.num_workers} × {need} cannot be placed: {source} hold at most {slots} "
+            f"such workers (live now: {have}). Lower --num-workers, --cpus-per-worker or --worker-resources, or add "
+            f"nodes (on an autoscaling cluster, a node type that provides them).")
 
 
 def worker_resources(job: TrainJob) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""Recall/latency of GSU top-K retrievers (paper §4.2.2, Figure 2, Table 4; DESIGN §5) → bench/out/retrieval.json.
+"""Recall/latency of GSU top-K retrievers (paper §4.2.2, Figure 2, Table 4; docs/design.md, Retrieval) → bench/out/retrieval.json.
 
 Scenarios: "paper" (i.i.d. N(μ,1) channels, d = 64, the three groups of Figure 2) and "catalog" (10^6 items,
 10^5 queries, Zipf histories by id, 64 candidates per user; baseline "exact_fp32" measured in the same run).

@@ -1,4 +1,4 @@
-"""Build the PQ retrieval index from a fine-tuned SEMINAR checkpoint (paper §3.3.3, DESIGN §5).
+"""Build the PQ retrieval index from a fine-tuned SEMINAR checkpoint (paper §3.3.3; docs/design.md, Retrieval).
 
 Codebooks are trained on the driver; every item and query is encoded in parallel with Ray Data
 (map_batches, fractional CPUs); the artefact is written atomically (tmp dir + rename) by PQIndex.save.

@@ -1,4 +1,4 @@
-"""Flags shared by the training jobs and the one place a TrainJob is built from them (DESIGN §4b CLI contract)."""
+"""Flags shared by the training jobs and the one place a TrainJob is built from them (docs/design.md, Model contracts: checkpoints)."""
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,4 @@
-"""Raw logs → items/queries/sequences Parquet (DESIGN §3).
+"""Raw logs → items/queries/sequences Parquet (docs/design.md, Data model).
 
     python jobs/prepare_data.py --source synthetic --scale small --out data/small
     python jobs/prepare_data.py --source recbole --input ml-100k/ --out data/ml100k

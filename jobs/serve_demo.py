@@ -1,5 +1,5 @@
 """The last stage of `make run`: serve the fine-tuned SEMINAR, score 10 candidates for a real user over HTTP, print
-the answer and shut Serve down (DESIGN §6).
+the answer and shut Serve down (docs/design.md, Serving).
 
     python jobs/serve_demo.py --checkpoint RUN_OR_CKPT --index INDEX_DIR --data DATA_DIR [--port 8000]
 

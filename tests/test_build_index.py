@@ -1,4 +1,4 @@
-"""jobs/build_index.py end to end: a tiny SEMINAR checkpoint → Ray Data encoding → a loadable index (DESIGN §5)."""
+"""jobs/build_index.py end to end: a tiny SEMINAR checkpoint → Ray Data encoding → a loadable index (docs/design.md, Retrieval)."""
 from __future__ import annotations
 
 import numpy as np

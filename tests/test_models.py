@@ -1,4 +1,4 @@
-"""Model tests (issue 3): each defect of the reference code (DESIGN §4) is made impossible here."""
+"""Model tests: each defect of the public reference code (README, "The model") is made impossible here."""
 from __future__ import annotations
 
 import dataclasses

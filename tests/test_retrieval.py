@@ -1,4 +1,4 @@
-"""Retrieval: PQ codecs, scorers, the serving shortlist + re-rank, and the index artefact (paper §3.3.3, DESIGN §5)."""
+"""Retrieval: PQ codecs, scorers, the serving shortlist + re-rank, and the index artefact (paper §3.3.3; docs/design.md, Retrieval)."""
 from __future__ import annotations
 
 import warnings

@@ -1,4 +1,4 @@
-"""Entity feature tables as dense id-indexed arrays: what the model looks up by id (DESIGN §3, §4b)."""
+"""Entity feature tables as dense id-indexed arrays: what the model looks up by id (docs/design.md, Data model and Model contracts)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -2,4 +2,4 @@
 
 
 class DataError(ValueError):
-    """Raised for input that cannot become the tables of DESIGN §3."""
+    """Raised for input that cannot become the tables of docs/design.md, Data model."""

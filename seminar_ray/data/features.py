@@ -1,4 +1,4 @@
-"""open_clip text and image features of items and queries, run as a Ray Data actor pool (DESIGN §1, paper §4.1).
+"""open_clip text and image features of items and queries, run as a Ray Data actor pool (docs/design.md, Architecture; paper §4.1).
 
 The paper's text and image channels are CLIP ViT-B/32 outputs (512-d). `extract_features` reads a prepared
 dataset directory, encodes every item's title and image and every query's text through `map_batches` over

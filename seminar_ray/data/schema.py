@@ -1,4 +1,4 @@
-"""The three Parquet tables of DESIGN §3, defined once, with their validation and atomic writer."""
+"""The three Parquet tables of docs/design.md (Data model), defined once, with their validation and atomic writer."""
 from __future__ import annotations
 
 import json
@@ -107,7 +107,7 @@ def _ids(table: pa.Table, column: str) -> np.ndarray:
 
 
 def validate(items: pa.Table, queries: pa.Table, sequences: pa.Table) -> None:
-    """Check the id contracts of DESIGN §3; each failure names the table, column and row."""
+    """Check the id contracts of docs/design.md (Data model); each failure names the table, column and row."""
     item_ids = _ids(items, "item_id")
     if len(item_ids) == 0:
         raise DataError("items: empty table")

@@ -1,4 +1,4 @@
-"""Leave-one-out splits and sampled candidates (paper §4.1, DESIGN §3).
+"""Leave-one-out splits and sampled candidates (paper §4.1; docs/design.md, Data model).
 
 A user with N behaviours gives N-1 targets: position N-1 is the test target, N-2 the validation
 target and every position 1 ≤ n ≤ N-3 a training (and pretraining) target, each with the behaviours

@@ -1,4 +1,4 @@
-"""Seeded synthetic lifelong query-item sequences with planted structure (DESIGN §3).
+"""Seeded synthetic lifelong query-item sequences with planted structure (docs/design.md, Data model).
 
 Generative story, all in a latent space of `latent_dim` dimensions:
 - topics have unit centres; each item has a latent z_i near one topic centre and a long-tail
@@ -292,7 +292,7 @@ def generate_to_dir(cfg: SyntheticConfig, out_dir: str | Path, progress: bool = 
 
 
 class Oracle:
-    """Scores candidates with the generator's own probabilities (the planted-structure check, DESIGN §3)."""
+    """Scores candidates with the generator's own probabilities (the planted-structure check; docs/design.md, Data model)."""
 
     def __init__(self, truth_path: str | Path):
         t = np.load(truth_path)

@@ -70,7 +70,7 @@ class LifelongCTR(nn.Module):
         return self.head(enc, idx)
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        """BCE over the [B, C] labels, plus β·L_GSU where the retrieval has an auxiliary loss (DESIGN §4b)."""
+        """BCE over the [B, C] labels, plus β·L_GSU where the retrieval has an auxiliary loss (docs/design.md, Model contracts)."""
         enc = self.encode(batch["hist_items"], batch["hist_queries"], batch["target_items"], batch["target_queries"])
         idx, aux = self.retrieve(enc, with_aux=True)
         labels = batch["labels"].to(enc.keys.dtype)
@@ -98,7 +98,7 @@ class LifelongCTR(nn.Module):
 class SoftSearchGSU(nn.Module):
     """GSU by target attention: top-K by the mean over heads of α_h; learns through a soft-attention auxiliary loss.
 
-    The auxiliary logit reads the soft-attention pooled vector over all L (SIM-style L = L_ESU + β·L_GSU, DESIGN §4b),
+    The auxiliary logit reads the soft-attention pooled vector over all L (SIM-style L = L_ESU + β·L_GSU; docs/design.md, Model contracts),
     so W^Q, W^K, W^V of the GSU receive gradients although top-K itself is not differentiable.
     """
 

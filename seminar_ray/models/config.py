@@ -33,7 +33,7 @@ class ModelConfig:
     n_neg: int = 4  # sampled negatives per target (C = 1 + n_neg), read by the data pipeline
     # CTR (§3.3.2)
     K: int = 200  # GSU top-K (paper: 200 for L = 1,000-2,000)
-    beta_gsu: float = 1.0  # β of L = L_ESU + β·L_GSU (DESIGN §4b)
+    beta_gsu: float = 1.0  # β of L = L_ESU + β·L_GSU (docs/design.md, Model contracts)
     pretrained: bool = True  # restore PSU's embedding tables before fine-tuning
     recent_len: int = 20  # "other features": mean of the most recent behaviours' keys
     # baselines

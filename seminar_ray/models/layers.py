@@ -1,4 +1,4 @@
-"""Layers shared by PSU, SEMINAR and the baselines: channels, γ, target attention (paper §3.2-§3.3, DESIGN §4b)."""
+"""Layers shared by PSU, SEMINAR and the baselines: channels, γ, target attention (paper §3.2-§3.3; docs/design.md, Model contracts)."""
 from __future__ import annotations
 
 import math
@@ -84,7 +84,7 @@ class MLP(nn.Sequential):
 
 
 class MultiModalEmbedding(nn.Module):
-    """Channels Q, T, I, A and the gate w (paper §3.3.1, DESIGN §4b); frozen 512-d features are buffers, never trained.
+    """Channels Q, T, I, A and the gate w (paper §3.3.1; docs/design.md, Model contracts); frozen 512-d features are buffers, never trained.
 
     Q = W_q(mean of keyword token embeddings, padding masked, + W_qt(query text_emb) where present)
     T = W_t(text_emb), I = W_i(image_emb), A = W_a(item-ID embedding + mean attribute embedding);
@@ -138,7 +138,7 @@ class MultiModalEmbedding(nn.Module):
         return torch.stack([text, image, attr], dim=-2)
 
     def item_weights(self, item_channels: Tensor) -> Tensor:
-        """[..., 3]: w = softmax(gate(item's own T, I, A)), so γ depends on the item alone (DESIGN §4b)."""
+        """[..., 3]: w = softmax(gate(item's own T, I, A)), so γ depends on the item alone (docs/design.md, Model contracts)."""
         return torch.softmax(self.gate(item_channels.flatten(-2)), dim=-1)
 
     def gamma(self, w: Tensor) -> Tensor:
@@ -175,7 +175,7 @@ class MultiModalEmbedding(nn.Module):
               project: ChannelProjection | None = None) -> tuple[PairTable, list[Tensor], list[Tensor]]:
         """Channels of the distinct ids among several id tensors, computed once each, and each tensor's row indices.
 
-        `project` (GSU's G_j) maps the channels after the gate has read them, so w stays the item's own (DESIGN §4b).
+        `project` (GSU's G_j) maps the channels after the gate has read them, so w stays the item's own (docs/design.md, Model contracts).
         """
         uq, inv_q = torch.unique(torch.cat([q.reshape(-1) for q in query_ids]), return_inverse=True)
         ui, inv_i = torch.unique(torch.cat([i.reshape(-1) for i in item_ids]), return_inverse=True)
@@ -245,7 +245,7 @@ class MultiHeadTargetAttention(nn.Module):
         return torch.einsum("...d,hde,hfe->...hf", q, self.W_Q, self.W_K) / math.sqrt(self.d)
 
     def folded_query(self, q: Tensor) -> Tensor:
-        """[..., d] → [..., d]: u = mean_h q W_h^Q (W_h^K)^T / √d, so the mean-over-heads score is <u, k_l> (DESIGN §5)."""
+        """[..., d] → [..., d]: u = mean_h q W_h^Q (W_h^K)^T / √d, so the mean-over-heads score is <u, k_l> (docs/design.md, Retrieval)."""
         return self.head_queries(q).mean(-2)
 
     def scores(self, q: Tensor, keys: Tensor) -> Tensor:

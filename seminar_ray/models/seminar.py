@@ -37,7 +37,7 @@ class SeminarCTR(LifelongCTR):
         restore_psu(self, psu_state)
 
     def gsu_target_vectors(self, target_items: Tensor, target_queries: Tensor) -> Tensor:
-        """u [..., d] with <u, k_l> = mean over heads of α_h^GSU, k_l = GSUTables.keys(...)[l] (DESIGN §5)."""
+        """u [..., d] with <u, k_l> = mean over heads of α_h^GSU, k_l = GSUTables.keys(...)[l] (docs/design.md, Retrieval)."""
         table, (tq,), (ti,) = self.embedding.table([target_queries], [target_items], self.G)
         return self.gsu.attention.folded_query(table.keys(tq, ti))
 
@@ -62,7 +62,7 @@ def restore_psu(model: SeminarCTR, psu_state: Mapping[str, Tensor]) -> None:
 
 @torch.no_grad()
 def gsu_target_tables(model: SeminarCTR) -> tuple[np.ndarray, np.ndarray]:
-    """(items [N+1, d], queries [Q+1, d]) with gsu_target_vectors(i, q) = items[i] + queries[q] (DESIGN §5).
+    """(items [N+1, d], queries [Q+1, d]) with gsu_target_vectors(i, q) = items[i] + queries[q] (docs/design.md, Retrieval).
 
     u = folded_query(k) is linear in the key k = λ·x^Q_q + Σ_j γ_ij x^(j)_i, whose two parts each depend on one entity.
     """
@@ -73,7 +73,7 @@ def gsu_target_tables(model: SeminarCTR) -> tuple[np.ndarray, np.ndarray]:
 
 @torch.no_grad()
 def export_gsu_tables(model: SeminarCTR, chunk: int = 65536) -> GSUTables:
-    """Every item's and query's GSU-space channels and γ (rows indexed by id) for the PQ retriever (DESIGN §5)."""
+    """Every item's and query's GSU-space channels and γ (rows indexed by id) for the PQ retriever (docs/design.md, Retrieval)."""
     if not isinstance(model, SeminarCTR):
         raise TypeError(f"export_gsu_tables needs a SeminarCTR, got {type(model).__name__}")
     emb, G = model.embedding, model.G

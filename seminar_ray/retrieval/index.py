@@ -1,4 +1,4 @@
-"""The retrieval index artefact: per-entity PQ codes, codebooks, fp16 exact tables and a version (DESIGN §5)."""
+"""The retrieval index artefact: per-entity PQ codes, codebooks, fp16 exact tables and a version (docs/design.md, Retrieval)."""
 from __future__ import annotations
 
 import json
@@ -18,7 +18,7 @@ from seminar_ray.retrieval.tables import GSUTables
 FORMAT_VERSION = 1
 ITEM_CHANNELS = ("item_T", "item_I", "item_A")  # order of GSUTables.item_channels
 CHANNEL_PARTS = (*ITEM_CHANNELS, "query_Q")  # the paper's per-channel form
-FOLDED_PARTS = ("item_folded", "query_folded")  # DESIGN §5: two look-ups per behaviour
+FOLDED_PARTS = ("item_folded", "query_folded")  # docs/design.md, Retrieval: two look-ups per behaviour
 SKETCH_ARRAYS = ("projection", "scale", "residual_cov", "item_codes", "query_codes")  # KeySketch fields
 
 
@@ -38,7 +38,7 @@ def check_ids(kind: str, ids: np.ndarray, size: int) -> None:
 
 @dataclass
 class PQIndex:
-    """Codebooks + codes [n, N_sub] per part + exact folded fp16 tables + per-entity γ (paper §3.3.3, DESIGN §5).
+    """Codebooks + codes [n, N_sub] per part + exact folded fp16 tables + per-entity γ (paper §3.3.3; docs/design.md, Retrieval).
 
     parts: "item_T", "item_I", "item_A", "query_Q" (per channel) and/or "item_folded", "query_folded".
     A behaviour (q, i) has key k = Σ_j γ_ij x^(j)_i + λ x^Q_q = item_exact[i] + query_exact[q].
@@ -155,7 +155,7 @@ def build_index(tables: GSUTables, version: str, n_sub: int = 8, n_centroids: in
                 forms: tuple[str, ...] = ("folded", "channel"), max_train: int = 65536, seed: int = 0,
                 folded_n_sub: int | None = None, folded_n_centroids: int | None = None,
                 sketch_dim: int | None = 32, channel_parts: PQIndex | None = None) -> PQIndex:
-    """Train one codebook per part on the entities (row 0 excluded) and encode every entity once (DESIGN §5).
+    """Train one codebook per part on the entities (row 0 excluded) and encode every entity once (docs/design.md, Retrieval).
 
     sketch_dim: the int8 key sketch of the serving shortlist (capped at d; None: none). channel_parts: an index over the same
     channel vectors whose per-channel codecs and codes are reused instead of retrained (γ may differ).

@@ -7,7 +7,7 @@ import warnings
 import faiss
 import numpy as np
 
-MIN_POINTS_PER_CENTROID = 39  # faiss k-means warns below this; DESIGN §5
+MIN_POINTS_PER_CENTROID = 39  # faiss k-means warns below this; docs/design.md, Retrieval
 
 
 def capped_centroids(n_train: int, n_centroids: int, min_points: int = MIN_POINTS_PER_CENTROID) -> int:

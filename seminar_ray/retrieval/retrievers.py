@@ -1,4 +1,4 @@
-"""GSU top-K retrievers over a user's history of (query_id, item_id) behaviours (paper §3.3.3, DESIGN §5).
+"""GSU top-K retrievers over a user's history of (query_id, item_id) behaviours (paper §3.3.3; docs/design.md, Retrieval).
 
 Every retriever answers `topk(history_query_ids [L], history_item_ids [L], targets_u [C, d], K,
 target_channels=None) -> int64 [C, K]`: positions into the history, best first by the retriever's own score,
@@ -97,7 +97,7 @@ class ExactRetriever(Retriever):
 
 
 class ADCRetriever(Retriever):
-    """Asymmetric distance computation: exact u, per-request LUTs N_sub × |C| per part (DESIGN §5).
+    """Asymmetric distance computation: exact u, per-request LUTs N_sub × |C| per part (docs/design.md, Retrieval).
 
     form "folded": 2 look-up sums per behaviour (item_folded + query_folded codes);
     form "channel": Σ_j γ_j LUT_j over T, I, A, Q (the paper's per-channel codes).
@@ -194,7 +194,7 @@ class FoldedPairScan:
 
 
 class ServingRetriever(Retriever):
-    """The PQ serving path (DESIGN §5): a folded-ADC shortlist of R·K (FoldedPairScan), then an exact re-rank from
+    """The PQ serving path (docs/design.md, Retrieval): a folded-ADC shortlist of R·K (FoldedPairScan), then an exact re-rank from
     fp16 tables. Not thread-safe: one instance per worker."""
 
     def __init__(self, index: PQIndex, rerank_factor: int = 8):
@@ -227,7 +227,7 @@ class ServingRetriever(Retriever):
 
 
 class SketchRerankRetriever(Retriever):
-    """The serving path (DESIGN §5): an int8 key-sketch shortlist with an adaptive margin, then one exact re-rank.
+    """The serving path (docs/design.md, Retrieval): an int8 key-sketch shortlist with an adaptive margin, then one exact re-rank.
 
     Per candidate c the shortlist is every behaviour whose sketch score is ≥ (its K-th best sketch score − z·σ(u_c)),
     σ(u_c) being the std of the sketch error for that target (sketch.py); the union of the shortlists over all

@@ -1,4 +1,4 @@
-"""A low-dimensional int8 sketch of the folded GSU keys, for a cheap shortlist before the exact re-rank (DESIGN §5).
+"""A low-dimensional int8 sketch of the folded GSU keys, for a cheap shortlist before the exact re-rank (docs/design.md, Retrieval).
 
 Keys are k = item_folded[i] + query_folded[q] and the projection P [d, S] is linear, so the sketch of a key is the
 sum of its two entities' sketches: one int8 row per entity, one small GEMM per request. The sketch error of a

@@ -1,4 +1,4 @@
-"""The contract between a trained GSU and the retriever: per-entity channel vectors in GSU space (DESIGN §5)."""
+"""The contract between a trained GSU and the retriever: per-entity channel vectors in GSU space (docs/design.md, Retrieval)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -11,7 +11,7 @@ class GSUTables:
     """Per-entity GSU-space vectors; a behaviour (q, i) has key k = λ·x^Q_q + Σ_j γ_ij·x^(j)_i (paper §3.3.1).
 
     The model folds its head projections into one target vector u per candidate so that the GSU score of
-    behaviour l is exactly <u, k_l> (DESIGN §5); the retriever never sees the heads.
+    behaviour l is exactly <u, k_l> (docs/design.md, Retrieval); the retriever never sees the heads.
     """
 
     item_channels: np.ndarray  # float32 [N+1, 3, d]: T, I, A channel vectors after G_j; row 0 is padding (zeros)

@@ -1,4 +1,4 @@
-"""Amazon reviews 2018 (FORMATS.md, e.g. Movies_and_TV) → DESIGN §3 tables.
+"""Amazon reviews 2018 (e.g. Movies_and_TV) → the tables of docs/design.md, Data model.
 
 Input: a directory holding one reviews file (e.g. `Movies_and_TV_5.json.gz`) and one metadata file whose
 name starts with `meta_`; each is JSON lines, gzipped (`.gz`) or not. Lines may be strict JSON or Python

@@ -1,4 +1,4 @@
-"""Shared reader logic: raw behaviours → the DESIGN §3 tables (dense ids, chronological sequences, queries).
+"""Shared reader logic: raw behaviours → the tables of docs/design.md, Data model (dense ids, chronological sequences, queries).
 
 Every source reader turns its files into one `Behaviours` record (one row per positive behaviour, original
 keys) plus an `ItemInfo` record (per original item key: title, image reference, attribute values) and calls

@@ -1,4 +1,4 @@
-"""KuaiSAR (a directory, FORMATS.md) → DESIGN §3 tables.
+"""KuaiSAR (a directory) → the tables of docs/design.md, Data model.
 
 - Positives: `rec_inter.csv` rows with click = 1 (empty query) and `src_inter.csv` rows with click_cnt > 0,
   whose keyword list (`[20, 34, 3]`, anonymised token ids) is the query; both merge into one timeline per

@@ -1,4 +1,4 @@
-"""RecBole atomic files (FORMATS.md) → DESIGN §3 tables.
+"""RecBole atomic files → the tables of docs/design.md, Data model.
 
 Input: a directory holding one `<name>.inter` and optionally `<name>.item` (a `.user` file is ignored: the
 tables carry no user features), or the `.inter` file itself with its siblings. Tab-separated, one header of

@@ -27,9 +27,10 @@ torch.set_num_threads(1)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from seminar_ray.retrieval.index import build_index  # noqa: E402
-from seminar_ray.retrieval.retrievers import (ADCRetriever, CascadingHNSWRetriever, ExactRetriever,  # noqa: E402
-                                              LSHRetriever, RQRetriever, ServingRetriever, SketchRerankRetriever,
-                                              SymmetricPQRetriever)
+from seminar_ray.retrieval.baselines import (CascadingHNSWRetriever, ChannelADCRetriever,  # noqa: E402
+                                             LSHRetriever, RQRetriever, SymmetricPQRetriever)
+from seminar_ray.retrieval.retrievers import (ADCRetriever, ExactRetriever, ServingRetriever,  # noqa: E402
+                                              SketchRerankRetriever)
 from seminar_ray.retrieval.tables import GSUTables  # noqa: E402
 
 D, KS, C = 64, (32, 64, 128, 256), 64
@@ -202,8 +203,8 @@ def paper_scenario(Ls, out, paired, n_centroids: int, rq_train: int, seed=0):
         channel_index.setdefault(mu, index)
         rq = RQRetriever(tables, max_train=rq_train)
         print(f"[paper/{group}] index built in {time.perf_counter() - t0:.1f}s", flush=True)
-        retrievers = [ExactRetriever.from_tables(tables), SymmetricPQRetriever(index), ADCRetriever(index, "channel"),
-                      ADCRetriever(index, "folded"), *serving_retrievers(index), CascadingHNSWRetriever(tables),
+        retrievers = [ExactRetriever.from_tables(tables), SymmetricPQRetriever(index), ChannelADCRetriever(index),
+                      ADCRetriever(index), *serving_retrievers(index), CascadingHNSWRetriever(tables),
                       LSHRetriever(tables), rq]
         for L in Ls:
             hq, hi = rng.permutation(n)[:L] + 1, rng.permutation(n)[:L] + 1  # each behaviour its own vectors
@@ -253,7 +254,7 @@ def catalog_scenario(Ls, n_users, out, paired, n_items=1_000_000, n_queries=100_
     rq = RQRetriever(tables, encode_ids=(rq_items, rq_queries), max_train=rq_train)
     print(f"[catalog] all built in {time.perf_counter() - t0:.1f}s", flush=True)
     retrievers = [ExactRetriever.from_tables(tables), *serving_retrievers(index),
-                  ADCRetriever(index, "folded"), ADCRetriever(index, "channel"), SymmetricPQRetriever(index),
+                  ADCRetriever(index), ChannelADCRetriever(index), SymmetricPQRetriever(index),
                   rq, LSHRetriever(tables), CascadingHNSWRetriever(tables)]
     for L in Ls:
         evaluate(retrievers, make_bytes_of(index, 8), histories[L], "catalog", "zipf", L,
@@ -286,7 +287,7 @@ def checkpoint_scenario(checkpoint: str, data: str, Ls, n_users: int, out, paire
     """Recall on a fine-tuned SEMINAR's real GSU tables: histories from sequences.parquet (each user's last
     behaviour is the positive, the L before it the history), 64 candidates = positive + 63 random items sharing
     its query, u from the model's own gsu_target_vectors. symmetric_pq is absent: a trained GSU's folded u has no
-    channels to quantize (retrievers.SymmetricPQRetriever)."""
+    channels to quantize (baselines.SymmetricPQRetriever)."""
     import pyarrow.parquet as pq
     import torch
 
@@ -305,8 +306,8 @@ def checkpoint_scenario(checkpoint: str, data: str, Ls, n_users: int, out, paire
     seqs = pq.read_table(Path(data) / "sequences.parquet", columns=["item_ids", "query_ids"]).to_pylist()
     seqs = sorted(seqs, key=lambda r: -len(r["item_ids"]))  # the longest histories first
     rng = np.random.default_rng(seed + 1)
-    retrievers = [ExactRetriever.from_tables(gsu), *serving_retrievers(index), ADCRetriever(index, "folded"),
-                  ADCRetriever(index, "channel"), RQRetriever(gsu), LSHRetriever(gsu), CascadingHNSWRetriever(gsu)]
+    retrievers = [ExactRetriever.from_tables(gsu), *serving_retrievers(index), ADCRetriever(index),
+                  ChannelADCRetriever(index), RQRetriever(gsu), LSHRetriever(gsu), CascadingHNSWRetriever(gsu)]
     longest = len(seqs[0]["item_ids"]) - 1
     for L in sorted({min(L, longest) for L in Ls}):  # L: the history cap actually reached
         users = []

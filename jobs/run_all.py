@@ -6,6 +6,7 @@ submits with `ray job submit`; here they share one Ray session to save start-up 
 
     python jobs/run_all.py --out runs/demo --scale small
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,9 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from seminar_ray.runtime import init_ray, run_cli, setup_logging  # noqa: E402
+from seminar_ray.errors import InputError
+from seminar_ray.runtime import init_ray, run_cli, setup_logging
 
 STAGES = ("prepare", "pretrain", "finetune", "evaluate", "index", "serve")
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     stages = args.stages.split(",")
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; known: {', '.join(STAGES)}")
+        raise InputError(f"unknown stage(s) {unknown}; known: {', '.join(STAGES)}")
     out = args.out.resolve()
     data, runs = out / "data", out / "runs"
     init_ray(quiet=False)
@@ -55,28 +55,43 @@ def main(argv: list[str] | None = None) -> int:
     timings = {}
     t0 = time.time()
     if "prepare" in stages:
-        timings["prepare"] = _stage("prepare", prepare_data.main,
-                                    ["--source", "synthetic", "--scale", args.scale, "--out", str(data)])
+        timings["prepare"] = _stage(
+            "prepare", prepare_data.main, ["--source", "synthetic", "--scale", args.scale, "--out", str(data)]
+        )
     if "pretrain" in stages:
         timings["pretrain"] = _stage("pretrain", pretrain.main, train + ["--epochs", str(args.pretrain_epochs)])
     if "finetune" in stages:
-        timings["finetune"] = _stage("finetune", finetune.main, train + [
-            "--model", "seminar", "--epochs", str(args.epochs), "--pretrained", str(runs / "psu")])
+        timings["finetune"] = _stage(
+            "finetune",
+            finetune.main,
+            train + ["--model", "seminar", "--epochs", str(args.epochs), "--pretrained", str(runs / "psu")],
+        )
     if "evaluate" in stages:
-        timings["evaluate"] = _stage("evaluate", evaluate.main, [
-            "--checkpoint", str(runs / "seminar"), "--split", "test", "--out", str(out / "eval")])
+        timings["evaluate"] = _stage(
+            "evaluate",
+            evaluate.main,
+            ["--checkpoint", str(runs / "seminar"), "--split", "test", "--out", str(out / "eval")],
+        )
     if "index" in stages:
-        timings["index"] = _stage("index", build_index.main, [
-            "--checkpoint", str(runs / "seminar"), "--data", str(data), "--out", str(out / "index")])
+        timings["index"] = _stage(
+            "index",
+            build_index.main,
+            ["--checkpoint", str(runs / "seminar"), "--data", str(data), "--out", str(out / "index")],
+        )
     if "serve" in stages:
         from jobs import serve_demo
 
-        timings["serve"] = _stage("serve", serve_demo.main, [
-            "--checkpoint", str(runs / "seminar"), "--index", str(out / "index"), "--data", str(data)])
+        timings["serve"] = _stage(
+            "serve",
+            serve_demo.main,
+            ["--checkpoint", str(runs / "seminar"), "--index", str(out / "index"), "--data", str(data)],
+        )
     timings["total"] = time.time() - t0
     print("\n=== summary ===")
     print(json.dumps({k: round(v, 1) for k, v in timings.items()}, indent=1))
-    print(f"data: {data}\nruns: {runs} (metrics.json and curves.png per run)\ntest metrics: {out / 'eval' / 'metrics.json'}")
+    print(
+        f"data: {data}\nruns: {runs} (metrics.json and curves.png per run)\ntest metrics: {out / 'eval' / 'metrics.json'}"
+    )
     return 0
 
 

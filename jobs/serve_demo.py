@@ -5,15 +5,13 @@ the answer and shut Serve down (docs/design.md, Serving).
 
 Uses the Ray cluster already initialised in this process, else starts an embedded local one. HTTP binds 127.0.0.1.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 import tempfile
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def demo_request(data: str, n_candidates: int = 10) -> dict:
@@ -25,8 +23,12 @@ def demo_request(data: str, n_candidates: int = 10) -> dict:
     last = user["item_ids"][-1]
     n_items = DatasetMeta.load(data).num_items
     others = [i for i in range(1, n_items + 1) if i != last][: n_candidates - 1]
-    return {"user_id": user["user_id"], "query": user["query_ids"][-1], "candidates": [last, *others],
-            "return_topk": False}
+    return {
+        "user_id": user["user_id"],
+        "query": user["query_ids"][-1],
+        "candidates": [last, *others],
+        "return_topk": False,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,8 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     from serve_app.deploy import start
 
     store = args.store or tempfile.mkdtemp(prefix="seminar_history_")
-    start({"checkpoint": args.checkpoint, "index": args.index, "data": args.data, "store": store},
-          host="127.0.0.1", port=args.port)
+    start(
+        {"checkpoint": args.checkpoint, "index": args.index, "data": args.data, "store": store},
+        host="127.0.0.1",
+        port=args.port,
+    )
     try:
         body = demo_request(args.data)
         with httpx.Client(base_url=f"http://127.0.0.1:{args.port}", timeout=30) as client:

@@ -1,11 +1,18 @@
 """Connecting to Ray the same way from `python jobs/X.py` (embedded local Ray) and `ray job submit`."""
+
 from __future__ import annotations
 
 import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
+from seminar_ray.errors import InputError
+
+log = logging.getLogger(__name__)
+
+RAY_LOGGERS = ("ray",)  # Ray Core, Data, Train and Serve log under "ray.*"
 LOCAL_LOGICAL_CPUS = 4  # on a 2-core laptop every actor asks for a fraction of these
 
 
@@ -21,21 +28,53 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
         ray.init(address=address, log_to_driver=not quiet)
     else:
         # address="local": never attach to some other cluster `ray start` left on this machine
-        ray.init(address="local", num_cpus=num_cpus or max(LOCAL_LOGICAL_CPUS, os.cpu_count() or 1), include_dashboard=False,
-                 log_to_driver=not quiet, object_store_memory=1024**3)
+        ray.init(
+            address="local",
+            num_cpus=num_cpus or max(LOCAL_LOGICAL_CPUS, os.cpu_count() or 1),
+            include_dashboard=False,
+            log_to_driver=not quiet,
+            object_store_memory=1024**3,
+        )
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     return ray
 
 
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+def setup_logging(verbose: bool = False, log_dir: str | os.PathLike | None = None) -> None:
+    """The project's INFO lines on stderr. Ray's own loggers go to `log_dir`/ray.log when given, unless `verbose`."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    if log_dir is None or verbose:
+        return
+    Path(log_dir).mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(Path(log_dir) / "ray.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in RAY_LOGGERS:
+        logger = logging.getLogger(name)
+        for h in list(logger.handlers):
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                logger.removeHandler(h)
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def ensure_logging() -> None:
+    """In a Ray worker process, where nobody called setup_logging: this package's INFO lines go to stderr, which
+    Ray forwards to the driver."""
+    logger = logging.getLogger("seminar_ray")
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Run a job's main; bad input (ValueError, FileNotFoundError) becomes a one-line error and exit code 2."""
+    """Run a job's main. Input the user can fix (InputError, a missing input file) becomes a one-line error and exit
+    code 2; any other exception is a bug and keeps its traceback."""
     try:
         return main(argv)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (InputError, FileNotFoundError) as exc:
+        sys.stderr.write(f"error: {exc}\n")  # the whole message for a user to act on, not a log record
         return 2

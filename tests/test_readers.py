@@ -237,8 +237,8 @@ def test_prepare_data_job_exits_non_zero_and_writes_nothing(tmp_path, source, fi
     edit(root)
     out = tmp_path / "out"
     repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, str(repo / "jobs" / "prepare_data.py"), "--source", source, "--input", str(root),
-                           "--out", str(out)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "jobs.prepare_data", "--source", source, "--input", str(root),
+                           "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=repo)
     assert proc.returncode == 2 and named in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [fixture]  # no output, no temporary directory
 

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -87,11 +91,30 @@ def test_checkpoint_of_other_data_rejected(ray_local, tiny_data, tmp_path, psu_r
         load_checkpoint(resolve_checkpoint(psu_run["run_dir"]), EntityTables.load(other))
 
 
+def _kill_rank0_once_at_step_2_of_epoch_2(job: TrainJob, rank: int, epoch: int):
+    """A TrainJob step hook: SIGKILL the rank-0 worker at its second step of epoch 2, once per run (a marker file)."""
+    if rank != 0 or epoch != 1:
+        return None
+    marker = Path(job.storage_path) / f".{job.run_name}.fault-injected"
+    steps = [0]
+
+    def on_step(_n: int, _loss: float) -> None:
+        steps[0] += 1
+        if steps[0] == 2 and not marker.exists():
+            marker.write_text("2")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return on_step
+
+
 @pytest.mark.slow
 def test_two_worker_ddp_survives_a_killed_worker(ray_local, tiny_data, tmp_path):
     """Rank 0 is SIGKILLed mid-epoch 2; FailureConfig restarts the group, which resumes from epoch 1's checkpoint."""
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the hook travels to the workers by value
     job = _job(tiny_data, tmp_path, "sim", epochs=3, num_workers=2, cpus_per_worker=0.5, max_failures=1,
-               fault_at_step=2)
+               step_hook=_kill_rank0_once_at_step_2_of_epoch_2)
     job.samples_per_user = 4
     summary = run_training(job)
     marker = tmp_path / "runs" / ".sim.fault-injected"

@@ -1,4 +1,6 @@
-"""The contract between a trained GSU and the retriever: per-entity channel vectors in GSU space (docs/design.md, Retrieval)."""
+"""The contract between a trained GSU and the retriever: per-entity channel vectors in GSU space (docs/design.md,
+Retrieval)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -29,8 +31,9 @@ class GSUTables:
         if "item" not in self._folded:
             out = np.empty((len(self.item_channels), self.dim), dtype=np.float32)
             for s in range(0, len(out), 1 << 16):
-                out[s:s + (1 << 16)] = np.einsum("nj,njd->nd", self.item_gamma[s:s + (1 << 16)],
-                                                 self.item_channels[s:s + (1 << 16)])
+                out[s : s + (1 << 16)] = np.einsum(
+                    "nj,njd->nd", self.item_gamma[s : s + (1 << 16)], self.item_channels[s : s + (1 << 16)]
+                )
             out.flags.writeable = False
             self._folded["item"] = out
         return self._folded["item"]

@@ -316,7 +316,8 @@ def checkpoint_scenario(checkpoint: str, data: str, Ls, n_users: int, out, paire
             hi, hq = items[:-1][-L:], queries[:-1][-L:]
             cand = np.concatenate([items[-1:], rng.integers(1, entities.meta.num_items + 1, C - 1)])
             with torch.no_grad():
-                u = model.gsu_target_vectors(torch.from_numpy(cand), torch.full((C,), int(queries[-1]))).numpy()
+                u = model.gsu_target_vectors(
+                    target_items=torch.from_numpy(cand), target_queries=torch.full((C,), int(queries[-1]))).numpy()
             users.append((hq, hi, np.ascontiguousarray(u, dtype=np.float32), None))
         lengths = [len(h[1]) for h in users]
         print(f"[checkpoint] L ≤ {L}: {len(users)} users, history lengths {min(lengths)}..{max(lengths)}", flush=True)

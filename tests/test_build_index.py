@@ -36,7 +36,7 @@ def test_index_built_with_ray_data_loads_and_ranks_like_the_model(ray_local, tin
     hi = rng.integers(1, index.num_items, 300)
     hq = np.where(rng.random(300) < 0.5, rng.integers(1, index.num_queries, 300), 0)
     with torch.no_grad():
-        u = model.gsu_target_vectors(torch.from_numpy(hi[:8]), torch.from_numpy(hq[:8])).numpy()
+        u = model.gsu_target_vectors(target_items=torch.from_numpy(hi[:8]), target_queries=torch.from_numpy(hq[:8])).numpy()
     exact = ExactRetriever.from_tables(gsu)
     want, got = exact.topk(hq, hi, u, 16), SketchRerankRetriever(index).topk(hq, hi, u, 16)
     scores = exact.scores(hq, hi, u)

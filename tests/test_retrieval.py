@@ -131,7 +131,7 @@ def test_serving_and_baselines_run_and_pad(tables, index):
         assert (got[:, 10:] == -1).all() and np.array_equal(np.sort(got[:, :10], 1), np.tile(np.arange(30, 40), (len(u), 1))), r.name
 
 
-def test_empty_history_gives_empty_answer(tables, index):
+def test_every_retriever_answers_an_empty_history_with_an_empty_topk(tables, index):
     u, _ = targets(tables)
     empty = np.zeros(0, np.int64)
     for r in (ExactRetriever.from_tables(tables), ServingRetriever(index), ChannelADCRetriever(index),
@@ -139,7 +139,7 @@ def test_empty_history_gives_empty_answer(tables, index):
         assert r.topk(empty, empty, u, 32).shape == (len(u), 0)
 
 
-def test_index_round_trip_mmap(tmp_path, tables, index):
+def test_saved_index_memory_mapped_back_retrieves_the_same(tmp_path, tables, index):
     hq, hi = history(tables)
     u, tc = targets(tables)
     path = index.save(tmp_path / "idx")
@@ -153,7 +153,7 @@ def test_index_round_trip_mmap(tmp_path, tables, index):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
 
 
-def test_dimension_mismatch_and_unknown_ids(tables, index):
+def test_wrong_dimension_and_unknown_ids_raise_named_errors(tables, index):
     hq, hi = history(tables, 50)
     serving = ServingRetriever(index)
     with pytest.raises(DimensionMismatchError, match=r"\[C, 16\]"):

@@ -30,7 +30,7 @@ def psu_run(ray_local, tiny_data, tmp_path_factory):
     return run_training(_job(tiny_data, tmp, "psu", epochs=1))
 
 
-def test_pretrain_then_finetune_local_mode(ray_local, tiny_data, tmp_path, psu_run):
+def test_pretrain_then_finetune_in_local_mode_keeps_the_best_checkpoint(ray_local, tiny_data, tmp_path, psu_run):
     assert psu_run["epochs"] == 1 and 0.0 <= psu_run["best"]["ndcg@10"] <= 1.0
     summary = run_training(_job(tiny_data, tmp_path, pretrained=psu_run["run_dir"]))
     run_dir = tmp_path / "runs" / "seminar"
@@ -43,7 +43,7 @@ def test_pretrain_then_finetune_local_mode(ray_local, tiny_data, tmp_path, psu_r
     assert json.loads((best / "metrics.json").read_text())["ndcg@10"] == max(h["ndcg@10"] for h in saved["history"])
 
 
-def test_rerun_with_same_name_resumes(ray_local, tiny_data, tmp_path):
+def test_rerun_with_the_same_run_name_resumes_after_its_last_epoch(ray_local, tiny_data, tmp_path):
     first = run_training(_job(tiny_data, tmp_path, "din", epochs=1))
     resumed = run_training(_job(tiny_data, tmp_path, "din", epochs=3))
     assert resumed["epochs"] == 3
@@ -51,18 +51,18 @@ def test_rerun_with_same_name_resumes(ray_local, tiny_data, tmp_path):
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
 
 
-def test_evaluate_job_writes_metrics(ray_local, tiny_data, tmp_path, psu_run):
-    from jobs.evaluate import main
+def test_evaluation_of_a_run_writes_test_metrics(ray_local, tiny_data, tmp_path, psu_run):
+    from seminar_ray.train.evaluation import evaluate_checkpoint, write_metrics
 
     out = tmp_path / "eval"
-    assert main(["--checkpoint", psu_run["run_dir"], "--split", "test", "--out", str(out), "--actors", "1"]) == 0
+    write_metrics(evaluate_checkpoint(psu_run["run_dir"], "test", actors=1), out)
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"hr@10", "ndcg@10", "mrr", "auc", "gauc"} <= set(metrics) and metrics["split"] == "test"
     assert all(isinstance(metrics[k], float) for k in ("hr@10", "ndcg@10", "mrr", "auc"))
     assert metrics["search"]["targets"] + metrics["browse"]["targets"] == metrics["targets"]
 
 
-def test_bad_inputs_fail_before_work(ray_local, tiny_data, tmp_path, psu_run):
+def test_bad_inputs_fail_before_any_training_starts(ray_local, tiny_data, tmp_path, psu_run):
     with pytest.raises(ValueError, match="holds a 'din' model, --pretrained needs a 'psu'"):
         din = run_training(_job(tiny_data, tmp_path, "din", epochs=1, run_name="d"))
         _job(tiny_data, tmp_path, pretrained=din["run_dir"]).check_inputs()

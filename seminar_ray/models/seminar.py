@@ -38,9 +38,9 @@ class SeminarCTR(LifelongCTR):
         error."""
         restore_psu(self, psu_state)
 
-    def gsu_target_vectors(self, target_items: Tensor, target_queries: Tensor) -> Tensor:
+    def gsu_target_vectors(self, *, target_items: Tensor, target_queries: Tensor) -> Tensor:
         """u [..., d] with <u, k_l> = mean over heads of α_h^GSU, k_l = GSUTables.keys(...)[l] (docs/design.md,
-        Retrieval)."""
+        Retrieval). Keyword-only: both are id tensors of one dtype, so a swap would raise nothing."""
         table, (tq,), (ti,) = self.embedding.table([target_queries], [target_items], self.G)
         return self.gsu.attention.folded_query(table.keys(tq, ti))
 

@@ -17,6 +17,12 @@ from seminar_ray.runtime import init_ray, run_cli, setup_logging
 from seminar_ray.train.evaluation import evaluate_checkpoint, metrics_table, write_metrics
 
 
+def table_rows(metrics: dict) -> dict[str, dict]:
+    """Overall and per target type (AUC and gAUC are overall only)."""
+    nan = {"auc": float("nan"), "gauc": float("nan")}
+    return {"all": metrics, **{k: metrics[k] | nan for k in ("search", "browse") if k in metrics}}
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,11 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     init_ray()
     metrics = evaluate_checkpoint(args.checkpoint, args.split, args.data, actors=args.actors, eval_seed=args.eval_seed)
     path = write_metrics(metrics, args.out)
-    rows = {
-        "all": metrics,
-        **{k: metrics[k] | {"auc": float("nan"), "gauc": float("nan")} for k in ("search", "browse") if k in metrics},
-    }
-    print(metrics_table(rows))
+    print(metrics_table(table_rows(metrics)))
     print(f"{metrics['model']} on {args.split} ({metrics['targets']} targets): {path}")
     return 0
 

@@ -21,7 +21,7 @@ from seminar_ray.data.schema import DatasetMeta, DatasetTables
 from seminar_ray.errors import InputError
 from seminar_ray.runtime import init_ray, run_cli, setup_logging
 
-log = logging.getLogger("prepare_data")
+log = logging.getLogger(__name__)
 SOURCES = ("synthetic", "recbole", "kuaisar", "amazon")
 
 

@@ -32,6 +32,13 @@ def demo_request(data: str, n_candidates: int = 10) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    exchange = serve_and_score(argv)
+    print(json.dumps(exchange, indent=1))
+    return 0 if exchange["status"] == 200 else 1
+
+
+def serve_and_score(argv: list[str] | None = None) -> dict:
+    """Start the application, score the demo request over HTTP, shut Serve down: {request, status, response}."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="checkpoint or run directory of a fine-tuned SEMINAR")
     ap.add_argument("--index", required=True, help="index directory from jobs/build_index.py")
@@ -55,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         body = demo_request(args.data)
         with httpx.Client(base_url=f"http://127.0.0.1:{args.port}", timeout=30) as client:
             answer = client.post("/v1/score", json=body)
-        print(json.dumps({"request": body, "status": answer.status_code, "response": answer.json()}, indent=1))
-        return 0 if answer.status_code == 200 else 1
+        return {"request": body, "status": answer.status_code, "response": answer.json()}
     finally:
         serve.shutdown()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -12,7 +13,19 @@ from seminar_ray.errors import InputError
 
 log = logging.getLogger(__name__)
 
+PROJECT_LOGGERS = ("seminar_ray", "jobs", "serve_app", "__main__")
 RAY_LOGGERS = ("ray",)  # Ray Core, Data, Train and Serve log under "ray.*"
+RAY_DATA_LOGGING = """\
+version: 1
+disable_existing_loggers: false
+formatters:
+  ray: {{format: "%(asctime)s %(levelname)s %(filename)s:%(lineno)s -- %(message)s"}}
+handlers:
+  file: {{class: logging.FileHandler, formatter: ray, filename: {file}}}
+loggers:
+  ray.data: {{level: INFO, handlers: [file], propagate: false}}
+"""
+_RAY_CONSOLE_LEVEL = "INFO"
 LOCAL_LOGICAL_CPUS = 4  # on a 2-core laptop every actor asks for a fraction of these
 
 
@@ -40,14 +53,31 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
 
 
 def setup_logging(verbose: bool = False, log_dir: str | os.PathLike | None = None) -> None:
-    """The project's INFO lines on stderr. Ray's own loggers go to `log_dir`/ray.log when given, unless `verbose`."""
+    """The project's INFO lines on stderr (every library's with `verbose`). Ray's own loggers go to `log_dir`/ray.log
+    when given, unless `verbose`."""
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
     )
+    if not verbose:  # this project's INFO lines; other libraries' only with --verbose
+        for name in PROJECT_LOGGERS:
+            logging.getLogger(name).setLevel(logging.INFO)
     if log_dir is None or verbose:
         return
-    Path(log_dir).mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(Path(log_dir) / "ray.log")
+    global _RAY_CONSOLE_LEVEL
+    _RAY_CONSOLE_LEVEL = "WARNING"
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    # set before Ray starts, so that its worker processes inherit them: Serve's actors log to their files only,
+    # Ray Data logs (driver and workers) to log_dir/ray-data.log
+    os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
+    data_config = log_dir / "ray-data-logging.yaml"
+    data_config.write_text(RAY_DATA_LOGGING.format(file=json.dumps(str(log_dir / "ray-data.log"))))
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(data_config))
+    import ray  # noqa: F401  # configures the "ray" loggers, which are then pointed at the file
+
+    handler = logging.FileHandler(log_dir / "ray.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     for name in RAY_LOGGERS:
         logger = logging.getLogger(name)
@@ -56,6 +86,11 @@ def setup_logging(verbose: bool = False, log_dir: str | os.PathLike | None = Non
                 logger.removeHandler(h)
         logger.addHandler(handler)
         logger.propagate = False
+
+
+def ray_console_level() -> str:
+    """The level of Ray's own lines on the terminal: WARNING once setup_logging sent them to log files, else INFO."""
+    return _RAY_CONSOLE_LEVEL
 
 
 def ensure_logging() -> None:

@@ -21,6 +21,7 @@ from seminar_ray.data.splits import EVAL_SEED
 from seminar_ray.errors import InputError
 from seminar_ray.models import ModelConfig, SeminarCTR, build_model, restore_psu, save_checkpoint
 from seminar_ray.models.checkpoint import read_checkpoint
+from seminar_ray.runtime import ensure_logging, ray_console_level
 from seminar_ray.train.checkpoints import (
     HISTORY_FILE,
     METRICS_FILE,
@@ -160,6 +161,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from seminar_ray.data.pipeline import query_pool, train_batches
 
+    ensure_logging()  # the per-epoch line below is an INFO record; Ray forwards this process's stderr
     job = TrainJob(**config)
     torch.set_num_threads(job.threads)
     cfg = job.model_config
@@ -289,7 +291,7 @@ def worker_resources(job: TrainJob) -> dict[str, float]:
 
 def build_trainer(job: TrainJob, train_ds=None, valid_ds=None):
     """The TorchTrainer with its ScalingConfig, RunConfig, CheckpointConfig and FailureConfig, built in one place."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from seminar_ray.data.pipeline import eval_dataset, pick_eval_users, read_sequences
@@ -306,13 +308,15 @@ def build_trainer(job: TrainJob, train_ds=None, valid_ds=None):
         train_loop_per_worker,
         train_loop_config=asdict(job),
         scaling_config=ScalingConfig(num_workers=job.num_workers, use_gpu=job.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(
+        # mypy reads ray.train.RunConfig as the Train V1 class; Train V2 (the default in Ray 2.60) has logging_config
+        run_config=RunConfig(  # type: ignore[call-arg]
             name=job.run_name,
             storage_path=job.storage_path,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=3, checkpoint_score_attribute=SELECT_KEY, checkpoint_score_order="max"
             ),
             failure_config=FailureConfig(max_failures=job.max_failures),
+            logging_config=LoggingConfig(log_level=ray_console_level()),  # Ray Train's lines (all in its files)
         ),
         datasets={"train": train_ds, "valid": valid_ds},
         dataset_config=DataConfig(datasets_to_split=["train"]),

@@ -40,7 +40,7 @@ from seminar_ray.data.readers.common import (
 )
 from seminar_ray.data.schema import DatasetTables
 
-log = logging.getLogger("seminar_ray.data.readers")
+log = logging.getLogger(__name__)
 
 REVIEWS = pa.schema([("reviewerID", pa.string()), ("asin", pa.string()), ("unixReviewTime", pa.int64())])
 META = pa.schema(

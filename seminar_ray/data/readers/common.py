@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from seminar_ray.data.errors import DataError
 from seminar_ray.data.schema import ITEMS, QUERIES, SEQUENCES, DatasetMeta, DatasetTables
 
-log = logging.getLogger("seminar_ray.data.readers")
+log = logging.getLogger(__name__)
 
 PROGRESS_EVERY = 1_000_000  # rows between progress log lines on large inputs
 QUERY_WORDS = 3

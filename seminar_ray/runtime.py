@@ -36,6 +36,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
     if ray.is_initialized():
         return ray
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray Train workers send print() through logging to stderr as well as to stdout; tqdm_ray's bar states are
+    # prints, and the driver reads the two streams apart, so a bar's earlier state could arrive after its close and
+    # be redrawn for the rest of the run. The workers of a local Ray inherit this.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=not quiet)
@@ -94,15 +98,18 @@ def ray_console_level() -> str:
 
 
 def ensure_logging() -> None:
-    """In a Ray worker process, where nobody called setup_logging: this package's INFO lines go to stderr, which
-    Ray forwards to the driver."""
+    """In a Ray actor (a Ray Train worker), where nobody called setup_logging and Ray's own handlers may filter by
+    Ray's level: this package's INFO lines go to stderr, which Ray forwards to the driver. A no-op elsewhere."""
+    import ray
+
     logger = logging.getLogger("seminar_ray")
-    if logger.handlers or logging.getLogger().handlers:
+    if logger.handlers or not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
         return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:

@@ -83,10 +83,10 @@ def _row_stats(batch):
 
 def summarize(out: Path) -> dict:
     """Users, items, queries, behaviours and sequence lengths, computed with Ray Data over the written table."""
-    from seminar_ray.data.pipeline import MAP_CPUS, map_compute, read_sequences
+    from seminar_ray.data.pipeline import MAP_CONCURRENCY, MAP_CPUS, map_compute, read_sequences
 
     stats = (
-        read_sequences(out, min_blocks=1)
+        read_sequences(out, min_blocks=MAP_CONCURRENCY)
         .map_batches(_row_stats, batch_format="pyarrow", num_cpus=MAP_CPUS, compute=map_compute())
         .to_pandas()
     )

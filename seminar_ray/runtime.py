@@ -14,7 +14,7 @@ from seminar_ray.errors import InputError
 log = logging.getLogger(__name__)
 
 PROJECT_LOGGERS = ("seminar_ray", "jobs", "serve_app", "__main__")
-RAY_LOGGERS = ("ray",)  # Ray Core, Data, Train and Serve log under "ray.*"
+RAY_LOGGERS = ("ray", "ray.serve")  # Ray Core, Data and Train log under "ray"; Serve's has handlers of its own
 RAY_DATA_LOGGING = """\
 version: 1
 disable_existing_loggers: false
@@ -80,6 +80,7 @@ def setup_logging(verbose: bool = False, log_dir: str | os.PathLike | None = Non
     data_config.write_text(RAY_DATA_LOGGING.format(file=json.dumps(str(log_dir / "ray-data.log"))))
     os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(data_config))
     import ray  # noqa: F401  # configures the "ray" loggers, which are then pointed at the file
+    import ray.serve  # noqa: F401  # configures "ray.serve" (a stream handler of its own) on import
 
     handler = logging.FileHandler(log_dir / "ray.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

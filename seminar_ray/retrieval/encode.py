@@ -56,7 +56,8 @@ def encode_with_ray(
     ctx.execution_options.preserve_order = True
     parts = list(vectors)
     x = np.concatenate([np.asarray(vectors[p], dtype=np.float32) for p in parts], axis=1)
-    ds = ray.data.from_numpy(x).map_batches(
+    blocks = np.array_split(x, max(1, min(actors, len(x))))  # one block per actor, or the pool idles
+    ds = ray.data.from_numpy(blocks).map_batches(
         EncodeBatch,
         fn_constructor_args=({p: codecs[p].centroids for p in parts},),
         batch_size=batch_size,

@@ -28,16 +28,8 @@ import pyarrow.compute as pc
 import pyarrow.json as pajson
 
 from seminar_ray.data.errors import DataError
-from seminar_ray.data.readers.common import (
-    PROGRESS_EVERY,
-    Behaviours,
-    ItemInfo,
-    assemble,
-    check_known,
-    derive_query,
-    parse_timestamps,
-    require_file,
-)
+from seminar_ray.data.readers import common
+from seminar_ray.data.readers.common import PROGRESS_EVERY, Behaviours, ItemInfo, derive_query, require_file
 from seminar_ray.data.schema import DatasetTables
 
 log = logging.getLogger(__name__)
@@ -61,18 +53,20 @@ def read(input_path: Path, *, min_interactions: int, max_len: int) -> DatasetTab
     reviews = read_json_lines(reviews_path, REVIEWS, required=("reviewerID", "asin", "unixReviewTime"))
     meta = _first_per_asin(read_json_lines(meta_path, META, required=("asin",)))
     asins = reviews.column("asin").combine_chunks()
-    check_known(asins, meta.column("asin").combine_chunks(), reviews_path, "asin", header=False)
+    common.check_known(asins, meta.column("asin").combine_chunks(), reviews_path, "asin", header=False)
     meta = meta.filter(pc.is_in(meta.column("asin"), value_set=pc.unique(asins)))
     info, item_query = _item_info(meta)
     behaviours = Behaviours(
         user=reviews.column("reviewerID").combine_chunks(),
         item=asins,
         query=item_query.take(pc.index_in(asins, value_set=info.key)),
-        timestamp=parse_timestamps(reviews.column("unixReviewTime"), reviews_path, "unixReviewTime", header=False),
+        timestamp=common.parse_timestamps(
+            reviews.column("unixReviewTime"), reviews_path, "unixReviewTime", header=False
+        ),
         timestamp_unit="s",
         query_has_text=True,
     )
-    return assemble(
+    return common.assemble(
         "amazon",
         behaviours,
         info,

@@ -14,7 +14,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -25,7 +24,6 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from seminar_ray.retrieval.index import build_index  # noqa: E402
 from seminar_ray.retrieval.baselines import (CascadingHNSWRetriever, ChannelADCRetriever,  # noqa: E402
                                              LSHRetriever, RQRetriever, SymmetricPQRetriever)

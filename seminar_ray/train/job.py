@@ -248,6 +248,9 @@ def _node_capacities() -> list[tuple[dict, int]]:
     """(resources of a node, how many such nodes) over every node the cluster has, or could launch when an
     autoscaler (cluster.yaml, KubeRay) has published its node types: then the node types' max counts count."""
     import ray
+
+    # Ray 2.60 has no public API for the autoscaler's node types (ray.util.state and ray.autoscaler.sdk list live
+    # nodes and demands only; Ray Data reads them the same way), so this one private call stays, here alone.
     from ray._private.state import state
 
     config = state.get_cluster_config()

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 SCALE ?= small
 RUN_DIR ?= runs/demo
 
-.PHONY: install run test test-fast bench clean
+.PHONY: install run lint test test-fast bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,10 +18,16 @@ install: $(STAMP)
 
 # The main job end to end on an embedded local Ray (no cluster needed).
 run: $(STAMP)
-	$(PY) jobs/run_all.py --out $(RUN_DIR) --scale $(SCALE)
+	$(PY) -m jobs.run_all --out $(RUN_DIR) --scale $(SCALE)
 
-# The whole suite, inside a private network namespace with only loopback when available.
-test: $(STAMP)
+# Lint, format and type checks of the library and the jobs (configured in pyproject.toml).
+lint: $(STAMP)
+	$(PY) -m ruff check seminar_ray jobs
+	$(PY) -m ruff format --check seminar_ray jobs
+	$(PY) -m mypy
+
+# The checks, then the whole suite inside a private network namespace with only loopback when available.
+test: lint
 	bash scripts/test.sh
 
 # Every benchmark; each writes JSON (and a baseline measured in the same run) to bench/out/.

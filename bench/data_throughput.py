@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -20,12 +19,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from seminar_ray.data.pipeline import TrainCollate, read_sequences, sample_config, train_batches  # noqa: E402
-from seminar_ray.data.schema import table_path  # noqa: E402
-from seminar_ray.data.synthetic import SyntheticConfig, generate_to_dir  # noqa: E402
-from seminar_ray.runtime import init_ray  # noqa: E402
+from seminar_ray.data.pipeline import TrainCollate, read_sequences, sample_config, train_batches
+from seminar_ray.data.schema import table_path
+from seminar_ray.data.synthetic import SyntheticConfig, generate_to_dir
+from seminar_ray.runtime import init_ray
 
 
 def consume(batches) -> dict:

@@ -25,10 +25,9 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from seminar_ray.data.features import ClipEncoder, FeatureConfig, encoder_dataset  # noqa: E402
-from seminar_ray.runtime import init_ray  # noqa: E402
+from seminar_ray.data.features import ClipEncoder, FeatureConfig, encoder_dataset
+from seminar_ray.runtime import init_ray
 
 WORDS = "red blue cotton denim jacket summer classic leather boots vintage movie season collection".split()
 

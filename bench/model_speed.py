@@ -20,12 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from seminar_ray.data.entities import EntityTables  # noqa: E402
-from seminar_ray.data.schema import DatasetMeta  # noqa: E402
-from seminar_ray.models import ModelConfig, build_model  # noqa: E402
-from seminar_ray.models.psu import alignment_loss  # noqa: E402
+from seminar_ray.data.entities import EntityTables
+from seminar_ray.data.schema import DatasetMeta
+from seminar_ray.models import ModelConfig, build_model
+from seminar_ray.models.psu import alignment_loss
 
 N_ITEMS, N_QUERIES, N_ATTRS, N_TOKENS = 20_000, 5_000, 500, 2_000
 

@@ -1,4 +1,4 @@
-"""Recall/latency of GSU top-K retrievers (paper §4.2.2, Figure 2, Table 4; DESIGN §5) → bench/out/retrieval.json.
+"""Recall/latency of GSU top-K retrievers (paper §4.2.2, Figure 2, Table 4; docs/design.md, Retrieval) → bench/out/retrieval.json.
 
 Scenarios: "paper" (i.i.d. N(μ,1) channels, d = 64, the three groups of Figure 2) and "catalog" (10^6 items,
 10^5 queries, Zipf histories by id, 64 candidates per user; baseline "exact_fp32" measured in the same run).
@@ -14,7 +14,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -25,11 +24,11 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from seminar_ray.retrieval.index import build_index  # noqa: E402
-from seminar_ray.retrieval.retrievers import (ADCRetriever, CascadingHNSWRetriever, ExactRetriever,  # noqa: E402
-                                              LSHRetriever, RQRetriever, ServingRetriever, SketchRerankRetriever,
-                                              SymmetricPQRetriever)
+from seminar_ray.retrieval.baselines import (CascadingHNSWRetriever, ChannelADCRetriever,  # noqa: E402
+                                             LSHRetriever, RQRetriever, SymmetricPQRetriever)
+from seminar_ray.retrieval.retrievers import (ADCRetriever, ExactRetriever, ServingRetriever,  # noqa: E402
+                                              SketchRerankRetriever)
 from seminar_ray.retrieval.tables import GSUTables  # noqa: E402
 
 D, KS, C = 64, (32, 64, 128, 256), 64
@@ -202,8 +201,8 @@ def paper_scenario(Ls, out, paired, n_centroids: int, rq_train: int, seed=0):
         channel_index.setdefault(mu, index)
         rq = RQRetriever(tables, max_train=rq_train)
         print(f"[paper/{group}] index built in {time.perf_counter() - t0:.1f}s", flush=True)
-        retrievers = [ExactRetriever.from_tables(tables), SymmetricPQRetriever(index), ADCRetriever(index, "channel"),
-                      ADCRetriever(index, "folded"), *serving_retrievers(index), CascadingHNSWRetriever(tables),
+        retrievers = [ExactRetriever.from_tables(tables), SymmetricPQRetriever(index), ChannelADCRetriever(index),
+                      ADCRetriever(index), *serving_retrievers(index), CascadingHNSWRetriever(tables),
                       LSHRetriever(tables), rq]
         for L in Ls:
             hq, hi = rng.permutation(n)[:L] + 1, rng.permutation(n)[:L] + 1  # each behaviour its own vectors
@@ -253,7 +252,7 @@ def catalog_scenario(Ls, n_users, out, paired, n_items=1_000_000, n_queries=100_
     rq = RQRetriever(tables, encode_ids=(rq_items, rq_queries), max_train=rq_train)
     print(f"[catalog] all built in {time.perf_counter() - t0:.1f}s", flush=True)
     retrievers = [ExactRetriever.from_tables(tables), *serving_retrievers(index),
-                  ADCRetriever(index, "folded"), ADCRetriever(index, "channel"), SymmetricPQRetriever(index),
+                  ADCRetriever(index), ChannelADCRetriever(index), SymmetricPQRetriever(index),
                   rq, LSHRetriever(tables), CascadingHNSWRetriever(tables)]
     for L in Ls:
         evaluate(retrievers, make_bytes_of(index, 8), histories[L], "catalog", "zipf", L,
@@ -286,7 +285,7 @@ def checkpoint_scenario(checkpoint: str, data: str, Ls, n_users: int, out, paire
     """Recall on a fine-tuned SEMINAR's real GSU tables: histories from sequences.parquet (each user's last
     behaviour is the positive, the L before it the history), 64 candidates = positive + 63 random items sharing
     its query, u from the model's own gsu_target_vectors. symmetric_pq is absent: a trained GSU's folded u has no
-    channels to quantize (retrievers.SymmetricPQRetriever)."""
+    channels to quantize (baselines.SymmetricPQRetriever)."""
     import pyarrow.parquet as pq
     import torch
 
@@ -305,8 +304,8 @@ def checkpoint_scenario(checkpoint: str, data: str, Ls, n_users: int, out, paire
     seqs = pq.read_table(Path(data) / "sequences.parquet", columns=["item_ids", "query_ids"]).to_pylist()
     seqs = sorted(seqs, key=lambda r: -len(r["item_ids"]))  # the longest histories first
     rng = np.random.default_rng(seed + 1)
-    retrievers = [ExactRetriever.from_tables(gsu), *serving_retrievers(index), ADCRetriever(index, "folded"),
-                  ADCRetriever(index, "channel"), RQRetriever(gsu), LSHRetriever(gsu), CascadingHNSWRetriever(gsu)]
+    retrievers = [ExactRetriever.from_tables(gsu), *serving_retrievers(index), ADCRetriever(index),
+                  ChannelADCRetriever(index), RQRetriever(gsu), LSHRetriever(gsu), CascadingHNSWRetriever(gsu)]
     longest = len(seqs[0]["item_ids"]) - 1
     for L in sorted({min(L, longest) for L in Ls}):  # L: the history cap actually reached
         users = []
@@ -315,7 +314,8 @@ def checkpoint_scenario(checkpoint: str, data: str, Ls, n_users: int, out, paire
             hi, hq = items[:-1][-L:], queries[:-1][-L:]
             cand = np.concatenate([items[-1:], rng.integers(1, entities.meta.num_items + 1, C - 1)])
             with torch.no_grad():
-                u = model.gsu_target_vectors(torch.from_numpy(cand), torch.full((C,), int(queries[-1]))).numpy()
+                u = model.gsu_target_vectors(
+                    target_items=torch.from_numpy(cand), target_queries=torch.full((C,), int(queries[-1]))).numpy()
             users.append((hq, hi, np.ascontiguousarray(u, dtype=np.float32), None))
         lengths = [len(h[1]) for h in users]
         print(f"[checkpoint] L ≤ {L}: {len(users)} users, history lengths {min(lengths)}..{max(lengths)}", flush=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -20,16 +19,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from seminar_ray.data.entities import EntityTables  # noqa: E402
-from seminar_ray.data.pipeline import TrainCollate, sample_config  # noqa: E402
-from seminar_ray.data.schema import table_path  # noqa: E402
-from seminar_ray.data.synthetic import SyntheticConfig, generate_to_dir  # noqa: E402
-from seminar_ray.models import ModelConfig, build_model  # noqa: E402
-from seminar_ray.runtime import init_ray  # noqa: E402
-from seminar_ray.train.job import TrainJob, run_training  # noqa: E402
-from seminar_ray.train.loop import WithLoss, train_one_epoch  # noqa: E402
+from seminar_ray.data.entities import EntityTables
+from seminar_ray.data.pipeline import TrainCollate, sample_config
+from seminar_ray.data.schema import table_path
+from seminar_ray.data.synthetic import SyntheticConfig, generate_to_dir
+from seminar_ray.models import ModelConfig, build_model
+from seminar_ray.runtime import init_ray
+from seminar_ray.train.job import TrainJob, run_training
+from seminar_ray.train.loop import WithLoss, train_one_epoch
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "model_small.yaml"
 

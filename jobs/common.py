@@ -1,40 +1,60 @@
-"""Flags shared by the training jobs and the one place a TrainJob is built from them (DESIGN §4b CLI contract)."""
+"""Flags shared by the training jobs and the one place a TrainJob is built from them (docs/design.md, Model contracts:
+checkpoints)."""
+
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from seminar_ray.data.splits import EVAL_SEED  # noqa: E402
-from seminar_ray.models import ModelConfig  # noqa: E402
-from seminar_ray.train.job import TrainJob  # noqa: E402
+from seminar_ray.data.splits import EVAL_SEED
+from seminar_ray.errors import InputError
+from seminar_ray.models import ModelConfig
+from seminar_ray.train.job import TrainJob
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "model_small.yaml"
 
 
 def add_train_flags(p: argparse.ArgumentParser, model_choices: tuple[str, ...] | None = None) -> None:
-    p.add_argument("--data", required=True, help="directory written by jobs/prepare_data.py: local, NFS or a shared URI")
+    p.add_argument(
+        "--data", required=True, help="directory written by jobs/prepare_data.py: local, NFS or a shared URI"
+    )
     p.add_argument("--out", required=True, help="storage path for runs: a local directory or a shared URI")
     p.add_argument("--run-name", help="re-running with the same name resumes from its latest checkpoint")
     p.add_argument("--epochs", type=int, default=None, help="default: the config's epochs")
     p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers; 0 = local mode in this process")
     p.add_argument("--cpus-per-worker", type=float, default=0.5)
     p.add_argument("--use-gpu", action="store_true")
-    p.add_argument("--worker-resources", type=json.loads, default={}, metavar="JSON",
-                   help='extra resources per worker that steer it to a node type, e.g. \'{"gpu_trainer": 0.01}\' '
-                        '(cluster.yaml)')
+    p.add_argument(
+        "--worker-resources",
+        type=json.loads,
+        default={},
+        metavar="JSON",
+        help="extra resources per worker that steer it to a node type, e.g. '{\"gpu_trainer\": 0.01}' (cluster.yaml)",
+    )
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="model YAML (configs/)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields, e.g. K=64 lam=0.3")
-    p.add_argument("--samples-per-user", type=int, default=8,
-                   help="training targets drawn per user per epoch (0 = every training position)")
+    p.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields, e.g. K=64 lam=0.3"
+    )
+    p.add_argument(
+        "--samples-per-user",
+        type=int,
+        default=8,
+        help="training targets drawn per user per epoch (0 = every training position)",
+    )
     p.add_argument("--max-failures", type=int, default=2, help="worker failures tolerated before the run fails")
-    p.add_argument("--eval-users", type=int, default=0,
-                   help="validate on a fixed set of this many users, the same every epoch (0 = all)")
-    p.add_argument("--eval-seed", type=int, default=EVAL_SEED,
-                   help="seed of the validation users and negatives, independent of --seed (recorded per epoch)")
+    p.add_argument(
+        "--eval-users",
+        type=int,
+        default=0,
+        help="validate on a fixed set of this many users, the same every epoch (0 = all)",
+    )
+    p.add_argument(
+        "--eval-seed",
+        type=int,
+        default=EVAL_SEED,
+        help="seed of the validation users and negatives, independent of --seed (recorded per epoch)",
+    )
     p.add_argument("--seed", type=int, default=None)
     if model_choices:
         p.add_argument("--model", choices=model_choices, default=model_choices[0])
@@ -46,7 +66,7 @@ def parse_overrides(pairs: list[str]) -> dict:
     out = {}
     for pair in pairs:
         if "=" not in pair:
-            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
+            raise InputError(f"--set expects KEY=VALUE, got {pair!r}")
         key, value = pair.split("=", 1)
         out[key] = yaml.safe_load(value)
     return out
@@ -61,12 +81,23 @@ def job_from_args(args: argparse.Namespace, kind: str, pretrained: str | None = 
     if kind == "seminar":
         overrides.setdefault("pretrained", pretrained is not None)
     cfg = ModelConfig.from_yaml(args.config, **overrides)
-    return TrainJob(kind=kind, data=_storage(args.data), storage_path=_storage(args.out),
-                    run_name=args.run_name or kind, model=cfg.to_dict(), epochs=cfg.epochs,
-                    num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker, use_gpu=args.use_gpu,
-                    worker_resources=args.worker_resources,
-                    samples_per_user=args.samples_per_user, max_failures=args.max_failures,
-                    pretrained=pretrained, eval_users=args.eval_users, eval_seed=args.eval_seed)
+    return TrainJob(
+        kind=kind,
+        data=_storage(args.data),
+        storage_path=_storage(args.out),
+        run_name=args.run_name or kind,
+        model=cfg.to_dict(),
+        epochs=cfg.epochs,
+        num_workers=args.num_workers,
+        cpus_per_worker=args.cpus_per_worker,
+        use_gpu=args.use_gpu,
+        worker_resources=args.worker_resources,
+        samples_per_user=args.samples_per_user,
+        max_failures=args.max_failures,
+        pretrained=pretrained,
+        eval_users=args.eval_users,
+        eval_seed=args.eval_seed,
+    )
 
 
 def _storage(out: str) -> str:
@@ -75,7 +106,10 @@ def _storage(out: str) -> str:
 
 def print_summary(summary: dict) -> None:
     best = summary["best"]
-    print(f"run {summary['run_dir']}: {summary['epochs']} epochs, best epoch {summary['best_epoch']} "
-          f"(valid ndcg@10 {best['ndcg@10']:.4f}, hr@10 {best['hr@10']:.4f}, mrr {best['mrr']:.4f}, auc {best['auc']:.4f})")
+    print(
+        f"run {summary['run_dir']}: {summary['epochs']} epochs, best epoch {summary['best_epoch']} "
+        f"(valid ndcg@10 {best['ndcg@10']:.4f}, hr@10 {best['hr@10']:.4f}, mrr {best['mrr']:.4f}, "
+        f"auc {best['auc']:.4f})"
+    )
     print(f"best checkpoint: {summary['best_checkpoint']}")
     print(f"metrics: {summary['run_dir']}/metrics.json  curves: {summary['run_dir']}/curves.png")

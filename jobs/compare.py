@@ -9,6 +9,7 @@ the rules (Popularity, and QueryMatch+Pop on derived queries) are deterministic.
     python jobs/compare.py --data data/small --out runs/compare --seeds 3
     python jobs/compare.py --data data/ml100k --out runs/ml100k --seeds 2 --samples-per-user 0 --epochs 8
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,12 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from jobs.common import parse_overrides  # noqa: E402
-from seminar_ray.baselines import evaluate_rule  # noqa: E402
-from seminar_ray.data.splits import EVAL_SEED  # noqa: E402
-from seminar_ray.runtime import init_ray, run_cli, setup_logging  # noqa: E402
+from jobs.common import parse_overrides
+from seminar_ray.baselines import evaluate_rule
+from seminar_ray.data.splits import EVAL_SEED
+from seminar_ray.errors import InputError
+from seminar_ray.runtime import init_ray, run_cli, setup_logging
 
 # name → (kind, PSU tasks to pretrain with, or None for no pretraining)
 VARIANTS: dict[str, tuple[str, tuple[str, ...] | None]] = {
@@ -33,7 +33,11 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "w. align only": ("seminar", ("align",)),
     "w. next-pair only": ("seminar", ("next",)),
     "w. q-i relevance only": ("seminar", ("rel",)),
-    "SIM": ("sim", None), "ETA": ("eta", None), "TWIN": ("twin", None), "QIN": ("qin", None), "DIN": ("din", None),
+    "SIM": ("sim", None),
+    "ETA": ("eta", None),
+    "TWIN": ("twin", None),
+    "QIN": ("qin", None),
+    "DIN": ("din", None),
 }
 TABLE_KEYS = ("ndcg@5", "ndcg@10", "ndcg@50", "hr@10", "mrr", "auc")
 
@@ -46,7 +50,10 @@ def query_mode(data: Path) -> str:
 
 def rule_rows(data: Path) -> dict[str, str]:
     """The rule rows of a table: popularity always, QueryMatch+Pop where the queries are derived from the items."""
-    return {"Popularity": "popularity", **({"QueryMatch+Pop": "querymatch_pop"} if query_mode(data) == "derived" else {})}
+    return {
+        "Popularity": "popularity",
+        **({"QueryMatch+Pop": "querymatch_pop"} if query_mode(data) == "derived" else {}),
+    }
 
 
 def _psu_cfg(base, tasks: tuple[str, ...], seed: int):
@@ -60,32 +67,50 @@ def train_variant(name: str, seed: int, args, base, psu_runs: dict) -> dict:
 
     kind, tasks = VARIANTS[name]
     storage = str(args.out.resolve() / f"seed{seed}")
-    common = dict(data=str(args.data.resolve()), storage_path=storage, num_workers=0,
-                  samples_per_user=args.samples_per_user, eval_users=args.eval_users, eval_seed=args.eval_seed)
+    common = dict(
+        data=str(args.data.resolve()),
+        storage_path=storage,
+        num_workers=0,
+        samples_per_user=args.samples_per_user,
+        eval_users=args.eval_users,
+        eval_seed=args.eval_seed,
+    )
     pretrained = None
     if tasks is not None:
         key = "psu_" + "_".join(tasks)
         if key not in psu_runs:
-            psu = TrainJob(kind="psu", run_name=key, model=_psu_cfg(base, tasks, seed).to_dict(),
-                           epochs=args.pretrain_epochs, **common)
+            psu = TrainJob(
+                kind="psu",
+                run_name=key,
+                model=_psu_cfg(base, tasks, seed).to_dict(),
+                epochs=args.pretrain_epochs,
+                **common,
+            )
             psu_runs[key] = run_training(psu)["run_dir"]
         pretrained = psu_runs[key]
     run_name = name.replace(" ", "_").replace("/", "").replace(".", "")
     cfg = base.replace(seed=seed, pretrained=pretrained is not None)
-    job = TrainJob(kind=kind, run_name=run_name, model=cfg.to_dict(), epochs=args.epochs, pretrained=pretrained, **common)
+    job = TrainJob(
+        kind=kind, run_name=run_name, model=cfg.to_dict(), epochs=args.epochs, pretrained=pretrained, **common
+    )
     summary = run_training(job)
     return evaluate_checkpoint(summary["run_dir"], "test", actors=1, eval_seed=args.eval_seed)
 
 
 def aggregate(per_seed: dict[str, list[dict]]) -> dict[str, dict[str, tuple[float, float]]]:
-    return {name: {k: (float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs])))
-                   for k in TABLE_KEYS} for name, runs in per_seed.items()}
+    return {
+        name: {k: (float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs]))) for k in TABLE_KEYS}
+        for name, runs in per_seed.items()
+    }
 
 
 def markdown(agg: dict, names: list[str], title: str) -> str:
     head = f"### {title}\n\n| method | " + " | ".join(TABLE_KEYS) + " |\n|---|" + "---|" * len(TABLE_KEYS) + "\n"
-    rows = "".join(f"| {n} | " + " | ".join(f"{agg[n][k][0]:.4f} ± {agg[n][k][1]:.4f}" for k in TABLE_KEYS) + " |\n"
-                   for n in names if n in agg)
+    rows = "".join(
+        f"| {n} | " + " | ".join(f"{agg[n][k][0]:.4f} ± {agg[n][k][1]:.4f}" for k in TABLE_KEYS) + " |\n"
+        for n in names
+        if n in agg
+    )
     return head + rows
 
 
@@ -98,8 +123,10 @@ def verdict(agg: dict, seeds: int) -> list[str]:
     for other in [n for n in agg if n != "SEMINAR" and not n.startswith("w. ")]:
         om, os_ = agg[other]["ndcg@10"]
         margin = max(s, os_)
-        lines.append(f"SEMINAR {m:.4f} vs {other} {om:.4f}: "
-                     f"{'beats' if m - om > margin else 'does NOT beat'} it by more than the seed std ({margin:.4f})")
+        lines.append(
+            f"SEMINAR {m:.4f} vs {other} {om:.4f}: "
+            f"{'beats' if m - om > margin else 'does NOT beat'} it by more than the seed std ({margin:.4f})"
+        )
     return lines
 
 
@@ -119,13 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields, e.g. lr=0.003")
     p.add_argument("--config", type=Path, default=Path(__file__).resolve().parents[1] / "configs" / "model_small.yaml")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
-    p.add_argument("--report-only", action="store_true",
-                   help="train nothing: tabulate the seeds that OUT/compare_partial.json holds for every variant")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: tabulate the seeds that OUT/compare_partial.json holds for every variant",
+    )
     args = p.parse_args(argv)
     names = args.variants.split(",")
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
-        raise ValueError(f"unknown variant(s) {unknown}; known: {list(VARIANTS)}")
+        raise InputError(f"unknown variant(s) {unknown}; known: {list(VARIANTS)}")
     init_ray()
     base = ModelConfig.from_yaml(args.config, **parse_overrides(args.set))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -135,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         complete = [s for s in range(args.seeds) if all(f"{s}/{n}" in done for n in names)]
         if not complete:
-            raise ValueError(f"{partial}: no seed has every variant finished; run without --report-only")
+            raise InputError(f"{partial}: no seed has every variant finished; run without --report-only")
         args.seeds = len(complete)
         done = {f"{i}/{n}": done[f"{s}/{n}"] for i, s in enumerate(complete) for n in names}
     for seed in range(args.seeds):
@@ -147,8 +177,11 @@ def main(argv: list[str] | None = None) -> int:
             start = time.time()
             done[key] = train_variant(name, seed, args, base, psu_runs)
             partial.write_text(json.dumps(done, indent=1))
-            print(f"[compare] seed {seed} {name}: test ndcg@10 {done[key]['ndcg@10']:.4f} "
-                  f"({time.time() - start:.0f}s, {time.time() - t0:.0f}s total)", flush=True)
+            print(
+                f"[compare] seed {seed} {name}: test ndcg@10 {done[key]['ndcg@10']:.4f} "
+                f"({time.time() - start:.0f}s, {time.time() - t0:.0f}s total)",
+                flush=True,
+            )
     per_seed: dict[str, list[dict]] = {n: [done[f"{s}/{n}"] for s in range(args.seeds)] for n in names}
     for name, rule in rule_rows(args.data).items():
         per_seed[name] = [evaluate_rule(rule, args.data, "test", args.eval_seed)] * args.seeds
@@ -156,21 +189,43 @@ def main(argv: list[str] | None = None) -> int:
     if len(digests) != 1:
         raise RuntimeError(f"rows ranked different candidate lists (digests {digests}): the protocol is broken")
     agg = aggregate(per_seed)
-    table2 = [n for n in ("Popularity", "QueryMatch+Pop", "DIN", "SIM", "QIN", "ETA", "TWIN", "SEMINAR",
-                          "w/o pretraining") if n in agg]
-    table3 = [n for n in ("SEMINAR", "w/o pretraining", "w. align only", "w. next-pair only", "w. q-i relevance only") if n in agg]
-    text = (f"# Comparison on {args.data} ({args.seeds} seeds, test split, mean ± std)\n\n"
-            f"Queries: {query_mode(args.data)}. Every row ranks the same candidates: eval seed {args.eval_seed}, "
-            f"digest {digests[0]}. Config {args.config.name} {' '.join(args.set)}, {args.epochs} epochs, "
-            f"{args.pretrain_epochs} pretraining epochs, samples per user {args.samples_per_user or 'all'}.\n\n"
-            + markdown(agg, table2, "Table 2: SEMINAR against the baselines") + "\n"
-            + markdown(agg, table3, "Table 3: ablation of the PSU pretraining tasks") + "\n"
-            + ("\n".join(f"- {v}" for v in verdict(agg, args.seeds)) + "\n" if "SEMINAR" in agg else "")
-            + ("" if args.report_only else f"\n{time.time() - t0:.0f} s in all.\n"))
+    table2 = [
+        n
+        for n in ("Popularity", "QueryMatch+Pop", "DIN", "SIM", "QIN", "ETA", "TWIN", "SEMINAR", "w/o pretraining")
+        if n in agg
+    ]
+    table3 = [
+        n
+        for n in ("SEMINAR", "w/o pretraining", "w. align only", "w. next-pair only", "w. q-i relevance only")
+        if n in agg
+    ]
+    text = (
+        f"# Comparison on {args.data} ({args.seeds} seeds, test split, mean ± std)\n\n"
+        f"Queries: {query_mode(args.data)}. Every row ranks the same candidates: eval seed {args.eval_seed}, "
+        f"digest {digests[0]}. Config {args.config.name} {' '.join(args.set)}, {args.epochs} epochs, "
+        f"{args.pretrain_epochs} pretraining epochs, samples per user {args.samples_per_user or 'all'}.\n\n"
+        + markdown(agg, table2, "Table 2: SEMINAR against the baselines")
+        + "\n"
+        + markdown(agg, table3, "Table 3: ablation of the PSU pretraining tasks")
+        + "\n"
+        + ("\n".join(f"- {v}" for v in verdict(agg, args.seeds)) + "\n" if "SEMINAR" in agg else "")
+        + ("" if args.report_only else f"\n{time.time() - t0:.0f} s in all.\n")
+    )
     (args.out / "compare.md").write_text(text)
-    (args.out / "compare.json").write_text(json.dumps({"seeds": args.seeds, "data": str(args.data), "aggregate": agg,
-                                                        "eval_seed": args.eval_seed, "candidates_digest": digests[0],
-                                                        "per_seed": per_seed, "seconds": time.time() - t0}, indent=1))
+    (args.out / "compare.json").write_text(
+        json.dumps(
+            {
+                "seeds": args.seeds,
+                "data": str(args.data),
+                "aggregate": agg,
+                "eval_seed": args.eval_seed,
+                "candidates_digest": digests[0],
+                "per_seed": per_seed,
+                "seconds": time.time() - t0,
+            },
+            indent=1,
+        )
+    )
     print(text)
     return 0
 

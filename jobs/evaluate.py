@@ -1,21 +1,26 @@
 """Evaluate a checkpoint (or a run directory's best) on the validation or test targets.
 
     python jobs/evaluate.py --checkpoint runs/seminar --split test --out runs/seminar/eval
-    ray job submit --working-dir . -- python jobs/evaluate.py --checkpoint /shared/runs/seminar --split test --out /shared/eval
+    ray job submit --working-dir . -- python jobs/evaluate.py --checkpoint /shared/runs/seminar --split test --out
+    /shared/eval
 
 Writes OUT/metrics.json: HR@K, NDCG@K (K = 1, 5, 10, 50), MRR, AUC, gAUC, overall and per target type.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from seminar_ray.data.splits import EVAL_SEED
+from seminar_ray.runtime import init_ray, run_cli, setup_logging
+from seminar_ray.train.evaluation import evaluate_checkpoint, metrics_table, write_metrics
 
-from seminar_ray.data.splits import EVAL_SEED  # noqa: E402
-from seminar_ray.runtime import init_ray, run_cli, setup_logging  # noqa: E402
-from seminar_ray.train.evaluation import evaluate_checkpoint, metrics_table, write_metrics  # noqa: E402
+
+def table_rows(metrics: dict) -> dict[str, dict]:
+    """Overall and per target type (AUC and gAUC are overall only)."""
+    nan = {"auc": float("nan"), "gauc": float("nan")}
+    return {"all": metrics, **{k: metrics[k] | nan for k in ("search", "browse") if k in metrics}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,15 +31,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="directory for metrics.json: local, NFS or a shared URI")
     p.add_argument("--data", help="default: the data directory the checkpoint was trained on (local, NFS or URI)")
     p.add_argument("--actors", type=int, default=2, help="scoring actors (0.5 CPU each)")
-    p.add_argument("--eval-seed", type=int, default=EVAL_SEED,
-                   help="seed of the 99 negatives per user; keep it fixed to compare models (recorded in metrics.json)")
+    p.add_argument(
+        "--eval-seed",
+        type=int,
+        default=EVAL_SEED,
+        help="seed of the 99 negatives per user; keep it fixed to compare models (recorded in metrics.json)",
+    )
     args = p.parse_args(argv)
     init_ray()
     metrics = evaluate_checkpoint(args.checkpoint, args.split, args.data, actors=args.actors, eval_seed=args.eval_seed)
     path = write_metrics(metrics, args.out)
-    rows = {"all": metrics, **{k: metrics[k] | {"auc": float("nan"), "gauc": float("nan")}
-                               for k in ("search", "browse") if k in metrics}}
-    print(metrics_table(rows))
+    print(metrics_table(table_rows(metrics)))
     print(f"{metrics['model']} on {args.split} ({metrics['targets']} targets): {path}")
     return 0
 

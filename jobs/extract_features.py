@@ -1,12 +1,14 @@
 """Fill text_emb / image_emb of a prepared dataset with open_clip features on a Ray Data actor pool.
 
-    python jobs/extract_features.py --data data/amazon [--pretrained openai|PATH|none] [--actors 2] [--batch-size 16] [--use-gpu]
+    python jobs/extract_features.py --data data/amazon [--pretrained openai|PATH|none] [--actors 2] [--batch-size 16]
+    [--use-gpu]
     ray job submit --working-dir . -- python jobs/extract_features.py --data /shared/data/amazon --use-gpu
 
 Embedded local Ray unless --address or $RAY_ADDRESS names a cluster. Prints a JSON summary: items with
 text/image features, missing counts by reason (no_text, no_image, unreadable, fetch_failed), items/s.
 Bad input exits 2 with a one-line error and leaves the dataset untouched.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,11 +16,10 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from seminar_ray.data.features import DEFAULT_MODEL, FeatureConfig, extract_features  # noqa: E402
-from seminar_ray.data.schema import DatasetMeta  # noqa: E402
-from seminar_ray.runtime import init_ray, run_cli, setup_logging  # noqa: E402
+from seminar_ray.data.features import DEFAULT_MODEL, FeatureConfig, extract_features
+from seminar_ray.data.schema import DatasetMeta
+from seminar_ray.errors import InputError
+from seminar_ray.runtime import init_ray, run_cli, setup_logging
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -38,10 +39,16 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
     if args.actors < 1 or args.batch_size < 1:
-        raise ValueError("--actors and --batch-size must be >= 1")
+        raise InputError("--actors and --batch-size must be >= 1")
     pretrained = None if args.pretrained.lower() == "none" else args.pretrained
-    cfg = FeatureConfig(model=args.model, pretrained=pretrained, actors=args.actors, batch_size=args.batch_size,
-                        use_gpu=args.use_gpu, num_cpus=args.num_cpus)
+    cfg = FeatureConfig(
+        model=args.model,
+        pretrained=pretrained,
+        actors=args.actors,
+        batch_size=args.batch_size,
+        use_gpu=args.use_gpu,
+        num_cpus=args.num_cpus,
+    )
     DatasetMeta.load(args.data)  # fail on a wrong --data before starting Ray
     init_ray(args.address)
     summary = extract_features(args.data, cfg)

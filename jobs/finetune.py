@@ -1,20 +1,19 @@
 """Fine-tune the CTR model (paper §3.3.2), or train a baseline, on Ray Train.
 
-    python jobs/finetune.py --data data/small --out runs --pretrained runs/psu
-    python jobs/finetune.py --data data/small --out runs --model twin
-    ray job submit --working-dir . -- python jobs/finetune.py --data /shared/data --out /shared/runs --pretrained /shared/runs/psu
+python jobs/finetune.py --data data/small --out runs --pretrained runs/psu
+python jobs/finetune.py --data data/small --out runs --model twin
+ray job submit --working-dir . -- python jobs/finetune.py --data /shared/data --out /shared/runs --pretrained
+/shared/runs/psu
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from jobs.common import add_train_flags, job_from_args, print_summary  # noqa: E402
-from seminar_ray.runtime import init_ray, run_cli, setup_logging  # noqa: E402
-from seminar_ray.train.job import run_training  # noqa: E402
+from jobs.common import add_train_flags, job_from_args, print_summary
+from seminar_ray.runtime import init_ray, run_cli, setup_logging
+from seminar_ray.train.job import run_training
 
 CTR_MODELS = ("seminar", "sim", "eta", "twin", "qin", "din")
 

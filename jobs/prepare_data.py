@@ -1,10 +1,11 @@
-"""Raw logs → items/queries/sequences Parquet (DESIGN §3).
+"""Raw logs → items/queries/sequences Parquet (docs/design.md, Data model).
 
-    python jobs/prepare_data.py --source synthetic --scale small --out data/small
-    python jobs/prepare_data.py --source recbole --input ml-100k/ --out data/ml100k
-    python jobs/prepare_data.py --source recbole --input ml-100k/ --out data/ml100k-none --queries none
-    ray job submit --working-dir . -- python jobs/prepare_data.py --source synthetic --out /shared/data/small
+python jobs/prepare_data.py --source synthetic --scale small --out data/small
+python jobs/prepare_data.py --source recbole --input ml-100k/ --out data/ml100k
+python jobs/prepare_data.py --source recbole --input ml-100k/ --out data/ml100k-none --queries none
+ray job submit --working-dir . -- python jobs/prepare_data.py --source synthetic --out /shared/data/small
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,13 +16,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from seminar_ray.data.queries import QUERY_MODES, apply_mode, resolve_mode
+from seminar_ray.data.schema import DatasetMeta, DatasetTables
+from seminar_ray.errors import InputError
+from seminar_ray.runtime import init_ray, run_cli, setup_logging
 
-from seminar_ray.data.queries import QUERY_MODES, apply_mode, resolve_mode  # noqa: E402
-from seminar_ray.data.schema import DatasetMeta, DatasetTables  # noqa: E402
-from seminar_ray.runtime import init_ray, run_cli, setup_logging  # noqa: E402
-
-log = logging.getLogger("prepare_data")
+log = logging.getLogger(__name__)
 SOURCES = ("synthetic", "recbole", "kuaisar", "amazon")
 
 
@@ -36,10 +36,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--users", type=int, help="synthetic: override the number of users")
     p.add_argument("--items", type=int, help="synthetic: override the number of items")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--queries", choices=QUERY_MODES, default=None,
-                   help="source: real search logs (synthetic, kuaisar); derived: each item's query from its own "
-                        "description or category (recbole, amazon); none: every behaviour gets the empty query "
-                        "(pure sequential recommendation). Default: the source's own kind")
+    p.add_argument(
+        "--queries",
+        choices=QUERY_MODES,
+        default=None,
+        help="source: real search logs (synthetic, kuaisar); derived: each item's query from its own "
+        "description or category (recbole, amazon); none: every behaviour gets the empty query "
+        "(pure sequential recommendation). Default: the source's own kind",
+    )
     return p.parse_args(argv)
 
 
@@ -52,39 +56,53 @@ def read_source(args: argparse.Namespace) -> DatasetTables:
         cfg = replace(cfg, max_len=min(cfg.max_len, args.max_len), min_len=min(cfg.min_len, args.max_len))
         return generate(cfg, progress=True)
     if args.input is None:
-        raise ValueError(f"--input is required for --source {args.source}")
+        raise InputError(f"--input is required for --source {args.source}")
     if not args.input.exists():
         raise FileNotFoundError(f"{args.input}: no such file or directory")
     import importlib
 
     reader = importlib.import_module(f"seminar_ray.data.readers.{args.source}")
-    min_inter = args.min_interactions if args.min_interactions is not None else {"kuaisar": 4, "amazon": 5}.get(args.source, 3)
+    min_inter = (
+        args.min_interactions if args.min_interactions is not None else {"kuaisar": 4, "amazon": 5}.get(args.source, 3)
+    )
     return reader.read(args.input, min_interactions=min_inter, max_len=args.max_len)
 
 
 def _row_stats(batch):
     """Per user: sequence length and number of search behaviours (non-empty query)."""
     import numpy as np
-    import pyarrow as pa
 
     queries = batch["query_ids"].combine_chunks()
     offsets = queries.offsets.to_numpy()
-    is_search = np.concatenate([(queries.values.to_numpy()[offsets[0]:offsets[-1]] > 0).astype(np.int64), [0]])
-    return {"n": np.diff(offsets), "search": np.add.reduceat(is_search, offsets[:-1] - offsets[0]) * (np.diff(offsets) > 0)}
+    is_search = np.concatenate([(queries.values.to_numpy()[offsets[0] : offsets[-1]] > 0).astype(np.int64), [0]])
+    return {
+        "n": np.diff(offsets),
+        "search": np.add.reduceat(is_search, offsets[:-1] - offsets[0]) * (np.diff(offsets) > 0),
+    }
 
 
 def summarize(out: Path) -> dict:
     """Users, items, queries, behaviours and sequence lengths, computed with Ray Data over the written table."""
-    from seminar_ray.data.pipeline import MAP_CONCURRENCY, MAP_CPUS, read_sequences
+    from seminar_ray.data.pipeline import MAP_CONCURRENCY, MAP_CPUS, map_compute, read_sequences
 
-    stats = read_sequences(out, min_blocks=1).map_batches(
-        _row_stats, batch_format="pyarrow", num_cpus=MAP_CPUS, concurrency=MAP_CONCURRENCY).to_pandas()
+    stats = (
+        read_sequences(out, min_blocks=MAP_CONCURRENCY)
+        .map_batches(_row_stats, batch_format="pyarrow", num_cpus=MAP_CPUS, compute=map_compute())
+        .to_pandas()
+    )
     meta = DatasetMeta.load(out)
     n = stats["n"].to_numpy()
-    return {"users": int(len(n)), "items": meta.num_items, "queries": meta.num_queries,
-            "query_mode": meta.extra.get("queries"), "behaviours": int(n.sum()),
-            "search_share": round(float(stats["search"].sum() / max(1, n.sum())), 4),
-            "mean_len": round(float(n.mean()), 1), "max_len": int(n.max()), "out": str(out)}
+    return {
+        "users": int(len(n)),
+        "items": meta.num_items,
+        "queries": meta.num_queries,
+        "query_mode": meta.extra.get("queries"),
+        "behaviours": int(n.sum()),
+        "search_share": round(float(stats["search"].sum() / max(1, n.sum())), 4),
+        "mean_len": round(float(n.mean()), 1),
+        "max_len": int(n.max()),
+        "out": str(out),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,19 +1,17 @@
 """Pretrain the PSU (paper §3.3.1) on Ray Train.
 
-    python jobs/pretrain.py --data data/small --out runs --epochs 2
-    ray job submit --working-dir . -- python jobs/pretrain.py --data /shared/data --out /shared/runs --num-workers 2
+python jobs/pretrain.py --data data/small --out runs --epochs 2
+ray job submit --working-dir . -- python jobs/pretrain.py --data /shared/data --out /shared/runs --num-workers 2
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from jobs.common import add_train_flags, job_from_args, print_summary  # noqa: E402
-from seminar_ray.runtime import init_ray, run_cli, setup_logging  # noqa: E402
-from seminar_ray.train.job import run_training  # noqa: E402
+from jobs.common import add_train_flags, job_from_args, print_summary
+from seminar_ray.runtime import init_ray, run_cli, setup_logging
+from seminar_ray.train.job import run_training
 
 
 def main(argv: list[str] | None = None) -> int:

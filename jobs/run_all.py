@@ -2,10 +2,12 @@
 
 prepare (synthetic) → pretrain PSU → fine-tune SEMINAR → evaluate on test → build the PQ index →
 serve over HTTP on 127.0.0.1 and score one request. Every stage is the same job a cluster user
-submits with `ray job submit`; here they share one Ray session to save start-up time.
+submits with `ray job submit`; here they share one Ray session to save start-up time. Ray's own log
+lines go to OUT/logs/ (--verbose shows them); the run ends with one summary.
 
-    python jobs/run_all.py --out runs/demo --scale small
+    python -m jobs.run_all --out runs/demo --scale small
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,26 +16,56 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from seminar_ray.runtime import init_ray, run_cli, setup_logging  # noqa: E402
+from seminar_ray.errors import InputError
+from seminar_ray.runtime import init_ray, run_cli, setup_logging
 
 STAGES = ("prepare", "pretrain", "finetune", "evaluate", "index", "serve")
 
 
-def _stage(name: str, fn, *args) -> float:
+def _stage(name: str, fn, *args):
+    """Run one stage; (seconds, what it returned)."""
     print(f"\n=== {name} ===", flush=True)
     t0 = time.time()
-    code = fn(*args)
-    if code not in (0, None):
-        raise SystemExit(f"stage {name} failed with exit code {code}")
+    result = fn(*args)
+    if isinstance(result, int) and result != 0:
+        raise SystemExit(f"stage {name} failed with exit code {result}")
     seconds = time.time() - t0
     print(f"=== {name} done in {seconds:.0f}s ===", flush=True)
-    return seconds
+    return seconds, result
+
+
+def summary(out: Path, timings: dict[str, float], exchange: dict | None) -> str:
+    """Stage times, the test metrics table, the scored request and its answer, and where the outputs are."""
+    from jobs.evaluate import table_rows
+    from seminar_ray.train.evaluation import metrics_table
+
+    lines = ["", "=== summary ===", "stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())]
+    metrics_file = out / "eval" / "metrics.json"
+    if metrics_file.exists():
+        metrics = json.loads(metrics_file.read_text())
+        lines += [
+            f"test metrics ({metrics['model']}, {metrics['targets']} targets):",
+            metrics_table(table_rows(metrics)),
+        ]
+    if exchange is not None:
+        response = exchange["response"]
+        scores = response.get("scores")
+        shown = [round(s, 4) for s in scores] if isinstance(scores, list) else response
+        lines += [
+            f"scored request: user {exchange['request']['user_id']}, query {exchange['request']['query']}, "
+            f"candidates {exchange['request']['candidates']}",
+            f"answer (HTTP {exchange['status']}): scores {shown}",
+        ]
+    lines += [
+        f"outputs: data {out / 'data'}",
+        f"         runs {out / 'runs'} (metrics.json and curves.png per run)",
+        f"         test metrics {metrics_file}, index {out / 'index'}",
+        f"         Ray's logs {out / 'logs'}",
+    ]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--scale", default="small", help="synthetic preset: tiny, small, medium, large")
@@ -41,42 +73,56 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (0 = local mode)")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port of the serve stage (127.0.0.1)")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own log lines too (else they go to OUT/logs)")
     args = p.parse_args(argv)
     stages = args.stages.split(",")
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; known: {', '.join(STAGES)}")
+        raise InputError(f"unknown stage(s) {unknown}; known: {', '.join(STAGES)}")
     out = args.out.resolve()
+    setup_logging(args.verbose, log_dir=out / "logs")
     data, runs = out / "data", out / "runs"
     init_ray(quiet=False)
-    from jobs import build_index, evaluate, finetune, prepare_data, pretrain
+    from jobs import build_index, evaluate, finetune, prepare_data, pretrain, serve_demo
 
     train = ["--data", str(data), "--out", str(runs), "--num-workers", str(args.num_workers), "--eval-users", "500"]
-    timings = {}
+    timings: dict[str, float] = {}
+    exchange = None
     t0 = time.time()
     if "prepare" in stages:
-        timings["prepare"] = _stage("prepare", prepare_data.main,
-                                    ["--source", "synthetic", "--scale", args.scale, "--out", str(data)])
+        timings["prepare"], _ = _stage(
+            "prepare", prepare_data.main, ["--source", "synthetic", "--scale", args.scale, "--out", str(data)]
+        )
     if "pretrain" in stages:
-        timings["pretrain"] = _stage("pretrain", pretrain.main, train + ["--epochs", str(args.pretrain_epochs)])
+        timings["pretrain"], _ = _stage("pretrain", pretrain.main, train + ["--epochs", str(args.pretrain_epochs)])
     if "finetune" in stages:
-        timings["finetune"] = _stage("finetune", finetune.main, train + [
-            "--model", "seminar", "--epochs", str(args.epochs), "--pretrained", str(runs / "psu")])
+        timings["finetune"], _ = _stage(
+            "finetune",
+            finetune.main,
+            train + ["--model", "seminar", "--epochs", str(args.epochs), "--pretrained", str(runs / "psu")],
+        )
     if "evaluate" in stages:
-        timings["evaluate"] = _stage("evaluate", evaluate.main, [
-            "--checkpoint", str(runs / "seminar"), "--split", "test", "--out", str(out / "eval")])
+        timings["evaluate"], _ = _stage(
+            "evaluate",
+            evaluate.main,
+            ["--checkpoint", str(runs / "seminar"), "--split", "test", "--out", str(out / "eval")],
+        )
     if "index" in stages:
-        timings["index"] = _stage("index", build_index.main, [
-            "--checkpoint", str(runs / "seminar"), "--data", str(data), "--out", str(out / "index")])
+        timings["index"], _ = _stage(
+            "index",
+            build_index.main,
+            ["--checkpoint", str(runs / "seminar"), "--data", str(data), "--out", str(out / "index")],
+        )
     if "serve" in stages:
-        from jobs import serve_demo
-
-        timings["serve"] = _stage("serve", serve_demo.main, [
-            "--checkpoint", str(runs / "seminar"), "--index", str(out / "index"), "--data", str(data)])
+        serve_args = ["--checkpoint", str(runs / "seminar"), "--index", str(out / "index"), "--data", str(data)]
+        timings["serve"], exchange = _stage(
+            "serve", serve_demo.serve_and_score, serve_args + ["--port", str(args.port)]
+        )
+        if exchange["status"] != 200:
+            raise SystemExit(f"stage serve: HTTP {exchange['status']}: {exchange['response']}")
     timings["total"] = time.time() - t0
-    print("\n=== summary ===")
-    print(json.dumps({k: round(v, 1) for k, v in timings.items()}, indent=1))
-    print(f"data: {data}\nruns: {runs} (metrics.json and curves.png per run)\ntest metrics: {out / 'eval' / 'metrics.json'}")
+    print(summary(out, timings, exchange), flush=True)
     return 0
 
 

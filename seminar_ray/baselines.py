@@ -5,6 +5,7 @@
   that query was derived from the positive item's own description or category. This rule ranks the candidates whose
   own derived query equals the target's query first, then by popularity: what matching query to item text alone gives.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 from seminar_ray.data.pipeline import sample_config
 from seminar_ray.data.schema import read_table
 from seminar_ray.data.splits import EVAL_SEED, SPLIT_OFFSET, SequenceBatch, candidates_digest, eval_batch
+from seminar_ray.errors import InputError
 from seminar_ray.metrics import evaluate_scores
 
 RULES = ("popularity", "querymatch_pop")
@@ -48,8 +50,9 @@ def item_queries(seqs: SequenceBatch, num_items: int) -> np.ndarray:
     return out
 
 
-def rule_scores(rule: str, seqs: SequenceBatch, num_items: int, target_items: np.ndarray,
-                target_queries: np.ndarray) -> np.ndarray:
+def rule_scores(
+    rule: str, seqs: SequenceBatch, num_items: int, target_items: np.ndarray, target_queries: np.ndarray
+) -> np.ndarray:
     """[targets, C] scores of `rule` for the candidate lists (item ids 1..num_items)."""
     popularity = item_popularity(seqs, num_items)
     scores = popularity[target_items]
@@ -58,7 +61,7 @@ def rule_scores(rule: str, seqs: SequenceBatch, num_items: int, target_items: np
     if rule == "querymatch_pop":
         match = (item_queries(seqs, num_items)[target_items] == target_queries) & (target_queries != 0)
         return scores + match * (popularity.max() + 1.0)
-    raise ValueError(f"unknown rule {rule!r}; choose from {RULES}")
+    raise InputError(f"unknown rule {rule!r}; choose from {RULES}")
 
 
 def evaluate_rule(rule: str, data: str | Path, split: str = "test", eval_seed: int = EVAL_SEED) -> dict:
@@ -66,8 +69,16 @@ def evaluate_rule(rule: str, data: str | Path, split: str = "test", eval_seed: i
     seqs = SequenceBatch.from_arrow(read_table(data, "sequences"))
     cfg = sample_config(data, eval_seed=eval_seed)
     ev = eval_batch(seqs, split, cfg)
-    out = evaluate_scores(ev["user_id"], ev["target_queries"],
-                          rule_scores(rule, seqs, cfg.num_items, ev["target_items"], ev["target_queries"]))
-    out.update(split=split, model=rule, data=str(data), eval_seed=eval_seed,
-               candidates_digest=candidates_digest(ev["user_id"], ev["target_items"]))
+    out = evaluate_scores(
+        ev["user_id"],
+        ev["target_queries"],
+        rule_scores(rule, seqs, cfg.num_items, ev["target_items"], ev["target_queries"]),
+    )
+    out.update(
+        split=split,
+        model=rule,
+        data=str(data),
+        eval_seed=eval_seed,
+        candidates_digest=candidates_digest(ev["user_id"], ev["target_items"]),
+    )
     return out

@@ -3,6 +3,7 @@
 Every ranking metric is its expected value under random tie-breaking: a negative scored equal to
 the positive is neither a win nor a loss; the positive's rank is uniform over its tie block.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,7 +14,7 @@ KS = (1, 5, 10, 50)
 def _tie_block(scores: np.ndarray, pos_col: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(#candidates scored above the positive, #other candidates tied with it) per row."""
     scores = np.asarray(scores, dtype=np.float64)
-    pos = scores[:, pos_col:pos_col + 1]
+    pos = scores[:, pos_col : pos_col + 1]
     others = np.delete(scores, pos_col, axis=1)
     return (others > pos).sum(axis=1), (others == pos).sum(axis=1)
 
@@ -84,7 +85,7 @@ def evaluate_scores(user_ids: np.ndarray, target_queries: np.ndarray, scores: np
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.zeros_like(scores)
     labels[:, 0] = 1
-    out = ranking_metrics(scores)
+    out: dict = dict(ranking_metrics(scores))
     out["auc"] = auc(labels, scores)
     out["gauc"] = gauc(np.repeat(np.asarray(user_ids)[:, None], scores.shape[1], axis=1), labels, scores)
     out["targets"] = int(len(scores))

@@ -35,7 +35,7 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
-    """A small synthetic dataset written once per session (DESIGN §3 tables)."""
+    """A small synthetic dataset written once per session (the tables of docs/design.md, Data model)."""
     from seminar_ray.data.synthetic import SyntheticConfig, generate_to_dir
 
     out = tmp_path_factory.mktemp("data") / "tiny"

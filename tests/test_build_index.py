@@ -1,13 +1,13 @@
-"""jobs/build_index.py end to end: a tiny SEMINAR checkpoint → Ray Data encoding → a loadable index (DESIGN §5)."""
+"""Building the index with Ray Data end to end: a tiny SEMINAR checkpoint → Ray Data encoding → a loadable index (docs/design.md, Retrieval)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from jobs import build_index as job
 from seminar_ray.data.entities import EntityTables
 from seminar_ray.models import ModelConfig, build_model, export_gsu_tables, save_checkpoint
+from seminar_ray.retrieval.encode import fit_n_sub, index_checkpoint, part_vectors
 from seminar_ray.retrieval.index import PQIndex
 from seminar_ray.retrieval.retrievers import ExactRetriever, SketchRerankRetriever
 
@@ -19,17 +19,16 @@ def checkpoint(tiny_data, tmp_path_factory):
     return save_checkpoint(model, cfg, tmp_path_factory.mktemp("ckpt") / "seminar").parent, model
 
 
-def test_build_index_job_writes_a_loadable_index_matching_the_model(ray_local, tiny_data, checkpoint, tmp_path):
+def test_index_built_with_ray_data_loads_and_ranks_like_the_model(ray_local, tiny_data, checkpoint, tmp_path):
     ckpt_dir, model = checkpoint
     out = tmp_path / "index"
-    job.main(["--checkpoint", str(ckpt_dir), "--data", str(tiny_data), "--out", str(out), "--n-sub", "4",
-              "--n-centroids", "16", "--folded-n-sub", "8", "--folded-n-centroids", "16", "--num-cpus", "1"])
+    index_checkpoint(ckpt_dir, tiny_data, out, n_sub=4, n_centroids=16, folded_n_sub=8, folded_n_centroids=16, actors=1)
     index = PQIndex.load(out)
     gsu = export_gsu_tables(model)
     assert index.num_items == len(gsu.item_channels) and index.num_queries == len(gsu.query_channel)
     assert index.version.startswith("seminar-pq4x16") and index.sketch is not None
     for part in ("item_T", "query_Q", "item_folded"):  # Ray Data kept the rows in id order
-        vectors = job.part_vectors(gsu)[part]
+        vectors = part_vectors(gsu)[part]
         assert np.array_equal(index.codes[part], index.codecs[part].encode(vectors)), part
     np.testing.assert_allclose(index.item_exact, gsu.item_folded(), rtol=1e-2, atol=1e-3)
 
@@ -37,7 +36,7 @@ def test_build_index_job_writes_a_loadable_index_matching_the_model(ray_local, t
     hi = rng.integers(1, index.num_items, 300)
     hq = np.where(rng.random(300) < 0.5, rng.integers(1, index.num_queries, 300), 0)
     with torch.no_grad():
-        u = model.gsu_target_vectors(torch.from_numpy(hi[:8]), torch.from_numpy(hq[:8])).numpy()
+        u = model.gsu_target_vectors(target_items=torch.from_numpy(hi[:8]), target_queries=torch.from_numpy(hq[:8])).numpy()
     exact = ExactRetriever.from_tables(gsu)
     want, got = exact.topk(hq, hi, u, 16), SketchRerankRetriever(index).topk(hq, hi, u, 16)
     scores = exact.scores(hq, hi, u)
@@ -47,7 +46,7 @@ def test_build_index_job_writes_a_loadable_index_matching_the_model(ray_local, t
 
 def test_sub_vector_count_is_capped_to_a_divisor_of_d():
     with pytest.warns(UserWarning, match="--folded-n-sub 32 does not divide the model's d = 16: using 16"):
-        assert job.fit_n_sub(16, 32, "--folded-n-sub") == 16
+        assert fit_n_sub(16, 32, "--folded-n-sub") == 16
     with pytest.warns(UserWarning, match="using 4"):
-        assert job.fit_n_sub(12, 5, "--n-sub") == 4
-    assert job.fit_n_sub(64, 8, "--n-sub") == 8
+        assert fit_n_sub(12, 5, "--n-sub") == 4
+    assert fit_n_sub(64, 8, "--n-sub") == 8

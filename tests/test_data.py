@@ -28,7 +28,7 @@ def cfg(tiny_data) -> SampleConfig:
     return SampleConfig(max_len=32, num_items=DatasetMeta.load(tiny_data).num_items, num_neg=5, samples_per_user=4)
 
 
-def test_schema_round_trip(tiny_data):
+def test_written_tables_have_the_declared_schemas_and_load_as_id_indexed_features(tiny_data):
     for name, schema in (("items", ITEMS), ("queries", QUERIES), ("sequences", SEQUENCES)):
         assert read_table(tiny_data, name).schema.equals(schema, check_metadata=False), name
     fresh = generate(SyntheticConfig.preset("tiny"))
@@ -53,7 +53,7 @@ def test_generator_is_deterministic_and_seeded():
     assert not a.sequences.equals(c.sequences)
 
 
-def test_planted_structure_is_real(tiny_data, seqs):
+def test_planted_structure_lets_an_oracle_beat_popularity(tiny_data, seqs):
     """An oracle scoring by the user's latent interests ranks well; popularity alone does not; most ids are rare."""
     cfg = SampleConfig(max_len=64, num_items=DatasetMeta.load(tiny_data).num_items)
     ev = eval_batch(seqs, "test", cfg)
@@ -67,7 +67,7 @@ def test_planted_structure_is_real(tiny_data, seqs):
     assert 0.2 < search_share < 0.4
 
 
-def test_eval_split_targets_and_negatives(seqs, cfg):
+def test_eval_targets_are_the_last_behaviours_against_99_unseen_negatives(seqs, cfg):
     test, valid = eval_batch(seqs, "test", cfg), eval_batch(seqs, "valid", cfg)
     assert test["target_items"].shape == (len(seqs.lengths), 100)
     for j, u in enumerate(test["user_id"]):
@@ -112,7 +112,7 @@ def test_train_positions_are_seeded_fresh_per_epoch_and_exclude_eval(seqs, cfg):
     assert (pos0 >= 1).all() and (pos0 <= seqs.lengths[rows0] - 3).all()
 
 
-def test_train_batch_ctr_and_psu_negatives(seqs, cfg):
+def test_train_negatives_share_the_target_query_for_ctr_and_sample_queries_for_psu(seqs, cfg):
     ctr = train_batch(seqs, cfg, epoch=0)
     assert ctr["target_items"].shape[1] == 1 + cfg.num_neg and ctr["labels"][:, 0].all() and not ctr["labels"][:, 1:].any()
     assert (ctr["target_queries"] == ctr["target_queries"][:, :1]).all()
@@ -124,7 +124,7 @@ def test_train_batch_ctr_and_psu_negatives(seqs, cfg):
     np.testing.assert_array_equal(psu["target_items"], ctr["target_items"])
 
 
-def test_sample_negatives_properties():
+def test_sampled_negatives_are_distinct_unseen_and_too_few_is_a_data_error():
     rng = np.random.default_rng(0)
     negs = sample_negatives(rng, 200, np.arange(1, 101), 99)
     assert len(np.unique(negs)) == 99 and (negs > 100).all() and (negs <= 200).all()
@@ -184,7 +184,7 @@ def test_bad_tables_fail_clearly_and_write_nothing(tiny_data, tmp_path):
     _assert_nothing_written(out)
 
 
-def test_rewrite_replaces_only_when_complete(tiny_data, tmp_path):
+def test_rewrite_replaces_the_dataset_only_when_complete(tiny_data, tmp_path):
     (items, queries, seqs), meta = _tables(tiny_data)
     out = write_dataset(tmp_path / "d", items, queries, seqs, meta)
     before = pq.read_table(out / "sequences.parquet")
@@ -193,7 +193,7 @@ def test_rewrite_replaces_only_when_complete(tiny_data, tmp_path):
     assert pq.read_table(out / "sequences.parquet").equals(before), "a failed rewrite leaves the old data intact"
 
 
-def test_prepare_data_cli(ray_local, tmp_path, capsys):
+def test_prepare_data_job_prints_a_summary_and_a_missing_input_exits_2(ray_local, tmp_path, capsys):
     from jobs.prepare_data import main
 
     assert main(["--source", "synthetic", "--scale", "tiny", "--users", "40", "--out", str(tmp_path / "syn")]) == 0

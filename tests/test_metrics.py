@@ -7,7 +7,7 @@ import pytest
 from seminar_ray.metrics import auc, evaluate_scores, gauc, ranking_metrics
 
 
-def test_clear_ranks():
+def test_hr_ndcg_mrr_of_clear_ranks():
     # positive ranked 1st, 3rd and 12th (last) of 12
     scores = np.array([[9.0] + list(range(8, -3, -1)), [7.0, 9, 8] + [0] * 9, [-1.0] + [0] * 11])
     m = ranking_metrics(scores, ks=(1, 5, 10))
@@ -17,7 +17,7 @@ def test_clear_ranks():
     assert m["mrr"] == pytest.approx((1 + 1 / 3 + 1 / 12) / 3)
 
 
-def test_ties_are_expected_values():
+def test_ties_count_as_expected_values_under_random_tie_breaking():
     # positive tied with 3 negatives, 1 negative above: rank uniform over {2, 3, 4, 5}
     scores = np.array([[1.0, 2.0, 1.0, 1.0, 1.0, 0.0]])
     m = ranking_metrics(scores, ks=(1, 3, 5))
@@ -31,7 +31,7 @@ def test_ties_are_expected_values():
     assert flat["hr@10"] == pytest.approx(0.1)
 
 
-def test_auc_and_gauc():
+def test_auc_and_user_grouped_gauc_ignore_one_class_users():
     assert auc([1, 0, 1, 0], [0.9, 0.1, 0.8, 0.3]) == 1.0
     assert auc([1, 0, 1, 0], [0.1, 0.9, 0.2, 0.3]) == 0.0
     assert auc([1, 0], [0.5, 0.5]) == 0.5
@@ -49,7 +49,7 @@ def test_evaluate_scores_splits_by_target_type():
     assert out["search"]["hr@1"] == 1.0 and out["browse"]["hr@1"] == 0.0 and out["targets"] == 2
 
 
-def test_bad_scores_rejected():
+def test_nan_or_one_dimensional_scores_are_rejected():
     with pytest.raises(ValueError, match="NaN"):
         ranking_metrics(np.array([[np.nan, 1.0]]))
     with pytest.raises(ValueError, match="shape"):

@@ -1,4 +1,4 @@
-"""Model tests (issue 3): each defect of the reference code (DESIGN §4) is made impossible here."""
+"""Model tests: each defect of the public reference code (README, "The model") is made impossible here."""
 from __future__ import annotations
 
 import dataclasses
@@ -82,7 +82,7 @@ def batch() -> dict:
 
 # --- configuration -----------------------------------------------------------------------------------------------
 
-def test_config_paper_defaults_and_yaml(tmp_path):
+def test_config_has_the_papers_defaults_and_reads_yaml(tmp_path):
     paper = ModelConfig.preset("paper")
     assert (paper.d, paper.heads, paper.K, paper.lam, paper.batch, paper.lr) == (64, 4, 200, 0.5, 256, 1e-3)
     path = tmp_path / "m.yaml"
@@ -97,7 +97,7 @@ def test_config_paper_defaults_and_yaml(tmp_path):
         ModelConfig(lam=1.5)
 
 
-def test_repo_configs_load():
+def test_every_config_in_configs_loads():
     from pathlib import Path
 
     files = sorted((Path(__file__).resolve().parents[1] / "configs").glob("model*.yaml"))
@@ -336,7 +336,7 @@ def test_checkpoint_roundtrip_identical_outputs(kind, cfg, tables, batch, tmp_pa
         assert torch.equal(loaded.eval()(batch), expected)
 
 
-def test_checkpoint_mismatch_errors(cfg, tables, tmp_path):
+def test_checkpoint_of_other_tables_or_config_is_rejected(cfg, tables, tmp_path):
     save_checkpoint(build_model("seminar", cfg, tables), cfg, tmp_path / "ck")
     with pytest.raises(ValueError, match="'seminar' model, expected 'sim'"):
         load_checkpoint(tmp_path / "ck", tables, kind="sim")
@@ -374,7 +374,7 @@ def test_gsu_export_reproduces_model_scores(cfg, tables, batch):
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
         scores = model.gsu_scores(batch)  # [B, C, L]
-        u = model.gsu_target_vectors(batch["target_items"], batch["target_queries"])
+        u = model.gsu_target_vectors(target_items=batch["target_items"], target_queries=batch["target_queries"])
     gsu = export_gsu_tables(model)
     assert gsu.item_channels.shape == (N_ITEMS + 1, 3, cfg.d) and gsu.query_channel.shape == (N_QUERIES + 1, cfg.d)
     for row in range(2):
@@ -389,7 +389,7 @@ def test_gsu_target_tables_sum_to_the_models_target_vectors(cfg, tables, batch):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-        u = model.gsu_target_vectors(batch["target_items"], batch["target_queries"]).numpy()
+        u = model.gsu_target_vectors(target_items=batch["target_items"], target_queries=batch["target_queries"]).numpy()
     items, queries = gsu_target_tables(model)
     assert items.shape == (N_ITEMS + 1, cfg.d) and queries.shape == (N_QUERIES + 1, cfg.d)
     summed = items[batch["target_items"].numpy()] + queries[batch["target_queries"].numpy()]
@@ -420,7 +420,7 @@ def test_cached_entities_score_like_projected_ones_and_training_drops_the_cache(
 
 
 @pytest.mark.parametrize("kind", ["seminar", "sim", "twin", "qin", "din", "eta"])
-def test_score_with_topk_equals_forward(kind, cfg, tables, batch):
+def test_scoring_a_given_topk_equals_forward(kind, cfg, tables, batch):
     model = build_model(kind, cfg, tables).eval()
     with torch.no_grad():
         enc = model.encode(batch["hist_items"], batch["hist_queries"], batch["target_items"], batch["target_queries"])

@@ -83,23 +83,6 @@ def test_recbole_inter_file_path_and_no_timestamp(tmp_path):
     assert tables.meta.extra["timestamp_unit"] == "row"
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda r: (r / "ml.inter").unlink(), "expected exactly one .inter file"),
-    (lambda r: (r / "ml.inter").write_text(""), "ml.inter: empty file"),
-    (lambda r: (r / "ml.inter").write_text("user_id:token\titem_id:token\n"), "ml.inter: no data rows"),
-    (lambda r: _replace(r / "ml.inter", "user_id:token", "uid:token"), "missing column(s) ['user_id:token']"),
-    (lambda r: _replace(r / "ml.inter", "978100000", "yesterday"), "column 'timestamp:float', row 4 (line 6): unparsable timestamp 'yesterday'"),
-    (lambda r: _replace(r / "ml.inter", "C3\tm30", "C3\tm99"), "column 'item_id:token', row 5 (line 7): references an unknown item 'm99'"),
-    (lambda r: _replace(r / "ml.item", "release_year:token", "release_year"), "header field 'release_year' is not name:type"),
-])
-def test_recbole_bad_input_names_file_and_column(tmp_path, edit, message):
-    root = copy_fixture("recbole", tmp_path)
-    edit(root)
-    with pytest.raises(DataError) as err:
-        recbole.read(root, min_interactions=1, max_len=10)
-    assert message in str(err.value)
-
-
 def _replace(path: Path, old: str, new: str) -> None:
     text = path.read_text()
     assert old in text
@@ -126,23 +109,6 @@ def test_kuaisar_merges_rec_clicks_and_search_clicks_into_one_timeline(tmp_path)
     assert not any(maps["attr"][a - 1].startswith("author_id") for a in item["12"]["attr_ids"])  # author 0 = padding
     meta = write_round_trip(tables, tmp_path)
     assert (meta.num_users, meta.num_items, meta.num_tokens, meta.num_behaviours) == (2, 4, 3, 6)
-
-
-@pytest.mark.parametrize("edit, message", [
-    (lambda r: (r / "src_inter.csv").unlink(), "src_inter.csv: missing file"),
-    (lambda r: (r / "rec_inter.csv").write_text(""), "rec_inter.csv: empty file"),
-    (lambda r: _replace(r / "src_inter.csv", '"[34]"', '"[34, x]"'), "src_inter.csv: column 'keyword', row 2 (line 4): malformed id list"),
-    (lambda r: _replace(r / "src_inter.csv", '"[7]"', "20 34"), "column 'keyword', row 1 (line 3): malformed id list"),
-    (lambda r: _replace(r / "rec_inter.csv", "1654041603000.0", "noon"), "rec_inter.csv: column 'timestamp', row 2 (line 4): unparsable timestamp 'noon'"),
-    (lambda r: _replace(r / "rec_inter.csv", ",click,", ",clicked,"), "rec_inter.csv: missing column(s) ['click']"),
-    (lambda r: _replace(r / "src_inter.csv", "SEARCH_BOX,16,1", "SEARCH_BOX,77,1"), "src_inter.csv: column 'item_id', row 2 (line 4): references an unknown item 77"),
-])
-def test_kuaisar_bad_input_names_file_and_row(tmp_path, edit, message):
-    root = copy_fixture("kuaisar", tmp_path)
-    edit(root)
-    with pytest.raises(DataError) as err:
-        kuaisar.read(root, min_interactions=1, max_len=10)
-    assert message in str(err.value)
 
 
 def test_kuaisar_unknown_item_on_a_click_0_row_is_not_an_error(tmp_path):
@@ -184,19 +150,34 @@ def test_amazon_gzipped_files_read_the_same(tmp_path):
     assert zipped.sequences.equals(plain.sequences) and zipped.items.equals(plain.items)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda r: (r / "meta_Movies_and_TV.json").unlink(), "expected one reviews file and one meta_* file"),
-    (lambda r: (r / "Movies_and_TV_5.json").write_text(""), "Movies_and_TV_5.json: empty file"),
-    (lambda r: _replace(r / "Movies_and_TV_5.json", "1420000000", '"soon"'), "Movies_and_TV_5.json: column 'unixReviewTime', row 3 (line 4): unparsable timestamp 'soon'"),
-    (lambda r: _replace(r / "Movies_and_TV_5.json", '"asin": "B000ASIN02", "unixReviewTime"', '"asin": "B999", "unixReviewTime"'), "column 'asin', row 5 (line 6): references an unknown item 'B999'"),
-    (lambda r: _replace(r / "Movies_and_TV_5.json", '"reviewerID": "R3", ', ""), "line 6: missing field 'reviewerID'"),
-    (lambda r: _replace(r / "meta_Movies_and_TV.json", '{"asin": "B000UNUSED"', '{asin: B000UNUSED'), "meta_Movies_and_TV.json: line 5: neither JSON nor a Python literal"),
+@pytest.mark.parametrize("source, edit, message", [
+    ("recbole", lambda r: (r / "ml.inter").unlink(), "expected exactly one .inter file"),
+    ("recbole", lambda r: (r / "ml.inter").write_text(""), "ml.inter: empty file"),
+    ("recbole", lambda r: (r / "ml.inter").write_text("user_id:token\titem_id:token\n"), "ml.inter: no data rows"),
+    ("recbole", lambda r: _replace(r / "ml.inter", "user_id:token", "uid:token"), "missing column(s) ['user_id:token']"),
+    ("recbole", lambda r: _replace(r / "ml.inter", "978100000", "yesterday"), "column 'timestamp:float', row 4 (line 6): unparsable timestamp 'yesterday'"),
+    ("recbole", lambda r: _replace(r / "ml.inter", "C3\tm30", "C3\tm99"), "column 'item_id:token', row 5 (line 7): references an unknown item 'm99'"),
+    ("recbole", lambda r: _replace(r / "ml.item", "release_year:token", "release_year"), "header field 'release_year' is not name:type"),
+    ("kuaisar", lambda r: (r / "src_inter.csv").unlink(), "src_inter.csv: missing file"),
+    ("kuaisar", lambda r: (r / "rec_inter.csv").write_text(""), "rec_inter.csv: empty file"),
+    ("kuaisar", lambda r: _replace(r / "src_inter.csv", '"[34]"', '"[34, x]"'), "src_inter.csv: column 'keyword', row 2 (line 4): malformed id list"),
+    ("kuaisar", lambda r: _replace(r / "src_inter.csv", '"[7]"', "20 34"), "column 'keyword', row 1 (line 3): malformed id list"),
+    ("kuaisar", lambda r: _replace(r / "rec_inter.csv", "1654041603000.0", "noon"), "rec_inter.csv: column 'timestamp', row 2 (line 4): unparsable timestamp 'noon'"),
+    ("kuaisar", lambda r: _replace(r / "rec_inter.csv", ",click,", ",clicked,"), "rec_inter.csv: missing column(s) ['click']"),
+    ("kuaisar", lambda r: _replace(r / "src_inter.csv", "SEARCH_BOX,16,1", "SEARCH_BOX,77,1"), "src_inter.csv: column 'item_id', row 2 (line 4): references an unknown item 77"),
+    ("amazon", lambda r: (r / "meta_Movies_and_TV.json").unlink(), "expected one reviews file and one meta_* file"),
+    ("amazon", lambda r: (r / "Movies_and_TV_5.json").write_text(""), "Movies_and_TV_5.json: empty file"),
+    ("amazon", lambda r: _replace(r / "Movies_and_TV_5.json", "1420000000", '"soon"'), "Movies_and_TV_5.json: column 'unixReviewTime', row 3 (line 4): unparsable timestamp 'soon'"),
+    ("amazon", lambda r: _replace(r / "Movies_and_TV_5.json", '"asin": "B000ASIN02", "unixReviewTime"', '"asin": "B999", "unixReviewTime"'), "column 'asin', row 5 (line 6): references an unknown item 'B999'"),
+    ("amazon", lambda r: _replace(r / "Movies_and_TV_5.json", '"reviewerID": "R3", ', ""), "line 6: missing field 'reviewerID'"),
+    ("amazon", lambda r: _replace(r / "meta_Movies_and_TV.json", '{"asin": "B000UNUSED"', '{asin: B000UNUSED'), "meta_Movies_and_TV.json: line 5: neither JSON nor a Python literal"),
 ])
-def test_amazon_bad_input_names_file_and_row(tmp_path, edit, message):
-    root = copy_fixture("amazon", tmp_path)
+def test_bad_input_is_a_data_error_naming_its_file_column_and_row(tmp_path, source, edit, message):
+    root = copy_fixture(source, tmp_path)
     edit(root)
+    reader = {"recbole": recbole, "kuaisar": kuaisar, "amazon": amazon}[source]
     with pytest.raises(DataError) as err:
-        amazon.read(root, min_interactions=1, max_len=10)
+        reader.read(root, min_interactions=1, max_len=10)
     assert message in str(err.value)
 
 
@@ -237,8 +218,8 @@ def test_prepare_data_job_exits_non_zero_and_writes_nothing(tmp_path, source, fi
     edit(root)
     out = tmp_path / "out"
     repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, str(repo / "jobs" / "prepare_data.py"), "--source", source, "--input", str(root),
-                           "--out", str(out)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "jobs.prepare_data", "--source", source, "--input", str(root),
+                           "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=repo)
     assert proc.returncode == 2 and named in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [fixture]  # no output, no temporary directory
 

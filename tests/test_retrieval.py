@@ -1,4 +1,4 @@
-"""Retrieval: PQ codecs, scorers, the serving shortlist + re-rank, and the index artefact (paper §3.3.3, DESIGN §5)."""
+"""Retrieval: PQ codecs, scorers, the serving shortlist + re-rank, and the index artefact (paper §3.3.3; docs/design.md, Retrieval)."""
 from __future__ import annotations
 
 import warnings
@@ -8,9 +8,9 @@ import pytest
 
 from seminar_ray.retrieval.index import CHANNEL_PARTS, PQIndex, UnknownIdError, build_index
 from seminar_ray.retrieval.quantizer import DimensionMismatchError, PQCodec, capped_centroids
-from seminar_ray.retrieval.retrievers import (ADCRetriever, CascadingHNSWRetriever, ExactRetriever, LSHRetriever,
-                                              RQRetriever, ServingRetriever, SketchRerankRetriever,
-                                              SymmetricPQRetriever)
+from seminar_ray.retrieval.baselines import (CascadingHNSWRetriever, ChannelADCRetriever, LSHRetriever, RQRetriever,
+                                             SymmetricPQRetriever)
+from seminar_ray.retrieval.retrievers import ADCRetriever, ExactRetriever, ServingRetriever, SketchRerankRetriever
 from seminar_ray.retrieval.sketch import KeySketch
 from seminar_ray.retrieval.tables import GSUTables
 
@@ -72,7 +72,7 @@ def test_adc_equals_exact_when_codebook_is_the_data():
                     {p: codec.encode(t.item_channels[:, j]) for j, p in enumerate(CHANNEL_PARTS[:3])}
                     | {"query_Q": codec.encode(t.query_channel)},
                     t.item_gamma, t.query_gamma, t.item_folded().astype(np.float16), t.query_folded().astype(np.float16))
-    adc = ADCRetriever(index, "channel")
+    adc = ChannelADCRetriever(index)
     np.testing.assert_allclose(adc.scores(hq, hi, u), exact_scores(t, hq, hi, u), rtol=1e-4, atol=1e-4)
     exact_top = ExactRetriever.from_tables(t).topk(hq, hi, u, 16)
     assert np.array_equal(np.sort(adc.topk(hq, hi, u, 16), 1), np.sort(exact_top, 1))
@@ -121,7 +121,7 @@ def test_serving_and_baselines_run_and_pad(tables, index):
     hq, hi = history(tables, 40)
     hi[:30] = 0  # 10 valid behaviours, K = 16 → 6 columns of -1
     u, tc = targets(tables)
-    retrievers = [ExactRetriever.from_tables(tables), ADCRetriever(index, "folded"), ADCRetriever(index, "channel"),
+    retrievers = [ExactRetriever.from_tables(tables), ADCRetriever(index), ChannelADCRetriever(index),
                   SymmetricPQRetriever(index), ServingRetriever(index, 2), SketchRerankRetriever(index),
                   CascadingHNSWRetriever(tables),
                   LSHRetriever(tables, n_bits=64), RQRetriever(tables, n_levels=2, nbits=4)]
@@ -131,29 +131,29 @@ def test_serving_and_baselines_run_and_pad(tables, index):
         assert (got[:, 10:] == -1).all() and np.array_equal(np.sort(got[:, :10], 1), np.tile(np.arange(30, 40), (len(u), 1))), r.name
 
 
-def test_empty_history_gives_empty_answer(tables, index):
+def test_every_retriever_answers_an_empty_history_with_an_empty_topk(tables, index):
     u, _ = targets(tables)
     empty = np.zeros(0, np.int64)
-    for r in (ExactRetriever.from_tables(tables), ServingRetriever(index), ADCRetriever(index, "channel"),
+    for r in (ExactRetriever.from_tables(tables), ServingRetriever(index), ChannelADCRetriever(index),
               SketchRerankRetriever(index)):
         assert r.topk(empty, empty, u, 32).shape == (len(u), 0)
 
 
-def test_index_round_trip_mmap(tmp_path, tables, index):
+def test_saved_index_memory_mapped_back_retrieves_the_same(tmp_path, tables, index):
     hq, hi = history(tables)
     u, tc = targets(tables)
     path = index.save(tmp_path / "idx")
     loaded = PQIndex.load(path, mmap=True)
     assert loaded.version == "test-v1" and isinstance(loaded.codes["item_folded"], np.memmap)
     assert loaded.sketch is not None and isinstance(loaded.sketch.item_codes, np.memmap)
-    for make in (lambda i: ServingRetriever(i, 4), lambda i: ADCRetriever(i, "channel"), SymmetricPQRetriever,
+    for make in (lambda i: ServingRetriever(i, 4), lambda i: ChannelADCRetriever(i), SymmetricPQRetriever,
                  SketchRerankRetriever):
         assert np.array_equal(make(index).topk(hq, hi, u, 32, tc), make(loaded).topk(hq, hi, u, 32, tc))
     index.save(path)  # overwrite in place is atomic and leaves no temp dirs
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
 
 
-def test_dimension_mismatch_and_unknown_ids(tables, index):
+def test_wrong_dimension_and_unknown_ids_raise_named_errors(tables, index):
     hq, hi = history(tables, 50)
     serving = ServingRetriever(index)
     with pytest.raises(DimensionMismatchError, match=r"\[C, 16\]"):

@@ -62,13 +62,64 @@ def test_copy_dir_both_ways(tmp_path, cache):
     assert not storage.exists(uri)
 
 
+def _hidden(root) -> list[str]:
+    return sorted(p for p in os.listdir(root) if p.startswith("."))
+
+
+def test_staged_dir_replaces_the_old_directory_whole_and_leaves_nothing_behind(tmp_path):
+    _tree(tmp_path / "out", {"old.txt": "old"})
+    with storage.staged_dir(tmp_path / "out") as tmp:
+        assert (tmp_path / "out" / "old.txt").read_text() == "old", "the old directory stays until the new is whole"
+        _tree(tmp, {"new.txt": "new"})
+    assert sorted(os.listdir(tmp_path / "out")) == ["new.txt"] and _hidden(tmp_path) == []
+
+
+def test_staged_dir_failing_while_filled_keeps_the_old_directory_and_removes_the_temporary_one(tmp_path):
+    _tree(tmp_path / "out", {"old.txt": "old"})
+    with pytest.raises(RuntimeError, match="disk full"):
+        with storage.staged_dir(tmp_path / "out") as tmp:
+            _tree(tmp, {"half.txt": "half"})
+            raise RuntimeError("disk full")
+    assert sorted(os.listdir(tmp_path / "out")) == ["old.txt"] and _hidden(tmp_path) == []
+
+
+def test_replace_dir_failing_at_the_final_rename_puts_the_old_directory_back(tmp_path, monkeypatch):
+    """Without an atomic exchange the old directory is renamed aside first; a failing second rename undoes that."""
+    _tree(tmp_path / "out", {"old.txt": "old"})
+    _tree(tmp_path / "new", {"new.txt": "new"})
+    monkeypatch.setattr(storage, "_exchange", lambda a, b: False)
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if os.fspath(src) == os.fspath(tmp_path / "new"):
+            raise OSError(28, "No space left on device")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(storage.os, "rename", rename)
+    with pytest.raises(OSError, match="No space left"):
+        storage.replace_dir(tmp_path / "new", tmp_path / "out")
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path / "out")) == ["old.txt"] and _hidden(tmp_path) == []
+
+
+def test_a_storage_path_holding_one_run_resolves_to_its_checkpoint_and_several_runs_are_named(tmp_path):
+    from seminar_ray.train.checkpoints import find_checkpoint
+
+    runs = tmp_path / "runs"
+    _tree(runs / "psu" / "checkpoint_1", {"model.pt": "w", "metrics.json": json.dumps({"epoch": 1, "select": 1.0})})
+    assert find_checkpoint(runs) == runs / "psu" / "checkpoint_1"
+    _tree(runs / "psu2" / "checkpoint_1", {"model.pt": "w", "metrics.json": json.dumps({"epoch": 1, "select": 1.0})})
+    with pytest.raises(FileNotFoundError, match="holds 2 runs, name one of them: .*psu, .*psu2"):
+        find_checkpoint(runs)
+
+
 def test_checkpoints_resolve_from_a_uri_run_directory(tmp_path, cache):
     from seminar_ray.train.checkpoints import find_checkpoint, resolve_checkpoint, run_checkpoints
 
     run = tmp_path / "runs" / "r"
     for epoch, ndcg in ((1, 0.2), (2, 0.5), (3, 0.4)):
         _tree(run / f"checkpoint_{epoch}", {"model.pt": f"weights{epoch}",
-                                            "metrics.json": json.dumps({"epoch": epoch, "ndcg@10": ndcg})})
+                                            "metrics.json": json.dumps({"epoch": epoch, "ndcg@10": ndcg, "select": ndcg})})
     uri = f"file://{run}"
     found = run_checkpoints(uri)
     assert [m["epoch"] for _, m in found] == [1, 2, 3] and all(isinstance(p, str) for p, _ in found)

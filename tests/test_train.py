@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -26,7 +30,7 @@ def psu_run(ray_local, tiny_data, tmp_path_factory):
     return run_training(_job(tiny_data, tmp, "psu", epochs=1))
 
 
-def test_pretrain_then_finetune_local_mode(ray_local, tiny_data, tmp_path, psu_run):
+def test_pretrain_then_finetune_in_local_mode_keeps_the_best_checkpoint(ray_local, tiny_data, tmp_path, psu_run):
     assert psu_run["epochs"] == 1 and 0.0 <= psu_run["best"]["ndcg@10"] <= 1.0
     summary = run_training(_job(tiny_data, tmp_path, pretrained=psu_run["run_dir"]))
     run_dir = tmp_path / "runs" / "seminar"
@@ -39,7 +43,7 @@ def test_pretrain_then_finetune_local_mode(ray_local, tiny_data, tmp_path, psu_r
     assert json.loads((best / "metrics.json").read_text())["ndcg@10"] == max(h["ndcg@10"] for h in saved["history"])
 
 
-def test_rerun_with_same_name_resumes(ray_local, tiny_data, tmp_path):
+def test_rerun_with_the_same_run_name_resumes_after_its_last_epoch(ray_local, tiny_data, tmp_path):
     first = run_training(_job(tiny_data, tmp_path, "din", epochs=1))
     resumed = run_training(_job(tiny_data, tmp_path, "din", epochs=3))
     assert resumed["epochs"] == 3
@@ -47,18 +51,18 @@ def test_rerun_with_same_name_resumes(ray_local, tiny_data, tmp_path):
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
 
 
-def test_evaluate_job_writes_metrics(ray_local, tiny_data, tmp_path, psu_run):
-    from jobs.evaluate import main
+def test_evaluation_of_a_run_writes_test_metrics(ray_local, tiny_data, tmp_path, psu_run):
+    from seminar_ray.train.evaluation import evaluate_checkpoint, write_metrics
 
     out = tmp_path / "eval"
-    assert main(["--checkpoint", psu_run["run_dir"], "--split", "test", "--out", str(out), "--actors", "1"]) == 0
+    write_metrics(evaluate_checkpoint(psu_run["run_dir"], "test", actors=1), out)
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"hr@10", "ndcg@10", "mrr", "auc", "gauc"} <= set(metrics) and metrics["split"] == "test"
     assert all(isinstance(metrics[k], float) for k in ("hr@10", "ndcg@10", "mrr", "auc"))
     assert metrics["search"]["targets"] + metrics["browse"]["targets"] == metrics["targets"]
 
 
-def test_bad_inputs_fail_before_work(ray_local, tiny_data, tmp_path, psu_run):
+def test_bad_inputs_fail_before_any_training_starts(ray_local, tiny_data, tmp_path, psu_run):
     with pytest.raises(ValueError, match="holds a 'din' model, --pretrained needs a 'psu'"):
         din = run_training(_job(tiny_data, tmp_path, "din", epochs=1, run_name="d"))
         _job(tiny_data, tmp_path, pretrained=din["run_dir"]).check_inputs()
@@ -87,11 +91,30 @@ def test_checkpoint_of_other_data_rejected(ray_local, tiny_data, tmp_path, psu_r
         load_checkpoint(resolve_checkpoint(psu_run["run_dir"]), EntityTables.load(other))
 
 
+def _kill_rank0_once_at_step_2_of_epoch_2(job: TrainJob, rank: int, epoch: int):
+    """A TrainJob step hook: SIGKILL the rank-0 worker at its second step of epoch 2, once per run (a marker file)."""
+    if rank != 0 or epoch != 1:
+        return None
+    marker = Path(job.storage_path) / f".{job.run_name}.fault-injected"
+    steps = [0]
+
+    def on_step(_n: int, _loss: float) -> None:
+        steps[0] += 1
+        if steps[0] == 2 and not marker.exists():
+            marker.write_text("2")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return on_step
+
+
 @pytest.mark.slow
 def test_two_worker_ddp_survives_a_killed_worker(ray_local, tiny_data, tmp_path):
     """Rank 0 is SIGKILLed mid-epoch 2; FailureConfig restarts the group, which resumes from epoch 1's checkpoint."""
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the hook travels to the workers by value
     job = _job(tiny_data, tmp_path, "sim", epochs=3, num_workers=2, cpus_per_worker=0.5, max_failures=1,
-               fault_at_step=2)
+               step_hook=_kill_rank0_once_at_step_2_of_epoch_2)
     job.samples_per_user = 4
     summary = run_training(job)
     marker = tmp_path / "runs" / ".sim.fault-injected"

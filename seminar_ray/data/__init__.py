@@ -1,1 +1,2 @@
-"""Data layer: the Parquet tables of DESIGN §3, their readers and generator, splits and the Ray Data pipeline."""
+"""Data layer: the Parquet tables of docs/design.md (Data model), their readers and generator, splits and the Ray Data
+pipeline."""

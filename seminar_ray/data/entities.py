@@ -1,4 +1,6 @@
-"""Entity feature tables as dense id-indexed arrays: what the model looks up by id (DESIGN §3, §4b)."""
+"""Entity feature tables as dense id-indexed arrays: what the model looks up by id (docs/design.md, Data model and
+Model contracts)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,7 +13,9 @@ from seminar_ray import storage
 from seminar_ray.data.schema import FEATURE_DIM, DatasetMeta, feature_matrix, read_table
 
 
-def pad_lists(col: pa.ChunkedArray | pa.Array, ids: np.ndarray, n_rows: int, max_width: int | None = None) -> np.ndarray:
+def pad_lists(
+    col: pa.ChunkedArray | pa.Array, ids: np.ndarray, n_rows: int, max_width: int | None = None
+) -> np.ndarray:
     """list<int> column → int64 [n_rows, width] indexed by `ids`, right-padded with 0."""
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     lengths = pa.compute.list_value_length(arr).fill_null(0).to_numpy()
@@ -22,7 +26,7 @@ def pad_lists(col: pa.ChunkedArray | pa.Array, ids: np.ndarray, n_rows: int, max
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     for row, start, n in zip(ids, starts, lengths):
         n = min(n, width)
-        out[row, :n] = values[start:start + n]
+        out[row, :n] = values[start : start + n]
     return out
 
 
@@ -41,7 +45,7 @@ class EntityTables:
     meta: DatasetMeta
 
     @classmethod
-    def load(cls, data_dir: str | Path, max_attrs: int = 16, max_tokens: int = 16) -> "EntityTables":
+    def load(cls, data_dir: str | Path, max_attrs: int = 16, max_tokens: int = 16) -> EntityTables:
         data_dir = storage.local_dir(data_dir)  # a shared URI is mirrored into the node-local cache once
         meta = DatasetMeta.load(data_dir)
         items = read_table(data_dir, "items")
@@ -62,8 +66,13 @@ class EntityTables:
         qt, qtm = by_id(queries, "text_emb", qid, n_queries)
         qtm[0] = False
         return cls(
-            item_text=it, item_text_mask=itm, item_image=ii, item_image_mask=iim,
+            item_text=it,
+            item_text_mask=itm,
+            item_image=ii,
+            item_image_mask=iim,
             item_attrs=pad_lists(items.column("attr_ids"), iid, n_items, max_attrs),
             query_tokens=pad_lists(queries.column("token_ids"), qid, n_queries, max_tokens),
-            query_text=qt, query_text_mask=qtm, meta=meta,
+            query_text=qt,
+            query_text_mask=qtm,
+            meta=meta,
         )

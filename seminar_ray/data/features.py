@@ -1,4 +1,5 @@
-"""open_clip text and image features of items and queries, run as a Ray Data actor pool (DESIGN §1, paper §4.1).
+"""open_clip text and image features of items and queries, run as a Ray Data actor pool (docs/design.md, Architecture;
+paper §4.1).
 
 The paper's text and image channels are CLIP ViT-B/32 outputs (512-d). `extract_features` reads a prepared
 dataset directory, encodes every item's title and image and every query's text through `map_batches` over
@@ -15,6 +16,7 @@ URLs, `data:` URIs, or raw bytes in a batch.
 `pretrained`: an open_clip tag such as "openai" (downloads weights; not possible offline), a local
 checkpoint file, or None for random weights seeded identically in every actor (tests, benchmarks).
 """
+
 from __future__ import annotations
 
 import base64
@@ -22,7 +24,6 @@ import io
 import json
 import os
 import shutil
-import tempfile
 import time
 import urllib.request
 from collections import Counter
@@ -33,7 +34,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from seminar_ray.data.schema import FEATURE_DIM, ITEMS, QUERIES, read_table, replace_dir, table_path
+from seminar_ray import storage
+from seminar_ray.data.schema import FEATURE_DIM, ITEMS, QUERIES, read_table, table_path
+from seminar_ray.errors import InputError
 
 DEFAULT_MODEL = "ViT-B-32"
 RANDOM_INIT_SEED = 0
@@ -87,10 +90,11 @@ def load_clip(model: str = DEFAULT_MODEL, pretrained: str | None = "openai", dev
     except (RuntimeError, ValueError, OSError) as exc:
         raise RuntimeError(
             f"cannot load open_clip {model!r} with pretrained={tag!r} ({exc}); without internet, pass a local "
-            f"checkpoint file or pretrained=None") from exc
+            f"checkpoint file or pretrained=None"
+        ) from exc
     width = net.text_projection.shape[-1] if hasattr(net, "text_projection") else None
     if width is not None and width != FEATURE_DIM:
-        raise ValueError(f"open_clip {model!r} outputs {width}-d features; the tables hold {FEATURE_DIM}-d")
+        raise InputError(f"open_clip {model!r} outputs {width}-d features; the tables hold {FEATURE_DIM}-d")
     return net.eval(), preprocess, open_clip.get_tokenizer(model)
 
 
@@ -99,12 +103,14 @@ def check_pretrained(model: str, pretrained: str | None) -> None:
     import open_clip
 
     if model not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip model {model!r}")
+        raise InputError(f"unknown open_clip model {model!r}")
     if pretrained is None or str(pretrained).lower() == "none" or Path(pretrained).is_file():
         return
     tags = open_clip.list_pretrained_tags_by_model(model)
     if pretrained not in tags:
-        raise ValueError(f"pretrained={pretrained!r} is neither a checkpoint file nor an open_clip tag of {model!r} {tags}")
+        raise InputError(
+            f"pretrained={pretrained!r} is neither a checkpoint file nor an open_clip tag of {model!r} {tags}"
+        )
 
 
 def load_image(ref, root: Path, timeout_s: float):
@@ -139,8 +145,15 @@ class ClipEncoder:
     Out: "id", "<channel>_emb" float32 [B, 512] (zeros where missing) and "<channel>_status" (OK or a reason).
     """
 
-    def __init__(self, model: str = DEFAULT_MODEL, pretrained: str | None = "openai", channels=("text", "image"),
-                 use_gpu: bool = False, image_root: str = ".", url_timeout_s: float = 5.0):
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        pretrained: str | None = "openai",
+        channels=("text", "image"),
+        use_gpu: bool = False,
+        image_root: str = ".",
+        url_timeout_s: float = 5.0,
+    ):
         import torch
 
         torch.set_num_threads(1)
@@ -198,14 +211,25 @@ def encoder_dataset(rows: pa.Table, channels: tuple[str, ...], cfg: FeatureConfi
     blocks = [rows.slice(i, bs) for i in range(0, rows.num_rows, bs)]  # one batch per block: actors share evenly
     return ray.data.from_arrow(blocks).map_batches(
         ClipEncoder,
-        fn_constructor_kwargs=dict(model=cfg.model, pretrained=cfg.pretrained, channels=channels,
-                                   use_gpu=cfg.use_gpu, image_root=str(image_root), url_timeout_s=cfg.url_timeout_s),
-        batch_size=bs, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-        num_cpus=cfg.num_cpus, num_gpus=1 if cfg.use_gpu else 0,
+        fn_constructor_kwargs=dict(
+            model=cfg.model,
+            pretrained=cfg.pretrained,
+            channels=channels,
+            use_gpu=cfg.use_gpu,
+            image_root=str(image_root),
+            url_timeout_s=cfg.url_timeout_s,
+        ),
+        batch_size=bs,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+        num_cpus=cfg.num_cpus,
+        num_gpus=1 if cfg.use_gpu else 0,
     )
 
 
-def encode_with_pool(rows: pa.Table, channels: tuple[str, ...], cfg: FeatureConfig, image_root: Path) -> dict[str, np.ndarray]:
+def encode_with_pool(
+    rows: pa.Table, channels: tuple[str, ...], cfg: FeatureConfig, image_root: Path
+) -> dict[str, np.ndarray]:
     """Run `ClipEncoder` over `rows` (columns "text" and/or "image") on an actor pool; results in row order."""
     n = rows.num_rows
     out = {}
@@ -235,10 +259,14 @@ def extract_features(data_dir: str | Path, cfg: FeatureConfig) -> FeatureSummary
     items = read_table(data_dir, "items")
     queries = read_table(data_dir, "queries")
     texted = np.flatnonzero(queries.column("text").is_valid().to_numpy(zero_copy_only=False))
-    rows = pa.concat_tables([
-        pa.table({"text": items.column("title"), "image": items.column("image_ref")}),
-        pa.table({"text": queries.column("text").take(pa.array(texted)), "image": pa.nulls(len(texted), pa.string())}),
-    ])
+    rows = pa.concat_tables(
+        [
+            pa.table({"text": items.column("title"), "image": items.column("image_ref")}),
+            pa.table(
+                {"text": queries.column("text").take(pa.array(texted)), "image": pa.nulls(len(texted), pa.string())}
+            ),
+        ]
+    )
     start = time.perf_counter()
     enc = encode_with_pool(rows, ("text", "image"), cfg, data_dir)
     seconds = time.perf_counter() - start
@@ -251,12 +279,23 @@ def extract_features(data_dir: str | Path, cfg: FeatureConfig) -> FeatureSummary
     q_emb[texted], q_ok[texted] = enc["text_emb"][n:], enc["text_status"][n:] == OK
     queries = _set_embedding(queries, "text_emb", q_emb, q_ok)
     summary = FeatureSummary(
-        items=n, items_with_text=int(text_ok.sum()), items_with_image=int(image_ok.sum()),
-        item_text_missing=_missing(enc["text_status"][:n]), item_image_missing=_missing(enc["image_status"][:n]),
-        queries=queries.num_rows - 1, queries_with_text=int(q_ok.sum()), seconds=round(seconds, 3),
-        items_per_s=round(n / seconds, 3), rows_per_s=round(rows.num_rows / seconds, 3),
-        config={"model": cfg.model, "pretrained": cfg.pretrained, "actors": cfg.actors,
-                "batch_size": cfg.batch_size, "use_gpu": cfg.use_gpu},
+        items=n,
+        items_with_text=int(text_ok.sum()),
+        items_with_image=int(image_ok.sum()),
+        item_text_missing=_missing(enc["text_status"][:n]),
+        item_image_missing=_missing(enc["image_status"][:n]),
+        queries=queries.num_rows - 1,
+        queries_with_text=int(q_ok.sum()),
+        seconds=round(seconds, 3),
+        items_per_s=round(n / seconds, 3),
+        rows_per_s=round(rows.num_rows / seconds, 3),
+        config={
+            "model": cfg.model,
+            "pretrained": cfg.pretrained,
+            "actors": cfg.actors,
+            "batch_size": cfg.batch_size,
+            "use_gpu": cfg.use_gpu,
+        },
     )
     rewrite_tables(data_dir, {"items": items, "queries": queries}, {"features": summary.to_dict()})
     return summary
@@ -274,8 +313,7 @@ def _missing(status: np.ndarray) -> dict[str, int]:
 def rewrite_tables(data_dir: Path, tables: dict[str, pa.Table], meta_extra: dict) -> None:
     """Copy `data_dir` beside itself (hard links where possible), write the new tables and meta.json there,
     then rename it into place: readers see either the old dataset or the new one, never a mix."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}.features-", dir=data_dir.parent))
-    try:
+    with storage.staged_dir(data_dir) as tmp:
         os.chmod(tmp, data_dir.stat().st_mode & 0o7777)
         for src in data_dir.iterdir():
             if src.is_file() and src.name not in {f"{n}.parquet" for n in tables} | {"meta.json"}:
@@ -287,9 +325,6 @@ def rewrite_tables(data_dir: Path, tables: dict[str, pa.Table], meta_extra: dict
         meta = json.loads((data_dir / "meta.json").read_text())
         meta.setdefault("extra", {}).update(meta_extra)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        replace_dir(tmp, data_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _link_or_copy(src, dst) -> None:
@@ -297,4 +332,3 @@ def _link_or_copy(src, dst) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
-

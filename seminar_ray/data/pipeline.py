@@ -6,6 +6,7 @@ drawn by `TrainCollate(epoch)` from the Arrow batch of user sequences that a Ray
 from its shard: `get_dataset_shard("train").iter_torch_batches(collate_fn=TrainCollate(...))`.
 Evaluation samples are fixed, so they are drawn inside the dataset by `map_batches`.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,6 +26,13 @@ from seminar_ray.data.splits import SampleConfig, SequenceBatch, eval_batch, eva
 MAP_CPUS = 0.25  # fractional CPU for every map task: a 1-CPU task starves Train workers on 2 cores
 MAP_CONCURRENCY = 2  # ... and a cap, or 0.25-CPU tasks start 16 worker processes that each import torch
 FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"  # read by read_parquet() in the calling process
+
+
+def map_compute():
+    """The task pool of every stateless map here: at most MAP_CONCURRENCY tasks at once."""
+    import ray.data
+
+    return ray.data.TaskPoolStrategy(size=MAP_CONCURRENCY)
 
 
 def sample_config(data_dir: str | Path, **overrides) -> SampleConfig:
@@ -68,7 +76,7 @@ class TrainCollate(ArrowBatchCollateFn):
     def __init__(self, cfg: SampleConfig, epoch: int, queries: np.ndarray | None = None):
         self.cfg, self.epoch, self.queries = cfg, epoch, queries
 
-    def __call__(self, batch: pa.Table) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: pa.Table) -> dict[str, torch.Tensor]:  # type: ignore[override]  # Ray's alias is narrower
         return to_torch(train_batch(SequenceBatch.from_arrow(batch), self.cfg, self.epoch, self.queries))
 
 
@@ -83,8 +91,12 @@ class _EvalSamples:
 def pick_eval_users(data_dir: str | Path, n: int, eval_seed: int) -> np.ndarray | None:
     """The fixed user set of `n` evaluable users (eval_users), read from the sequences table; None = all users."""
     table = pq.read_table(table_path(data_dir, "sequences"), columns=["user_id", "item_ids"])
-    return eval_users(table.column("user_id").to_numpy(), pa.compute.list_value_length(table.column("item_ids")).to_numpy(),
-                      n, eval_seed)
+    return eval_users(
+        table.column("user_id").to_numpy(),
+        pa.compute.list_value_length(table.column("item_ids")).to_numpy(),
+        n,
+        eval_seed,
+    )
 
 
 def eval_dataset(data_dir: str | Path, split: str, cfg: SampleConfig, users: np.ndarray | None = None):
@@ -93,12 +105,22 @@ def eval_dataset(data_dir: str | Path, split: str, cfg: SampleConfig, users: np.
     The rows depend on (cfg.eval_seed, users) only, never on block order or the model's seed.
     """
     return read_sequences(data_dir).map_batches(
-        _EvalSamples(cfg, split, users), batch_format="pyarrow", batch_size=256, num_cpus=MAP_CPUS,
-        concurrency=MAP_CONCURRENCY)
+        _EvalSamples(cfg, split, users),
+        batch_format="pyarrow",
+        batch_size=256,
+        num_cpus=MAP_CPUS,
+        compute=map_compute(),
+    )
 
 
-def train_batches(ds, cfg: SampleConfig, epoch: int, users_per_batch: int, queries: np.ndarray | None = None,
-                  prefetch_batches: int = 2):
+def train_batches(
+    ds,
+    cfg: SampleConfig,
+    epoch: int,
+    users_per_batch: int,
+    queries: np.ndarray | None = None,
+    prefetch_batches: int = 2,
+):
     """Iterate one epoch of training samples from a Dataset or a DataIterator (a Train worker's shard)."""
     return ds.iter_torch_batches(
         batch_size=users_per_batch, collate_fn=TrainCollate(cfg, epoch, queries), prefetch_batches=prefetch_batches

@@ -7,11 +7,13 @@
   report the QueryMatch+Pop rule (`seminar_ray.baselines`) beside any model on such data.
 - `none`: every behaviour gets the empty query (pure sequential recommendation).
 """
+
 from __future__ import annotations
 
 import pyarrow as pa
 
 from seminar_ray.data.schema import EMPTY_QUERY, QUERIES, DatasetMeta, DatasetTables
+from seminar_ray.errors import InputError
 
 QUERY_MODES = ("source", "derived", "none")
 NATIVE_MODE = {"synthetic": "source", "kuaisar": "source", "recbole": "derived", "amazon": "derived"}
@@ -22,11 +24,13 @@ def resolve_mode(source: str, mode: str | None) -> str:
     native = NATIVE_MODE[source]
     mode = mode or native
     if mode not in QUERY_MODES:
-        raise ValueError(f"--queries {mode!r}: choose from {QUERY_MODES}")
+        raise InputError(f"--queries {mode!r}: choose from {QUERY_MODES}")
     if mode != "none" and mode != native:
-        raise ValueError(f"--queries {mode}: source {source!r} gives {native!r} queries only "
-                         f"({'it has no search log' if native == 'derived' else 'it has real search logs'}); "
-                         f"use --queries {native} or --queries none")
+        raise InputError(
+            f"--queries {mode}: source {source!r} gives {native!r} queries only "
+            f"({'it has no search log' if native == 'derived' else 'it has real search logs'}); "
+            f"use --queries {native} or --queries none"
+        )
     return mode
 
 
@@ -40,8 +44,14 @@ def apply_mode(tables: DatasetTables, mode: str) -> DatasetTables:
     offsets = pa.array([0, *pa.compute.cumulative_sum(lengths).to_pylist()], pa.int32())
     empty = pa.ListArray.from_arrays(offsets, pa.array([EMPTY_QUERY] * int(sum(lengths.to_pylist())), pa.int64()))
     seqs = seqs.set_column(seqs.schema.get_field_index("query_ids"), "query_ids", empty)
-    queries = pa.table({"query_id": [EMPTY_QUERY], "token_ids": pa.array([[]], pa.list_(pa.int32())),
-                        "text": pa.array([None], pa.string()),
-                        "text_emb": pa.nulls(1, QUERIES.field("text_emb").type)}, schema=QUERIES)
+    queries = pa.table(
+        {
+            "query_id": [EMPTY_QUERY],
+            "token_ids": pa.array([[]], pa.list_(pa.int32())),
+            "text": pa.array([None], pa.string()),
+            "text_emb": pa.nulls(1, QUERIES.field("text_emb").type),
+        },
+        schema=QUERIES,
+    )
     meta.num_queries, meta.num_tokens = 0, 0
     return DatasetTables(tables.items, queries, seqs, meta, tables.extra_files)

@@ -1,10 +1,8 @@
-"""The three Parquet tables of DESIGN §3, defined once, with their validation and atomic writer."""
+"""The three Parquet tables of docs/design.md (Data model), defined once, with their validation and atomic writer."""
+
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -65,7 +63,7 @@ class DatasetMeta:
         return json.dumps(asdict(self), indent=2)
 
     @classmethod
-    def load(cls, data_dir: str | Path) -> "DatasetMeta":
+    def load(cls, data_dir: str | Path) -> DatasetMeta:
         path = storage.join(data_dir, "meta.json")  # data_dir may be a shared URI
         if not storage.exists(path):
             raise DataError(f"{path}: missing; is {data_dir} a directory written by jobs/prepare_data.py?")
@@ -107,7 +105,7 @@ def _ids(table: pa.Table, column: str) -> np.ndarray:
 
 
 def validate(items: pa.Table, queries: pa.Table, sequences: pa.Table) -> None:
-    """Check the id contracts of DESIGN §3; each failure names the table, column and row."""
+    """Check the id contracts of docs/design.md (Data model); each failure names the table, column and row."""
     item_ids = _ids(items, "item_id")
     if len(item_ids) == 0:
         raise DataError("items: empty table")
@@ -118,14 +116,19 @@ def validate(items: pa.Table, queries: pa.Table, sequences: pa.Table) -> None:
         raise DataError("queries.query_id: ids must be exactly 0..Q with 0 the empty query")
     if len(sequences) == 0:
         raise DataError("sequences: empty table")
-    lengths = {c: pa.compute.list_value_length(sequences.column(c)).to_numpy() for c in ("item_ids", "query_ids", "timestamps")}
+    lengths = {
+        c: pa.compute.list_value_length(sequences.column(c)).to_numpy() for c in ("item_ids", "query_ids", "timestamps")
+    }
     bad = np.nonzero((lengths["item_ids"] != lengths["query_ids"]) | (lengths["item_ids"] != lengths["timestamps"]))[0]
     if len(bad):
         raise DataError(f"sequences row {bad[0]}: item_ids, query_ids and timestamps differ in length")
     flat_items = pa.compute.list_flatten(sequences.column("item_ids")).to_numpy()
     flat_queries = pa.compute.list_flatten(sequences.column("query_ids")).to_numpy()
     row_of = np.repeat(np.arange(len(sequences)), lengths["item_ids"])
-    for col, flat, hi, lo in (("item_ids", flat_items, len(item_ids), 1), ("query_ids", flat_queries, len(query_ids) - 1, 0)):
+    for col, flat, hi, lo in (
+        ("item_ids", flat_items, len(item_ids), 1),
+        ("query_ids", flat_queries, len(query_ids) - 1, 0),
+    ):
         bad = np.nonzero((flat < lo) | (flat > hi))[0]
         if len(bad):
             r = row_of[bad[0]]
@@ -133,38 +136,25 @@ def validate(items: pa.Table, queries: pa.Table, sequences: pa.Table) -> None:
             raise DataError(f"sequences row {r} (user_id {uid}).{col}: unknown id {flat[bad[0]]}")
 
 
-def write_dataset(out_dir: str | Path, items: pa.Table, queries: pa.Table, sequences: pa.Table, meta: DatasetMeta,
-                  extra_files: dict[str, bytes] | None = None) -> Path:
-    """Validate, then write all tables into a temporary sibling directory and rename it into place."""
+def write_dataset(
+    out_dir: str | Path,
+    items: pa.Table,
+    queries: pa.Table,
+    sequences: pa.Table,
+    meta: DatasetMeta,
+    extra_files: dict[str, bytes] | None = None,
+) -> Path:
+    """Validate, then write all tables into a temporary sibling directory that replaces `out_dir` whole."""
     items, queries, sequences = conform(items, "items"), conform(queries, "queries"), conform(sequences, "sequences")
     validate(items, queries, sequences)
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with storage.staged_dir(out) as tmp:
         for name, table in (("items", items), ("queries", queries), ("sequences", sequences)):
             pq.write_table(table, table_path(tmp, name), row_group_size=256 if name == "sequences" else 8192)
         (tmp / "meta.json").write_text(meta.to_json())
         for fname, blob in (extra_files or {}).items():
             (tmp / fname).write_bytes(blob)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the dataset is shared like any directory
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished directory `src` to `dst`, replacing an earlier `dst` only once `src` is complete."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.rename(dst, old)
-        os.rename(src, dst)
-        shutil.rmtree(old)
-    else:
-        os.rename(src, dst)
 
 
 def read_table(data_dir: str | Path, name: str, columns: list[str] | None = None) -> pa.Table:

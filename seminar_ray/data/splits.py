@@ -1,4 +1,4 @@
-"""Leave-one-out splits and sampled candidates (paper §4.1, DESIGN §3).
+"""Leave-one-out splits and sampled candidates (paper §4.1; docs/design.md, Data model).
 
 A user with N behaviours gives N-1 targets: position N-1 is the test target, N-2 the validation
 target and every position 1 ≤ n ≤ N-3 a training (and pretraining) target, each with the behaviours
@@ -6,6 +6,7 @@ before it as history, left-truncated to L. Batches follow the batch contract:
 user_id [B]; hist_items, hist_queries [B, L] left-padded with 0; target_items, target_queries,
 labels [B, C] with the positive in column 0.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,14 +44,14 @@ class SequenceBatch:
     offsets: np.ndarray  # [U+1]
 
     @classmethod
-    def from_arrow(cls, batch: pa.Table | pa.RecordBatch) -> "SequenceBatch":
+    def from_arrow(cls, batch: pa.Table | pa.RecordBatch) -> SequenceBatch:
         items = _combine(batch.column("item_ids"))
         queries = _combine(batch.column("query_ids"))
         offsets = items.offsets.to_numpy()
         return cls(
             user_id=np.asarray(batch.column("user_id").to_numpy(), dtype=np.int64),
-            items=items.values.to_numpy()[offsets[0]:offsets[-1]].astype(np.int64),
-            queries=queries.values.to_numpy()[offsets[0]:offsets[-1]].astype(np.int64),
+            items=items.values.to_numpy()[offsets[0] : offsets[-1]].astype(np.int64),
+            queries=queries.values.to_numpy()[offsets[0] : offsets[-1]].astype(np.int64),
             offsets=offsets - offsets[0],
         )
 
@@ -59,7 +60,7 @@ class SequenceBatch:
         return np.diff(self.offsets)
 
     def user_items(self, u: int) -> np.ndarray:
-        return self.items[self.offsets[u]:self.offsets[u + 1]]
+        return self.items[self.offsets[u] : self.offsets[u + 1]]
 
 
 def _combine(col) -> pa.ListArray:
@@ -100,8 +101,9 @@ def sample_negatives(rng: np.random.Generator, num_items: int, exclude: np.ndarr
     return picked
 
 
-def eval_batch(seqs: SequenceBatch, split: str, cfg: SampleConfig,
-               users: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def eval_batch(
+    seqs: SequenceBatch, split: str, cfg: SampleConfig, users: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """The validation or test target of every user (of `users` when given) with its 99 negatives sharing its query.
 
     Negatives are a function of (cfg.eval_seed, user, split) alone: every model, seed and epoch ranks the same lists.
@@ -120,7 +122,7 @@ def eval_batch(seqs: SequenceBatch, split: str, cfg: SampleConfig,
         absolute = seqs.offsets[u] + p
         t_items[j, 0] = seqs.items[absolute]
         rng = _rng(cfg.eval_seed, seqs.user_id[u], SPLIT_OFFSET[split])
-        t_items[j, 1:] = sample_negatives(rng, cfg.num_items, seqs.user_items(u), cfg.eval_neg)
+        t_items[j, 1:] = sample_negatives(rng, cfg.num_items, seqs.user_items(int(u)), cfg.eval_neg)
         t_queries[j] = seqs.queries[absolute]
     return _batch(seqs.user_id[keep], hist_items, hist_queries, t_items, t_queries)
 
@@ -152,14 +154,16 @@ def train_positions(seqs: SequenceBatch, cfg: SampleConfig, epoch: int) -> tuple
             continue
         rng = _rng(cfg.seed, seqs.user_id[u], 1_000 + epoch)
         k = n_targets if cfg.samples_per_user <= 0 else min(cfg.samples_per_user, n_targets)
-        rows.append(np.full(k, u)), positions.append(1 + rng.choice(n_targets, size=k, replace=False))
+        rows.append(np.full(k, u))
+        positions.append(1 + rng.choice(n_targets, size=k, replace=False))
     if not rows:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
     return np.concatenate(rows), np.concatenate(positions).astype(np.int64)
 
 
-def train_batch(seqs: SequenceBatch, cfg: SampleConfig, epoch: int,
-                query_pool: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def train_batch(
+    seqs: SequenceBatch, cfg: SampleConfig, epoch: int, query_pool: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """Training samples of this epoch for every user of the batch (CTR or PSU negatives, see SampleConfig)."""
     rows, pos = train_positions(seqs, cfg, epoch)
     hist_items, hist_queries = history_matrix(seqs, rows, pos, cfg.max_len)
@@ -174,7 +178,7 @@ def train_batch(seqs: SequenceBatch, cfg: SampleConfig, epoch: int,
         t_items[j, 1:] = sample_negatives(rng, cfg.num_items, seqs.user_items(u), cfg.num_neg)
         if cfg.task == "psu" and query_pool is not None and len(query_pool):
             half = cfg.num_neg // 2  # half the negatives keep the query (hard item negatives), half get a sampled one
-            t_queries[j, 1 + half:] = query_pool[rng.integers(0, len(query_pool), size=cfg.num_neg - half)]
+            t_queries[j, 1 + half :] = query_pool[rng.integers(0, len(query_pool), size=cfg.num_neg - half)]
     return _batch(seqs.user_id[rows], hist_items, hist_queries, t_items, t_queries)
 
 

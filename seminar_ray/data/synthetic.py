@@ -1,4 +1,4 @@
-"""Seeded synthetic lifelong query-item sequences with planted structure (DESIGN §3).
+"""Seeded synthetic lifelong query-item sequences with planted structure (docs/design.md, Data model).
 
 Generative story, all in a latent space of `latent_dim` dimensions:
 - topics have unit centres; each item has a latent z_i near one topic centre and a long-tail
@@ -16,6 +16,7 @@ Generative story, all in a latent space of `latent_dim` dimensions:
 The truth (z, pop, u, mixture weights, the interest behind each user's last behaviours) is kept in
 truth.npz so tests can score candidates with an oracle.
 """
+
 from __future__ import annotations
 
 import io
@@ -27,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from seminar_ray.data.schema import FEATURE_DIM, DatasetMeta, DatasetTables
+from seminar_ray.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +59,16 @@ class SyntheticConfig:
     seed: int = 0
 
     @staticmethod
-    def preset(name: str, **overrides) -> "SyntheticConfig":
+    def preset(name: str, **overrides) -> SyntheticConfig:
         """Named scales: tiny (tests), small (make run), medium, large (100k users × L = 2,000)."""
-        presets = {
+        presets: dict[str, dict] = {
             "tiny": dict(num_users=120, num_items=1500, num_topics=16, queries_per_topic=8, min_len=12, max_len=60),
             "small": dict(num_users=1500, num_items=20_000, num_topics=32, min_len=40, max_len=200),
             "medium": dict(num_users=10_000, num_items=50_000, num_topics=64, min_len=200, max_len=1000),
             "large": dict(num_users=100_000, num_items=200_000, num_topics=128, min_len=1000, max_len=2000),
         }
         if name not in presets:
-            raise ValueError(f"unknown synthetic preset {name!r}; choose from {sorted(presets)}")
+            raise InputError(f"unknown synthetic preset {name!r}; choose from {sorted(presets)}")
         return replace(SyntheticConfig(**presets[name]), **overrides)
 
 
@@ -122,8 +124,9 @@ def _query_cdfs(cfg: SyntheticConfig, world: _World) -> list[np.ndarray]:
     return [_topic_cdf(world, k, world.query_v[world.topic_queries[k]], cfg.beta) for k in range(cfg.num_topics)]
 
 
-def _user_sequence(cfg: SyntheticConfig, world: _World, rng: np.random.Generator, pop_cdf: np.ndarray,
-                   query_cdfs: list[np.ndarray]):
+def _user_sequence(
+    cfg: SyntheticConfig, world: _World, rng: np.random.Generator, pop_cdf: np.ndarray, query_cdfs: list[np.ndarray]
+):
     m = int(rng.integers(cfg.interests_per_user[0], cfg.interests_per_user[1] + 1))
     topics = rng.choice(cfg.num_topics, size=m, replace=False)
     interests = _unit(world.topic_centres[topics] + 0.35 * rng.normal(size=(m, cfg.latent_dim)))
@@ -145,7 +148,11 @@ def _user_sequence(cfg: SyntheticConfig, world: _World, rng: np.random.Generator
             continue
         rows = np.nonzero(ks == k)[0]
         browse = rows[~is_search[rows]]
-        items[browse] = cand[_sample_rows(_topic_cdf(world, topic, interests[k:k + 1], cfg.beta), np.zeros(len(browse), dtype=np.int64), rng)]
+        items[browse] = cand[
+            _sample_rows(
+                _topic_cdf(world, topic, interests[k : k + 1], cfg.beta), np.zeros(len(browse), dtype=np.int64), rng
+            )
+        ]
         search = rows[is_search[rows]]
         tq = world.topic_queries[topic]
         q_p = np.exp(cfg.beta * (world.query_v[tq] @ interests[k]))
@@ -153,16 +160,21 @@ def _user_sequence(cfg: SyntheticConfig, world: _World, rng: np.random.Generator
         queries[search] = tq[q_local]
         items[search] = cand[_sample_rows(query_cdfs[topic], q_local, rng)]
     noisy = rng.random(length) < cfg.noise
-    items[noisy] = np.searchsorted(pop_cdf, rng.random(int(noisy.sum())) * pop_cdf[-1], side="right").clip(0, cfg.num_items - 1) + 1
+    items[noisy] = (
+        np.searchsorted(pop_cdf, rng.random(int(noisy.sum())) * pop_cdf[-1], side="right").clip(0, cfg.num_items - 1)
+        + 1
+    )
     return items, queries, ks, interests, weights, topics
 
 
 def _channels(cfg: SyntheticConfig, world: _World, rng: np.random.Generator):
-    n, dl = cfg.num_items, cfg.latent_dim
+    dl = cfg.latent_dim
 
     def view(latent, norm, seed_shift):
         proj = np.random.default_rng(cfg.seed + seed_shift).normal(size=(dl, FEATURE_DIM)) / np.sqrt(dl)
-        x = latent @ proj + cfg.channel_noise * rng.normal(size=(len(latent), FEATURE_DIM)) / np.sqrt(FEATURE_DIM) * np.sqrt(dl)
+        x = latent @ proj + cfg.channel_noise * rng.normal(size=(len(latent), FEATURE_DIM)) / np.sqrt(
+            FEATURE_DIM
+        ) * np.sqrt(dl)
         scale = norm * np.exp(0.1 * rng.normal(size=(len(latent), 1)))
         return (_unit(x) * scale).astype(np.float32)
 
@@ -210,7 +222,8 @@ def generate(cfg: SyntheticConfig, progress: bool = False) -> DatasetTables:
         " ".join(_words(cfg, int(world.item_topic[i]), rng.choice(cfg.words_per_topic, size=4, replace=False)))
         for i in range(1, n + 1)
     ]
-    q_tokens, q_text = [[]], [None]
+    q_tokens: list[list[int]] = [[]]
+    q_text: list[str | None] = [None]
     for q in range(1, nq + 1):
         k = int(world.query_topic[q])
         idx = rng.choice(cfg.words_per_topic, size=int(rng.integers(1, 4)), replace=False)
@@ -225,40 +238,55 @@ def generate(cfg: SyntheticConfig, progress: bool = False) -> DatasetTables:
         user_topics.append(tps)
         start = int(rng.integers(1_600_000_000, 1_700_000_000))
         ts = start + np.cumsum(rng.exponential(3600.0, size=len(items)).astype(np.int64) + 1)
-        seq_items.append(items), seq_queries.append(queries), seq_ts.append(ts)
-        interests.append(ints), weights.append(w), last_ks.append(ks[-3:])
+        seq_items.append(items)
+        seq_queries.append(queries)
+        seq_ts.append(ts)
+        interests.append(ints)
+        weights.append(w)
+        last_ks.append(ks[-3:])
         if progress and (u + 1) % max(1, cfg.num_users // 10) == 0:
             log.info("synthetic: %d/%d users", u + 1, cfg.num_users)
     missing_t = rng.random(n) < cfg.missing_text
     missing_i = rng.random(n) < cfg.missing_image
-    items_tbl = pa.table({
-        "item_id": np.arange(1, n + 1, dtype=np.int64),
-        "title": pa.array([None if m else t for t, m in zip(title_words, missing_t)], type=pa.string()),
-        "attr_ids": pa.array(attrs, type=pa.list_(pa.int32())),
-        "image_ref": pa.array([None] * n, type=pa.string()),
-        "text_emb": _fixed_list(text, ~missing_t),
-        "image_emb": _fixed_list(image, ~missing_i),
-    })
+    items_tbl = pa.table(
+        {
+            "item_id": np.arange(1, n + 1, dtype=np.int64),
+            "title": pa.array([None if m else t for t, m in zip(title_words, missing_t)], type=pa.string()),
+            "attr_ids": pa.array(attrs, type=pa.list_(pa.int32())),
+            "image_ref": pa.array([None] * n, type=pa.string()),
+            "text_emb": _fixed_list(text, ~missing_t),
+            "image_emb": _fixed_list(image, ~missing_i),
+        }
+    )
     qtext_full = np.zeros((nq + 1, FEATURE_DIM), dtype=np.float32)
     qtext_full[1:] = qtext
     present_q = np.ones(nq + 1, dtype=bool)
     present_q[0] = False
-    queries_tbl = pa.table({
-        "query_id": np.arange(0, nq + 1, dtype=np.int64),
-        "token_ids": pa.array(q_tokens, type=pa.list_(pa.int32())),
-        "text": pa.array(q_text, type=pa.string()),
-        "text_emb": _fixed_list(qtext_full, present_q),
-    })
-    seq_tbl = pa.table({
-        "user_id": np.arange(cfg.num_users, dtype=np.int64),
-        "item_ids": _list_column(seq_items),
-        "query_ids": _list_column(seq_queries),
-        "timestamps": _list_column(seq_ts),
-    })
+    queries_tbl = pa.table(
+        {
+            "query_id": np.arange(0, nq + 1, dtype=np.int64),
+            "token_ids": pa.array(q_tokens, type=pa.list_(pa.int32())),
+            "text": pa.array(q_text, type=pa.string()),
+            "text_emb": _fixed_list(qtext_full, present_q),
+        }
+    )
+    seq_tbl = pa.table(
+        {
+            "user_id": np.arange(cfg.num_users, dtype=np.int64),
+            "item_ids": _list_column(seq_items),
+            "query_ids": _list_column(seq_queries),
+            "timestamps": _list_column(seq_ts),
+        }
+    )
     n_beh = int(sum(len(s) for s in seq_items))
     meta = DatasetMeta(
-        source="synthetic", num_items=n, num_queries=nq, num_attrs=num_attrs,
-        num_tokens=cfg.num_topics * cfg.words_per_topic, num_users=cfg.num_users, num_behaviours=n_beh,
+        source="synthetic",
+        num_items=n,
+        num_queries=nq,
+        num_attrs=num_attrs,
+        num_tokens=cfg.num_topics * cfg.words_per_topic,
+        num_users=cfg.num_users,
+        num_behaviours=n_beh,
         extra={"config": asdict(cfg), "timestamp_unit": "s"},
     )
     truth = _truth_npz(cfg, world, interests, weights, last_ks, user_topics)
@@ -278,12 +306,23 @@ def _truth_npz(cfg, world: _World, interests, weights, last_ks, user_topics) -> 
     last = np.full((cfg.num_users, 3), -1, dtype=np.int64)
     for u, (ints, w, ks, tps) in enumerate(zip(interests, weights, last_ks, user_topics)):
         u_vec[u, : len(ints)], u_w[u, : len(w)], u_topic[u, : len(tps)] = ints, w, tps
-        last[u, 3 - len(ks):] = ks
+        last[u, 3 - len(ks) :] = ks
     buf = io.BytesIO()
-    np.savez_compressed(buf, item_z=world.item_z.astype(np.float32), item_logpop=world.item_logpop,
-                        query_v=world.query_v.astype(np.float32), user_interests=u_vec, user_weights=u_w,
-                        user_topics=u_topic, item_topic=world.item_topic, query_topic=world.query_topic,
-                        last_interest=last, beta=cfg.beta, stickiness=cfg.stickiness, noise=cfg.noise)
+    np.savez_compressed(
+        buf,
+        item_z=world.item_z.astype(np.float32),
+        item_logpop=world.item_logpop,
+        query_v=world.query_v.astype(np.float32),
+        user_interests=u_vec,
+        user_weights=u_w,
+        user_topics=u_topic,
+        item_topic=world.item_topic,
+        query_topic=world.query_topic,
+        last_interest=last,
+        beta=cfg.beta,
+        stickiness=cfg.stickiness,
+        noise=cfg.noise,
+    )
     return buf.getvalue()
 
 
@@ -292,7 +331,8 @@ def generate_to_dir(cfg: SyntheticConfig, out_dir: str | Path, progress: bool = 
 
 
 class Oracle:
-    """Scores candidates with the generator's own probabilities (the planted-structure check, DESIGN §3)."""
+    """Scores candidates with the generator's own probabilities (the planted-structure check; docs/design.md, Data
+    model)."""
 
     def __init__(self, truth_path: str | Path):
         t = np.load(truth_path)
@@ -321,5 +361,8 @@ class Oracle:
             w = self.u_w[user][live] * (1 - self.stick)
             prev = self.last[user, 1 if split == "test" else 0]
             w[live == prev] += self.stick
-            p = sum(wk * self._p_given(self.u_vec[user, k], int(self.u_topic[user, k]), candidates) for wk, k in zip(w, live))
+            p = sum(
+                wk * self._p_given(self.u_vec[user, k], int(self.u_topic[user, k]), candidates)
+                for wk, k in zip(w, live)
+            )
         return np.log((1 - self.noise) * p + self.noise * self.pop_p[candidates] + 1e-300)

@@ -3,12 +3,14 @@
 Every model takes the batch contract (hist_items/hist_queries [B, L] left-padded, target_items/target_queries and
 labels [B, C]) and has `forward(batch) -> logits [B, C]` and `loss(batch) -> (loss, parts)`.
 """
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from seminar_ray.data.entities import EntityTables
+from seminar_ray.errors import InputError
 from seminar_ray.models.base import LifelongCTR
 from seminar_ray.models.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from seminar_ray.models.config import ModelConfig
@@ -21,19 +23,40 @@ from seminar_ray.models.sim import SIM
 from seminar_ray.models.twin import TWIN
 
 MODELS: dict[str, type[nn.Module]] = {
-    "psu": PSU, "seminar": SeminarCTR, "sim": SIM, "eta": ETA, "twin": TWIN, "qin": QIN, "din": DIN,
+    "psu": PSU,
+    "seminar": SeminarCTR,
+    "sim": SIM,
+    "eta": ETA,
+    "twin": TWIN,
+    "qin": QIN,
+    "din": DIN,
 }
 
 
 def build_model(kind: str, cfg: ModelConfig, tables: EntityTables) -> nn.Module:
     """A fresh model of `kind` sized by `tables`, its initial weights seeded by cfg.seed."""
     if kind not in MODELS:
-        raise ValueError(f"unknown model kind {kind!r}; known: {sorted(MODELS)}")
+        raise InputError(f"unknown model kind {kind!r}; known: {sorted(MODELS)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         return MODELS[kind](cfg, tables)
 
 
-__all__ = ["ModelConfig", "build_model", "save_checkpoint", "load_checkpoint", "export_gsu_tables", "restore_psu",
-           "read_checkpoint",
-           "MODELS", "PSU", "SeminarCTR", "SIM", "ETA", "TWIN", "QIN", "DIN", "LifelongCTR"]
+__all__ = [
+    "ModelConfig",
+    "build_model",
+    "save_checkpoint",
+    "load_checkpoint",
+    "export_gsu_tables",
+    "restore_psu",
+    "read_checkpoint",
+    "MODELS",
+    "PSU",
+    "SeminarCTR",
+    "SIM",
+    "ETA",
+    "TWIN",
+    "QIN",
+    "DIN",
+    "LifelongCTR",
+]

@@ -1,4 +1,5 @@
 """The two-stage lifelong CTR skeleton every CTR model shares: retrieve top-K, ESU over the K, MLP (paper §3.3.2)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,8 +10,16 @@ from torch import Tensor, nn
 
 from seminar_ray.data.entities import EntityTables
 from seminar_ray.models.config import ModelConfig
-from seminar_ray.models.layers import (MLP, ChannelProjection, MultiHeadTargetAttention, MultiModalEmbedding,
-                                       gather_rows, masked_mean, masked_softmax, masked_topk)
+from seminar_ray.models.layers import (
+    MLP,
+    ChannelProjection,
+    MultiHeadTargetAttention,
+    MultiModalEmbedding,
+    gather_rows,
+    masked_mean,
+    masked_softmax,
+    masked_topk,
+)
 
 
 @dataclass
@@ -45,10 +54,15 @@ class LifelongCTR(nn.Module):
         return None
 
     def encode(self, hist_items: Tensor, hist_queries: Tensor, target_items: Tensor, target_queries: Tensor) -> Encoded:
-        table, (hq, tq), (hi, ti) = self.embedding.table([hist_queries, target_queries], [hist_items, target_items],
-                                                         self.projection())
-        return Encoded(keys=table.keys(hq, hi), mask=hist_items != 0, target=table.keys(tq, ti),
-                       target_channels=table.channels(tq, ti).x)
+        table, (hq, tq), (hi, ti) = self.embedding.table(
+            [hist_queries, target_queries], [hist_items, target_items], self.projection()
+        )
+        return Encoded(
+            keys=table.keys(hq, hi),
+            mask=hist_items != 0,
+            target=table.keys(tq, ti),
+            target_channels=table.channels(tq, ti).x,
+        )
 
     def retrieve(self, enc: Encoded, with_aux: bool) -> tuple[Tensor, Tensor | None]:
         """(top-K history positions [B, C, K] with -1 for "none", auxiliary logits [B, C] or None)."""
@@ -70,7 +84,8 @@ class LifelongCTR(nn.Module):
         return self.head(enc, idx)
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        """BCE over the [B, C] labels, plus β·L_GSU where the retrieval has an auxiliary loss (DESIGN §4b)."""
+        """BCE over the [B, C] labels, plus β·L_GSU where the retrieval has an auxiliary loss (docs/design.md, Model
+        contracts)."""
         enc = self.encode(batch["hist_items"], batch["hist_queries"], batch["target_items"], batch["target_queries"])
         idx, aux = self.retrieve(enc, with_aux=True)
         labels = batch["labels"].to(enc.keys.dtype)
@@ -84,11 +99,15 @@ class LifelongCTR(nn.Module):
         parts["loss"] = float(total.detach())
         return total, parts
 
-    def score_with_topk(self, hist_items: Tensor, hist_queries: Tensor, topk_idx: Tensor, target_items: Tensor,
-                        target_queries: Tensor) -> Tensor:
-        """Serving entry: ESU + MLP given precomputed top-K positions [B, C, K] into the L history columns (-1 = none)."""
+    def score_with_topk(
+        self, hist_items: Tensor, hist_queries: Tensor, topk_idx: Tensor, target_items: Tensor, target_queries: Tensor
+    ) -> Tensor:
+        """Serving entry: ESU + MLP given precomputed top-K positions [B, C, K] into the L history columns (-1 =
+        none)."""
         if topk_idx.shape[:2] != target_items.shape:
-            raise ValueError(f"topk_idx {tuple(topk_idx.shape)} must be [B, C, K] with [B, C] = {tuple(target_items.shape)}")
+            raise ValueError(
+                f"topk_idx {tuple(topk_idx.shape)} must be [B, C, K] with [B, C] = {tuple(target_items.shape)}"
+            )
         if topk_idx.numel() and int(topk_idx.max()) >= hist_items.shape[1]:
             raise ValueError(f"topk_idx has a position >= L = {hist_items.shape[1]}")
         enc = self.encode(hist_items, hist_queries, target_items, target_queries)
@@ -98,7 +117,8 @@ class LifelongCTR(nn.Module):
 class SoftSearchGSU(nn.Module):
     """GSU by target attention: top-K by the mean over heads of α_h; learns through a soft-attention auxiliary loss.
 
-    The auxiliary logit reads the soft-attention pooled vector over all L (SIM-style L = L_ESU + β·L_GSU, DESIGN §4b),
+    The auxiliary logit reads the soft-attention pooled vector over all L (SIM-style L = L_ESU + β·L_GSU;
+    docs/design.md, Model contracts),
     so W^Q, W^K, W^V of the GSU receive gradients although top-K itself is not differentiable.
     """
 

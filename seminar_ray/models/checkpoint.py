@@ -1,16 +1,19 @@
 """Checkpoint directories: model.pt holds state_dict, kind, config and the entity-table fingerprint."""
+
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
 
 from seminar_ray.data.entities import EntityTables
+from seminar_ray.errors import InputError
 from seminar_ray.models.config import ModelConfig
-from seminar_ray.models.layers import table_sizes
+from seminar_ray.models.layers import MultiModalEmbedding, table_sizes
 
 CHECKPOINT_FILE = "model.pt"
 FORMAT_VERSION = 1
@@ -24,7 +27,7 @@ def save_checkpoint(model: nn.Module, cfg: ModelConfig, path_dir: str | Path, ex
         "format": FORMAT_VERSION,
         "kind": model.kind,
         "config": cfg.to_dict(),
-        "fingerprint": model.embedding.sizes,
+        "fingerprint": cast(MultiModalEmbedding, model.embedding).sizes,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "extra": dict(extra or {}),
     }
@@ -47,7 +50,7 @@ def read_checkpoint(path: str | Path) -> dict:
         raise FileNotFoundError(f"{file}: no checkpoint (expected a directory holding {CHECKPOINT_FILE})")
     payload = torch.load(file, map_location="cpu", weights_only=True)
     if payload.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{file}: checkpoint format {payload.get('format')!r}, this code reads {FORMAT_VERSION}")
+        raise InputError(f"{file}: checkpoint format {payload.get('format')!r}, this code reads {FORMAT_VERSION}")
     return payload
 
 
@@ -56,20 +59,22 @@ def _differences(saved: dict, current: dict) -> list[str]:
     return [f"{k}: checkpoint {saved.get(k)!r} vs {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
 
 
-def load_checkpoint(path_dir: str | Path, tables: EntityTables, kind: str | None = None,
-                    cfg: ModelConfig | None = None) -> tuple[nn.Module, ModelConfig, dict]:
-    """(model, cfg, extra); ValueError naming what differs when the data sizes, or the expected kind/cfg, do not match."""
+def load_checkpoint(
+    path_dir: str | Path, tables: EntityTables, kind: str | None = None, cfg: ModelConfig | None = None
+) -> tuple[nn.Module, ModelConfig, dict]:
+    """(model, cfg, extra); ValueError naming what differs when the data sizes, or the expected kind/cfg, do not
+    match."""
     from seminar_ray.models import build_model
 
     payload = read_checkpoint(path_dir)
     if kind is not None and kind != payload["kind"]:
-        raise ValueError(f"{path_dir}: checkpoint holds a '{payload['kind']}' model, expected '{kind}'")
+        raise InputError(f"{path_dir}: checkpoint holds a '{payload['kind']}' model, expected '{kind}'")
     diff = _differences(payload["fingerprint"], table_sizes(tables))
     if diff:
-        raise ValueError(f"{path_dir}: checkpoint was trained on other entity tables ({'; '.join(diff)})")
+        raise InputError(f"{path_dir}: checkpoint was trained on other entity tables ({'; '.join(diff)})")
     saved_cfg = ModelConfig.from_dict(payload["config"])
     if cfg is not None and cfg != saved_cfg:
-        raise ValueError(f"{path_dir}: config differs ({'; '.join(_differences(saved_cfg.to_dict(), cfg.to_dict()))})")
+        raise InputError(f"{path_dir}: config differs ({'; '.join(_differences(saved_cfg.to_dict(), cfg.to_dict()))})")
     model = build_model(payload["kind"], saved_cfg, tables)
     model.load_state_dict(payload["state_dict"], strict=True)
     return model, saved_cfg, payload["extra"]

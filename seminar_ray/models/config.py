@@ -1,10 +1,13 @@
 """One dataclass configures every model (paper §4.1 hyper-parameters as defaults), loadable from YAML."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import yaml
+
+from seminar_ray.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,7 @@ class ModelConfig:
     n_neg: int = 4  # sampled negatives per target (C = 1 + n_neg), read by the data pipeline
     # CTR (§3.3.2)
     K: int = 200  # GSU top-K (paper: 200 for L = 1,000-2,000)
-    beta_gsu: float = 1.0  # β of L = L_ESU + β·L_GSU (DESIGN §4b)
+    beta_gsu: float = 1.0  # β of L = L_ESU + β·L_GSU (docs/design.md, Model contracts)
     pretrained: bool = True  # restore PSU's embedding tables before fine-tuning
     recent_len: int = 20  # "other features": mean of the most recent behaviours' keys
     # baselines
@@ -49,36 +52,45 @@ class ModelConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "mlp_hidden", tuple(int(h) for h in self.mlp_hidden))
         checks = {
-            "d": self.d > 0, "heads": self.heads > 0, "K": self.K > 0, "n_chunks": self.n_chunks > 0,
-            "lam": 0.0 <= self.lam <= 1.0, "temperature": self.temperature > 0, "max_len": self.max_len > 0,
-            "qin_k1": self.qin_k1 >= self.qin_k2 > 0, "eta_bits": self.eta_bits > 0, "din_recent": self.din_recent > 0,
-            "recent_len": self.recent_len > 0, "n_neg": self.n_neg >= 0, "loss_norm": self.loss_norm in ("none", "chance"),
+            "d": self.d > 0,
+            "heads": self.heads > 0,
+            "K": self.K > 0,
+            "n_chunks": self.n_chunks > 0,
+            "lam": 0.0 <= self.lam <= 1.0,
+            "temperature": self.temperature > 0,
+            "max_len": self.max_len > 0,
+            "qin_k1": self.qin_k1 >= self.qin_k2 > 0,
+            "eta_bits": self.eta_bits > 0,
+            "din_recent": self.din_recent > 0,
+            "recent_len": self.recent_len > 0,
+            "n_neg": self.n_neg >= 0,
+            "loss_norm": self.loss_norm in ("none", "chance"),
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(f"ModelConfig: invalid value(s) for {bad}: {[getattr(self, k) for k in bad]}")
+            raise InputError(f"ModelConfig: invalid value(s) for {bad}: {[getattr(self, k) for k in bad]}")
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "ModelConfig":
+    def preset(cls, name: str, **overrides) -> ModelConfig:
         """'paper': the paper's settings; 'small': tiny sizes for tests and the demo run."""
         if name not in PRESETS:
-            raise ValueError(f"unknown ModelConfig preset {name!r}; known: {sorted(PRESETS)}")
+            raise InputError(f"unknown ModelConfig preset {name!r}; known: {sorted(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
 
     @classmethod
-    def from_dict(cls, values: dict) -> "ModelConfig":
+    def from_dict(cls, values: dict) -> ModelConfig:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise ValueError(f"ModelConfig: unknown key(s) {unknown}")
+            raise InputError(f"ModelConfig: unknown key(s) {unknown}")
         return cls(**values)
 
     @classmethod
-    def from_yaml(cls, path: str | Path, **overrides) -> "ModelConfig":
+    def from_yaml(cls, path: str | Path, **overrides) -> ModelConfig:
         """A flat YAML mapping of fields; an optional `preset:` key names the starting point."""
         values = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping of ModelConfig fields, got {type(values).__name__}")
+            raise InputError(f"{path}: expected a mapping of ModelConfig fields, got {type(values).__name__}")
         preset = values.pop("preset", "paper")
         return cls.preset(preset, **{**values, **overrides})
 
@@ -87,12 +99,26 @@ class ModelConfig:
         out["mlp_hidden"] = list(self.mlp_hidden)
         return out
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return replace(self, **changes)
 
 
 PRESETS: dict[str, dict] = {
     "paper": {},
-    "small": dict(d=16, heads=2, K=16, gate_hidden=16, mlp_hidden=(32, 16), max_len=200, n_chunks=4,
-                  recent_len=8, din_recent=16, qin_k1=32, qin_k2=16, eta_bits=32, batch=32, n_neg=4),
+    "small": dict(
+        d=16,
+        heads=2,
+        K=16,
+        gate_hidden=16,
+        mlp_hidden=(32, 16),
+        max_len=200,
+        n_chunks=4,
+        recent_len=8,
+        din_recent=16,
+        qin_k1=32,
+        qin_k2=16,
+        eta_bits=32,
+        batch=32,
+        n_neg=4,
+    ),
 }

@@ -1,4 +1,5 @@
 """DIN baseline: target attention over the most recent `din_recent` behaviours only (Zhou et al. 2018)."""
+
 from __future__ import annotations
 
 from torch import Tensor

@@ -1,4 +1,5 @@
 """ETA baseline: SimHash signatures of the embeddings by fixed random projections, Hamming top-K, then ESU."""
+
 from __future__ import annotations
 
 import torch
@@ -11,6 +12,7 @@ from seminar_ray.models.layers import masked_topk
 
 
 class ETA(LifelongCTR):
+    hash_projection: Tensor  # a buffer: fixed random hyperplanes [d, bits]
     """Top-K by the number of agreeing SimHash bits sign(x R), R a fixed Gaussian [d, bits] (Chen et al. 2021)."""
 
     kind = "eta"

@@ -1,4 +1,6 @@
-"""Layers shared by PSU, SEMINAR and the baselines: channels, γ, target attention (paper §3.2-§3.3, DESIGN §4b)."""
+"""Layers shared by PSU, SEMINAR and the baselines: channels, γ, target attention (paper §3.2-§3.3; docs/design.md,
+Model contracts)."""
+
 from __future__ import annotations
 
 import math
@@ -55,7 +57,8 @@ def masked_topk(scores: Tensor, mask: Tensor, k: int) -> Tensor:
 
 
 def gather_rows(table: Tensor, idx: Tensor) -> Tensor:
-    """table [B, L, ...], idx [B, C, K] (−1 allowed, gives row 0) → [B, C, K, ...] without expanding the table C times."""
+    """table [B, L, ...], idx [B, C, K] (−1 allowed, gives row 0) → [B, C, K, ...] without expanding the table C
+    times."""
     b, length = table.shape[:2]
     flat = table.reshape(b * length, -1)
     offsets = (torch.arange(b, device=idx.device) * length).view(b, *([1] * (idx.dim() - 1)))
@@ -67,7 +70,7 @@ def recent_positions(mask: Tensor, n: int, c: int) -> Tensor:
     length = mask.shape[1]
     n = min(n, length)
     idx = torch.arange(length - n, length, device=mask.device).expand(mask.shape[0], n)
-    idx = idx.masked_fill(~mask[:, length - n:], -1)
+    idx = idx.masked_fill(~mask[:, length - n :], -1)
     return idx.unsqueeze(1).expand(-1, c, -1)
 
 
@@ -84,12 +87,23 @@ class MLP(nn.Sequential):
 
 
 class MultiModalEmbedding(nn.Module):
-    """Channels Q, T, I, A and the gate w (paper §3.3.1, DESIGN §4b); frozen 512-d features are buffers, never trained.
+    """Channels Q, T, I, A and the gate w (paper §3.3.1; docs/design.md, Model contracts); frozen 512-d features are
+    buffers, never trained.
 
     Q = W_q(mean of keyword token embeddings, padding masked, + W_qt(query text_emb) where present)
     T = W_t(text_emb), I = W_i(image_emb), A = W_a(item-ID embedding + mean attribute embedding);
     a learned "missing" vector replaces a channel whose feature is absent.
     """
+
+    # frozen feature tables, registered as buffers in __init__ (rows indexed by entity id)
+    item_text: Tensor
+    item_text_mask: Tensor
+    item_image: Tensor
+    item_image_mask: Tensor
+    item_attrs: Tensor
+    query_tokens: Tensor
+    query_text: Tensor
+    query_text_mask: Tensor
 
     def __init__(self, cfg: ModelConfig, tables: EntityTables):
         super().__init__()
@@ -98,8 +112,16 @@ class MultiModalEmbedding(nn.Module):
         self.sizes = sizes = table_sizes(tables)  # the checkpoint fingerprint
         if sizes["feature_dim"] != f:
             raise ValueError(f"EntityTables feature width {sizes['feature_dim']} != ModelConfig.feature_dim {f}")
-        for name in ("item_text", "item_text_mask", "item_image", "item_image_mask", "item_attrs",
-                     "query_tokens", "query_text", "query_text_mask"):
+        for name in (
+            "item_text",
+            "item_text_mask",
+            "item_image",
+            "item_image_mask",
+            "item_attrs",
+            "query_tokens",
+            "query_text",
+            "query_text_mask",
+        ):
             # non-persistent: rebuilt from EntityTables at load time, so checkpoints stay small
             self.register_buffer(name, torch.from_numpy(np.array(getattr(tables, name), copy=True)), persistent=False)
         self.item_id = nn.Embedding(sizes["num_items"] + 1, d, padding_idx=0)
@@ -130,15 +152,19 @@ class MultiModalEmbedding(nn.Module):
 
     def item_channels(self, item_ids: Tensor) -> Tensor:
         """[..., 3, d]: T, I, A channels of each item id."""
-        text = torch.where(self.item_text_mask[item_ids].unsqueeze(-1), self.W_t(self.item_text[item_ids]), self.missing[1])
-        image = torch.where(self.item_image_mask[item_ids].unsqueeze(-1), self.W_i(self.item_image[item_ids]),
-                            self.missing[2])
+        text = torch.where(
+            self.item_text_mask[item_ids].unsqueeze(-1), self.W_t(self.item_text[item_ids]), self.missing[1]
+        )
+        image = torch.where(
+            self.item_image_mask[item_ids].unsqueeze(-1), self.W_i(self.item_image[item_ids]), self.missing[2]
+        )
         attrs = self.item_attrs[item_ids]
         attr = self.W_a(self.item_id(item_ids) + masked_mean(self.attr(attrs), attrs != 0, dim=-2))
         return torch.stack([text, image, attr], dim=-2)
 
     def item_weights(self, item_channels: Tensor) -> Tensor:
-        """[..., 3]: w = softmax(gate(item's own T, I, A)), so γ depends on the item alone (DESIGN §4b)."""
+        """[..., 3]: w = softmax(gate(item's own T, I, A)), so γ depends on the item alone (docs/design.md, Model
+        contracts)."""
         return torch.softmax(self.gate(item_channels.flatten(-2)), dim=-1)
 
     def gamma(self, w: Tensor) -> Tensor:
@@ -158,24 +184,28 @@ class MultiModalEmbedding(nn.Module):
     def cache_entities(self, chunk: int = 65536) -> None:
         """Inference: compute every query's and item's channels and w once (each depends on its entity alone), so
         a forward pass gathers rows instead of projecting 512-d features; `train()` drops the cache."""
+
         def rows(fn, n: int) -> Tensor:
-            return torch.cat([fn(torch.arange(s, min(s + chunk, n), device=self.item_text.device))
-                              for s in range(0, n, chunk)])
+            return torch.cat(
+                [fn(torch.arange(s, min(s + chunk, n), device=self.item_text.device)) for s in range(0, n, chunk)]
+            )
 
         q_all = rows(self.query_channel, self.query_tokens.shape[0])
         items_all = rows(self.item_channels, self.item_text.shape[0])
         self._entity_cache = (q_all, items_all, self.item_weights(items_all))
 
-    def train(self, mode: bool = True) -> "MultiModalEmbedding":
+    def train(self, mode: bool = True) -> MultiModalEmbedding:
         if mode:
             self._entity_cache = None
         return super().train(mode)
 
-    def table(self, query_ids: list[Tensor], item_ids: list[Tensor],
-              project: ChannelProjection | None = None) -> tuple[PairTable, list[Tensor], list[Tensor]]:
+    def table(
+        self, query_ids: list[Tensor], item_ids: list[Tensor], project: ChannelProjection | None = None
+    ) -> tuple[PairTable, list[Tensor], list[Tensor]]:
         """Channels of the distinct ids among several id tensors, computed once each, and each tensor's row indices.
 
-        `project` (GSU's G_j) maps the channels after the gate has read them, so w stays the item's own (DESIGN §4b).
+        `project` (GSU's G_j) maps the channels after the gate has read them, so w stays the item's own
+        (docs/design.md, Model contracts).
         """
         uq, inv_q = torch.unique(torch.cat([q.reshape(-1) for q in query_ids]), return_inverse=True)
         ui, inv_i = torch.unique(torch.cat([i.reshape(-1) for i in item_ids]), return_inverse=True)
@@ -245,7 +275,8 @@ class MultiHeadTargetAttention(nn.Module):
         return torch.einsum("...d,hde,hfe->...hf", q, self.W_Q, self.W_K) / math.sqrt(self.d)
 
     def folded_query(self, q: Tensor) -> Tensor:
-        """[..., d] → [..., d]: u = mean_h q W_h^Q (W_h^K)^T / √d, so the mean-over-heads score is <u, k_l> (DESIGN §5)."""
+        """[..., d] → [..., d]: u = mean_h q W_h^Q (W_h^K)^T / √d, so the mean-over-heads score is <u, k_l>
+        (docs/design.md, Retrieval)."""
         return self.head_queries(q).mean(-2)
 
     def scores(self, q: Tensor, keys: Tensor) -> Tensor:
@@ -287,11 +318,15 @@ def table_sizes(tables: EntityTables) -> dict[str, int]:
     max_attr = int(tables.item_attrs.max(initial=0))
     max_tok = int(tables.query_tokens.max(initial=0))
     if max_attr > meta.num_attrs or max_tok > meta.num_tokens:
-        raise ValueError(f"EntityTables ids exceed meta: attr {max_attr} > {meta.num_attrs} "
-                         f"or token {max_tok} > {meta.num_tokens}")
+        raise ValueError(
+            f"EntityTables ids exceed meta: attr {max_attr} > {meta.num_attrs} or token {max_tok} > {meta.num_tokens}"
+        )
     return {
-        "num_items": int(tables.item_text.shape[0]) - 1, "num_queries": int(tables.query_tokens.shape[0]) - 1,
-        "num_attrs": int(meta.num_attrs), "num_tokens": int(meta.num_tokens),
-        "attr_width": int(tables.item_attrs.shape[1]), "token_width": int(tables.query_tokens.shape[1]),
+        "num_items": int(tables.item_text.shape[0]) - 1,
+        "num_queries": int(tables.query_tokens.shape[0]) - 1,
+        "num_attrs": int(meta.num_attrs),
+        "num_tokens": int(meta.num_tokens),
+        "attr_width": int(tables.item_attrs.shape[1]),
+        "token_width": int(tables.query_tokens.shape[1]),
         "feature_dim": int(tables.item_text.shape[1]),
     }

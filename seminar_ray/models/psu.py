@@ -1,7 +1,10 @@
 """Pretraining Search Unit: next-pair prediction, chunked multi-modal alignment, query-item relevance (paper §3.3.1)."""
+
 from __future__ import annotations
 
+import functools
 import math
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +36,9 @@ def chunk(x: Tensor, n_chunks: int) -> Tensor:
     return x.reshape(b, n_chunks, size, *x.shape[2:])
 
 
-def clip_loss(a: Tensor, b: Tensor, valid: Tensor, distinct: Tensor, temperature: float,
-              by_chance: bool = False) -> tuple[Tensor, Tensor]:
+def clip_loss(
+    a: Tensor, b: Tensor, valid: Tensor, distinct: Tensor, temperature: float, by_chance: bool = False
+) -> tuple[Tensor, Tensor]:
     """InfoNCE within chunks in both directions, a→b and b→a (sum over real rows, and their count); a, b [B, N, S, d].
 
     Logits are cos / temperature; padding and missing features are masked out of rows and columns; another
@@ -57,8 +61,9 @@ def clip_loss(a: Tensor, b: Tensor, valid: Tensor, distinct: Tensor, temperature
     return per_row.sum(), valid.sum().to(logits.dtype)
 
 
-def alignment_loss(units: Tensor, present: Tensor, item_ids: Tensor, n_chunks: int, temperature: float,
-                   by_chance: bool = False) -> Tensor:
+def alignment_loss(
+    units: Tensor, present: Tensor, item_ids: Tensor, n_chunks: int, temperature: float, by_chance: bool = False
+) -> Tensor:
     """L_align = Σ_i Σ_(j≠i) L_CLIP(x̂^(i), x̂^(j)) over the ordered pairs of T, I, A (§3.3.1), within N_ch chunks:
     O(L²/N_ch) memory. Each L_CLIP is a mean over the real rows of all chunks (the paper sums per-chunk means, which
     would scale the loss by N_ch, a memory knob). With `by_chance`, the mean over the pairs of the chance-normalised
@@ -123,8 +128,9 @@ class PSU(nn.Module):
         self.relevance = RelevanceHead(d)
 
     def _encode(self, batch: dict[str, Tensor]) -> tuple[PairTable, list[Tensor], list[Tensor]]:
-        return self.embedding.table([batch["hist_queries"], batch["target_queries"]],
-                                    [batch["hist_items"], batch["target_items"]])
+        return self.embedding.table(
+            [batch["hist_queries"], batch["target_queries"]], [batch["hist_items"], batch["target_items"]]
+        )
 
     def _eos_key(self) -> Tensor:
         w = self.embedding.item_weights(self.eos[1:])
@@ -147,10 +153,22 @@ class PSU(nn.Module):
     def _alignment(self, table: PairTable, i_rows: Tensor, hist_items: Tensor) -> Tensor:
         e = self.embedding
         units = F.embedding(i_rows, F.normalize(table.items, dim=-1).flatten(1)).unflatten(-1, table.items.shape[1:])
-        present = torch.stack([e.item_text_mask[hist_items], e.item_image_mask[hist_items],
-                               torch.ones_like(hist_items, dtype=torch.bool)], dim=-1) & (hist_items != 0).unsqueeze(-1)
-        return alignment_loss(units, present, hist_items, self.cfg.n_chunks, self.cfg.temperature,
-                              by_chance=self.cfg.loss_norm == "chance")
+        present = torch.stack(
+            [
+                e.item_text_mask[hist_items],
+                e.item_image_mask[hist_items],
+                torch.ones_like(hist_items, dtype=torch.bool),
+            ],
+            dim=-1,
+        ) & (hist_items != 0).unsqueeze(-1)
+        return alignment_loss(
+            units,
+            present,
+            hist_items,
+            self.cfg.n_chunks,
+            self.cfg.temperature,
+            by_chance=self.cfg.loss_norm == "chance",
+        )
 
     def _relevance(self, table: PairTable, q_rows: Tensor, i_rows: Tensor, batch: dict[str, Tensor]) -> Tensor:
         """Over behaviours with a non-empty query only; negatives keep the query and take another behaviour's item."""
@@ -184,5 +202,5 @@ class PSU(nn.Module):
             terms["rel"] = cfg.w_rel * self._relevance(table, q_rows[0], i_rows[0], batch) / scale
         if not terms:
             raise ValueError("PSU: use_next, use_align and use_rel are all False; nothing to train")
-        total = sum(terms.values())
+        total = functools.reduce(operator.add, terms.values())
         return total, {**{k: float(v.detach()) for k, v in terms.items()}, "loss": float(total.detach())}

@@ -1,4 +1,6 @@
-"""QIN baseline: the target query retrieves K1 behaviours, the target item re-ranks them to K2, then ESU (Guo et al. 2023)."""
+"""QIN baseline: the target query retrieves K1 behaviours, the target item re-ranks them to K2, then ESU (Guo et al.
+2023)."""
+
 from __future__ import annotations
 
 import torch
@@ -9,7 +11,8 @@ from seminar_ray.models.layers import gather_rows, masked_topk
 
 
 class QIN(LifelongCTR):
-    """Stage 1: <x^Q_t, k_l> keeps K1; stage 2: <Σ_j γ_j x^(j)_t, k_l> over the K1 keeps K2 (parameter-free relevance)."""
+    """Stage 1: <x^Q_t, k_l> keeps K1; stage 2: <Σ_j γ_j x^(j)_t, k_l> over the K1 keeps K2 (parameter-free
+    relevance)."""
 
     kind = "qin"
 

@@ -1,4 +1,5 @@
 """SEMINAR's CTR model: PSU-restored embeddings, G_j, multi-head GSU top-K, ESU and MLP (paper §3.3.2)."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -33,11 +34,13 @@ class SeminarCTR(LifelongCTR):
         return self.gsu(enc, self.cfg.K, with_aux)
 
     def load_pretrained(self, psu_state: Mapping[str, Tensor]) -> None:
-        """Restore PSU's embedding tables by name (every `embedding.*` tensor); any missing key or shape differs → error."""
+        """Restore PSU's embedding tables by name (every `embedding.*` tensor); any missing key or shape differs →
+        error."""
         restore_psu(self, psu_state)
 
-    def gsu_target_vectors(self, target_items: Tensor, target_queries: Tensor) -> Tensor:
-        """u [..., d] with <u, k_l> = mean over heads of α_h^GSU, k_l = GSUTables.keys(...)[l] (DESIGN §5)."""
+    def gsu_target_vectors(self, *, target_items: Tensor, target_queries: Tensor) -> Tensor:
+        """u [..., d] with <u, k_l> = mean over heads of α_h^GSU, k_l = GSUTables.keys(...)[l] (docs/design.md,
+        Retrieval). Keyword-only: both are id tensors of one dtype, so a swap would raise nothing."""
         table, (tq,), (ti,) = self.embedding.table([target_queries], [target_items], self.G)
         return self.gsu.attention.folded_query(table.keys(tq, ti))
 
@@ -55,25 +58,31 @@ def restore_psu(model: SeminarCTR, psu_state: Mapping[str, Tensor]) -> None:
         if key not in psu_state:
             raise KeyError(f"PSU state has no '{key}': not a PSU checkpoint of this model version?")
         if tuple(psu_state[key].shape) != tuple(tensor.shape):
-            raise ValueError(f"PSU '{key}' has shape {tuple(psu_state[key].shape)}, the CTR model needs "
-                             f"{tuple(tensor.shape)}: pretrained on other data or another d?")
+            raise ValueError(
+                f"PSU '{key}' has shape {tuple(psu_state[key].shape)}, the CTR model needs "
+                f"{tuple(tensor.shape)}: pretrained on other data or another d?"
+            )
     model.embedding.load_state_dict({n: psu_state[EMBEDDING_PREFIX + n] for n in own}, strict=True)
 
 
 @torch.no_grad()
 def gsu_target_tables(model: SeminarCTR) -> tuple[np.ndarray, np.ndarray]:
-    """(items [N+1, d], queries [Q+1, d]) with gsu_target_vectors(i, q) = items[i] + queries[q] (DESIGN §5).
+    """(items [N+1, d], queries [Q+1, d]) with gsu_target_vectors(i, q) = items[i] + queries[q] (docs/design.md,
+    Retrieval).
 
     u = folded_query(k) is linear in the key k = λ·x^Q_q + Σ_j γ_ij x^(j)_i, whose two parts each depend on one entity.
     """
     tables, fold = export_gsu_tables(model), model.gsu.attention.folded_query
-    return (fold(torch.from_numpy(tables.item_folded().copy())).numpy(),
-            fold(torch.from_numpy(tables.query_folded().copy())).numpy())
+    return (
+        fold(torch.from_numpy(tables.item_folded().copy())).numpy(),
+        fold(torch.from_numpy(tables.query_folded().copy())).numpy(),
+    )
 
 
 @torch.no_grad()
 def export_gsu_tables(model: SeminarCTR, chunk: int = 65536) -> GSUTables:
-    """Every item's and query's GSU-space channels and γ (rows indexed by id) for the PQ retriever (DESIGN §5)."""
+    """Every item's and query's GSU-space channels and γ (rows indexed by id) for the PQ retriever (docs/design.md,
+    Retrieval)."""
     if not isinstance(model, SeminarCTR):
         raise TypeError(f"export_gsu_tables needs a SeminarCTR, got {type(model).__name__}")
     emb, G = model.embedding, model.G
@@ -93,5 +102,9 @@ def export_gsu_tables(model: SeminarCTR, chunk: int = 65536) -> GSUTables:
     item_channels = torch.cat(items).numpy().astype(np.float32)
     item_gamma = torch.cat(gammas).numpy().astype(np.float32)
     item_channels[0], item_gamma[0] = 0.0, 0.0  # padding item
-    return GSUTables(item_channels=item_channels, item_gamma=item_gamma,
-                     query_channel=torch.cat(queries).numpy().astype(np.float32), query_gamma=float(model.cfg.lam))
+    return GSUTables(
+        item_channels=item_channels,
+        item_gamma=item_gamma,
+        query_channel=torch.cat(queries).numpy().astype(np.float32),
+        query_gamma=float(model.cfg.lam),
+    )

@@ -1,4 +1,5 @@
 """SIM baseline: soft-search GSU (one-head target attention with its auxiliary loss), then ESU (Pi et al. 2020)."""
+
 from __future__ import annotations
 
 from torch import Tensor

@@ -1,4 +1,6 @@
-"""TWIN baseline: consistency-preserving GSU, i.e. the ESU's own per-head scores select and attend (Chang et al. 2023)."""
+"""TWIN baseline: consistency-preserving GSU, i.e. the ESU's own per-head scores select and attend (Chang et al.
+2023)."""
+
 from __future__ import annotations
 
 import torch
@@ -9,7 +11,8 @@ from seminar_ray.models.layers import masked_topk
 
 
 class TWIN(LifelongCTR):
-    """Top-K by the mean over heads of the ESU's α_h over all L; the ESU then attends over the K with the same weights."""
+    """Top-K by the mean over heads of the ESU's α_h over all L; the ESU then attends over the K with the same
+    weights."""
 
     kind = "twin"
 

@@ -1,12 +1,13 @@
-"""The retrieval index artefact: per-entity PQ codes, codebooks, fp16 exact tables and a version (DESIGN §5)."""
+"""The retrieval index artefact: per-entity PQ codes, codebooks, fp16 exact tables and a version (docs/design.md,
+Retrieval)."""
+
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -18,7 +19,7 @@ from seminar_ray.retrieval.tables import GSUTables
 FORMAT_VERSION = 1
 ITEM_CHANNELS = ("item_T", "item_I", "item_A")  # order of GSUTables.item_channels
 CHANNEL_PARTS = (*ITEM_CHANNELS, "query_Q")  # the paper's per-channel form
-FOLDED_PARTS = ("item_folded", "query_folded")  # DESIGN §5: two look-ups per behaviour
+FOLDED_PARTS = ("item_folded", "query_folded")  # docs/design.md, Retrieval: two look-ups per behaviour
 SKETCH_ARRAYS = ("projection", "scale", "residual_cov", "item_codes", "query_codes")  # KeySketch fields
 
 
@@ -33,12 +34,15 @@ def check_ids(kind: str, ids: np.ndarray, size: int) -> None:
     """Raise UnknownIdError naming the first id outside [0, size)."""
     bad = (ids < 0) | (ids >= size)
     if bad.any():
-        raise UnknownIdError(f"unknown {kind} id {int(ids[bad][0])}: the {kind} table has {size} rows (ids 0..{size - 1})")
+        raise UnknownIdError(
+            f"unknown {kind} id {int(ids[bad][0])}: the {kind} table has {size} rows (ids 0..{size - 1})"
+        )
 
 
 @dataclass
 class PQIndex:
-    """Codebooks + codes [n, N_sub] per part + exact folded fp16 tables + per-entity γ (paper §3.3.3, DESIGN §5).
+    """Codebooks + codes [n, N_sub] per part + exact folded fp16 tables + per-entity γ (paper §3.3.3; docs/design.md,
+    Retrieval).
 
     parts: "item_T", "item_I", "item_A", "query_Q" (per channel) and/or "item_folded", "query_folded".
     A behaviour (q, i) has key k = Σ_j γ_ij x^(j)_i + λ x^Q_q = item_exact[i] + query_exact[q].
@@ -69,16 +73,6 @@ class PQIndex:
     def has_form(self, form: str) -> bool:
         return all(p in self.codes for p in (FOLDED_PARTS if form == "folded" else CHANNEL_PARTS))
 
-    def check_history(self, query_ids: np.ndarray, item_ids: np.ndarray) -> None:
-        if query_ids.shape != item_ids.shape or query_ids.ndim != 1:
-            raise ValueError(f"history ids must be two 1-d arrays of one length, got {query_ids.shape} and {item_ids.shape}")
-        check_ids("item", item_ids, self.num_items)
-        check_ids("query", query_ids, self.num_queries)
-
-    def check_targets(self, u: np.ndarray) -> None:
-        if u.ndim != 2 or u.shape[1] != self.dim:
-            raise DimensionMismatchError(f"target vectors must be [C, {self.dim}], got {tuple(u.shape)}")
-
     def part_weight(self, part: str, ids: np.ndarray) -> np.ndarray | float:
         """γ of a part for the given entity ids (1 for folded parts)."""
         if part in ITEM_CHANNELS:
@@ -88,36 +82,39 @@ class PQIndex:
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Write .npy files + manifest.json atomically (tmp dir + rename); replaces an existing artefact."""
         out = Path(out_dir)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
-        arrays = {"item_gamma": self.item_gamma, "item_exact": self.item_exact, "query_exact": self.query_exact}
-        for part, codec in self.codecs.items():
-            arrays[f"codebook_{part}"] = codec.centroids
-            arrays[f"codes_{part}"] = self.codes[part]
-        if self.sketch is not None:
-            arrays |= {f"sketch_{name}": getattr(self.sketch, name) for name in SKETCH_ARRAYS}
-        for name, arr in arrays.items():
-            np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr))
-        manifest = {
-            "format": FORMAT_VERSION, "version": self.version, "dim": self.dim, "query_gamma": self.query_gamma,
-            "num_items": self.num_items, "num_queries": self.num_queries, "extra": self.extra,
-            "parts": {p: {"n_sub": c.n_sub, "n_centroids": c.n_centroids, "nbits": c.nbits,
-                          "codes_shape": list(self.codes[p].shape)} for p, c in self.codecs.items()},
-            "sketch_dim": None if self.sketch is None else self.sketch.sketch_dim,
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+        with storage.staged_dir(out) as tmp:
+            arrays = {"item_gamma": self.item_gamma, "item_exact": self.item_exact, "query_exact": self.query_exact}
+            for part, codec in self.codecs.items():
+                arrays[f"codebook_{part}"] = codec.centroids
+                arrays[f"codes_{part}"] = self.codes[part]
+            if self.sketch is not None:
+                arrays |= {f"sketch_{name}": getattr(self.sketch, name) for name in SKETCH_ARRAYS}
+            for name, arr in arrays.items():
+                np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr))
+            manifest = {
+                "format": FORMAT_VERSION,
+                "version": self.version,
+                "dim": self.dim,
+                "query_gamma": self.query_gamma,
+                "num_items": self.num_items,
+                "num_queries": self.num_queries,
+                "extra": self.extra,
+                "parts": {
+                    p: {
+                        "n_sub": c.n_sub,
+                        "n_centroids": c.n_centroids,
+                        "nbits": c.nbits,
+                        "codes_shape": list(self.codes[p].shape),
+                    }
+                    for p, c in self.codecs.items()
+                },
+                "sketch_dim": None if self.sketch is None else self.sketch.sketch_dim,
+            }
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         return out
 
     @classmethod
-    def load(cls, index_dir: str | os.PathLike, mmap: bool = True) -> "PQIndex":
+    def load(cls, index_dir: str | os.PathLike, mmap: bool = True) -> PQIndex:
         """Read an artefact written by save(); codes and tables are memory-mapped when mmap.
 
         `index_dir` may be a shared URI: it is mirrored into the node-local cache first (seminar_ray.storage)."""
@@ -128,7 +125,7 @@ class PQIndex:
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("format") != FORMAT_VERSION:
             raise ValueError(f"index format {manifest.get('format')} at {path} is not {FORMAT_VERSION}")
-        mode = "r" if mmap else None
+        mode: Literal["r"] | None = "r" if mmap else None
 
         def arr(name: str) -> np.ndarray:
             return np.load(path / f"{name}.npy", mmap_mode=mode)
@@ -144,20 +141,40 @@ class PQIndex:
             sketch = KeySketch(**{name: arr(f"sketch_{name}") for name in SKETCH_ARRAYS})
             if sketch.sketch_dim != manifest["sketch_dim"] or sketch.item_codes.shape[0] != manifest["num_items"]:
                 raise ValueError(f"index sketch at {path} does not match its manifest")
-        index = cls(manifest["version"], codecs, codes, arr("item_gamma"), float(manifest["query_gamma"]),
-                    arr("item_exact"), arr("query_exact"), manifest.get("extra", {}), sketch)
+        index = cls(
+            manifest["version"],
+            codecs,
+            codes,
+            arr("item_gamma"),
+            float(manifest["query_gamma"]),
+            arr("item_exact"),
+            arr("query_exact"),
+            manifest.get("extra", {}),
+            sketch,
+        )
         if index.dim != manifest["dim"]:
             raise DimensionMismatchError(f"index tables have dim {index.dim}, manifest says {manifest['dim']}")
         return index
 
 
-def build_index(tables: GSUTables, version: str, n_sub: int = 8, n_centroids: int = 256,
-                forms: tuple[str, ...] = ("folded", "channel"), max_train: int = 65536, seed: int = 0,
-                folded_n_sub: int | None = None, folded_n_centroids: int | None = None,
-                sketch_dim: int | None = 32, channel_parts: PQIndex | None = None) -> PQIndex:
-    """Train one codebook per part on the entities (row 0 excluded) and encode every entity once (DESIGN §5).
+def build_index(
+    tables: GSUTables,
+    version: str,
+    n_sub: int = 8,
+    n_centroids: int = 256,
+    forms: tuple[str, ...] = ("folded", "channel"),
+    max_train: int = 65536,
+    seed: int = 0,
+    folded_n_sub: int | None = None,
+    folded_n_centroids: int | None = None,
+    sketch_dim: int | None = 32,
+    channel_parts: PQIndex | None = None,
+) -> PQIndex:
+    """Train one codebook per part on the entities (row 0 excluded) and encode every entity once (docs/design.md,
+    Retrieval).
 
-    sketch_dim: the int8 key sketch of the serving shortlist (capped at d; None: none). channel_parts: an index over the same
+    sketch_dim: the int8 key sketch of the serving shortlist (capped at d; None: none). channel_parts: an index over
+    the same
     channel vectors whose per-channel codecs and codes are reused instead of retrained (γ may differ).
     """
     if tables.item_channels.ndim != 3 or tables.item_channels.shape[1] != len(ITEM_CHANNELS):
@@ -180,11 +197,23 @@ def build_index(tables: GSUTables, version: str, n_sub: int = 8, n_centroids: in
         codes[part] = codecs[part].encode(x)
     if "channel" in forms and channel_parts is not None:
         if not channel_parts.has_form("channel") or channel_parts.num_items != len(tables.item_channels):
-            raise ValueError(f"index {channel_parts.version!r} has no channel parts for {len(tables.item_channels)} items")
+            raise ValueError(
+                f"index {channel_parts.version!r} has no channel parts for {len(tables.item_channels)} items"
+            )
         codecs |= {p: channel_parts.codecs[p] for p in CHANNEL_PARTS}
         codes |= {p: channel_parts.codes[p] for p in CHANNEL_PARTS}
-    sketch = None if sketch_dim is None else KeySketch.fit(item_folded, query_folded, min(sketch_dim, tables.dim),
-                                                                   max_train, seed=seed)
-    return PQIndex(version, codecs, codes, np.asarray(tables.item_gamma, dtype=np.float32),
-                   float(tables.query_gamma), item_folded.astype(np.float16), query_folded.astype(np.float16),
-                   sketch=sketch)
+    sketch = (
+        None
+        if sketch_dim is None
+        else KeySketch.fit(item_folded, query_folded, min(sketch_dim, tables.dim), max_train, seed=seed)
+    )
+    return PQIndex(
+        version,
+        codecs,
+        codes,
+        np.asarray(tables.item_gamma, dtype=np.float32),
+        float(tables.query_gamma),
+        item_folded.astype(np.float16),
+        query_folded.astype(np.float16),
+        sketch=sketch,
+    )

@@ -1,4 +1,5 @@
 """Product quantizers for GSU-space vectors (paper §3.3.3): codebooks, codes, and inner-product look-up tables."""
+
 from __future__ import annotations
 
 import math
@@ -7,7 +8,7 @@ import warnings
 import faiss
 import numpy as np
 
-MIN_POINTS_PER_CENTROID = 39  # faiss k-means warns below this; DESIGN §5
+MIN_POINTS_PER_CENTROID = 39  # faiss k-means warns below this; docs/design.md, Retrieval
 
 
 def capped_centroids(n_train: int, n_centroids: int, min_points: int = MIN_POINTS_PER_CENTROID) -> int:
@@ -62,8 +63,9 @@ class PQCodec:
         return self.n_sub * self.nbits / 8
 
     @classmethod
-    def fit(cls, x: np.ndarray, n_sub: int = 8, n_centroids: int = 256, max_train: int = 65536,
-            seed: int = 0) -> "PQCodec":
+    def fit(
+        cls, x: np.ndarray, n_sub: int = 8, n_centroids: int = 256, max_train: int = 65536, seed: int = 0
+    ) -> PQCodec:
         """Train on x [n, d]; |C| is capped (with a warning) below 39 training points per centroid."""
         x = _as_f32(x)
         if len(x) > max_train:
@@ -79,7 +81,7 @@ class PQCodec:
         return codec
 
     @classmethod
-    def from_centroids(cls, centroids: np.ndarray) -> "PQCodec":
+    def from_centroids(cls, centroids: np.ndarray) -> PQCodec:
         """A codec with a given codebook [n_sub, |C|, dsub] (e.g. the data itself: lossless)."""
         n_sub, k, dsub = centroids.shape
         codec = cls(n_sub * dsub, n_sub, k)
@@ -96,9 +98,9 @@ class PQCodec:
     def encode(self, x: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
         """Codes [n, n_sub] (nearest centroid per sub-vector, L2, as faiss assigns)."""
         self._check(x)
-        out = np.empty((len(x), self.n_sub), dtype=self.code_dtype)
+        out: np.ndarray = np.empty((len(x), self.n_sub), dtype=self.code_dtype)
         for s in range(0, len(x), chunk):
-            out[s:s + chunk] = self._unpack(self.pq.compute_codes(_as_f32(x[s:s + chunk])))
+            out[s : s + chunk] = self._unpack(self.pq.compute_codes(_as_f32(x[s : s + chunk])))
         return out
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
@@ -111,18 +113,14 @@ class PQCodec:
         self._check(u)
         return np.einsum("cbs,bks->cbk", _as_f32(u).reshape(len(u), self.n_sub, self.dsub), self.centroids)
 
-    def cross_ip_tables(self, other: "PQCodec") -> np.ndarray:
+    def cross_ip_tables(self, other: PQCodec) -> np.ndarray:
         """Symmetric centroid-centroid tables [n_sub, |C_self|, |C_other|] of inner products (faiss's are L2 only)."""
         if other.dim != self.dim or other.n_sub != self.n_sub:
             raise ValueError(f"codecs disagree: dim {self.dim}/{other.dim}, n_sub {self.n_sub}/{other.n_sub}")
         return np.einsum("bks,bjs->bkj", self.centroids, other.centroids)
 
     def _unpack(self, packed: np.ndarray) -> np.ndarray:
-        if self.nbits == 8:
-            return packed
-        bits = np.unpackbits(packed, axis=1, bitorder="little")[:, : self.n_sub * self.nbits]
-        bits = bits.reshape(len(packed), self.n_sub, self.nbits).astype(np.uint32)
-        return (bits << np.arange(self.nbits, dtype=np.uint32)).sum(axis=2).astype(self.code_dtype)
+        return unpack_codes(packed, self.n_sub, self.nbits)
 
     def _check(self, x: np.ndarray) -> None:
         if not self.trained:
@@ -137,6 +135,16 @@ class DimensionMismatchError(ValueError):
 
 def _as_f32(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def unpack_codes(packed: np.ndarray, n_sub: int, nbits: int) -> np.ndarray:
+    """faiss's packed codes [n, ⌈n_sub·nbits/8⌉] (bit strings, least significant first) → one column per
+    sub-quantizer [n, n_sub] (uint8 for nbits ≤ 8, uint16 above)."""
+    if nbits == 8:
+        return packed
+    bits = np.unpackbits(packed, axis=1, bitorder="little")[:, : n_sub * nbits]
+    bits = bits.reshape(len(packed), n_sub, nbits).astype(np.uint32)
+    return (bits << np.arange(nbits, dtype=np.uint32)).sum(axis=2).astype(np.uint8 if nbits <= 8 else np.uint16)
 
 
 def lut_scores(luts: np.ndarray, codes: np.ndarray) -> np.ndarray:

@@ -1,10 +1,12 @@
-"""A low-dimensional int8 sketch of the folded GSU keys, for a cheap shortlist before the exact re-rank (DESIGN §5).
+"""A low-dimensional int8 sketch of the folded GSU keys, for a cheap shortlist before the exact re-rank
+(docs/design.md, Retrieval).
 
 Keys are k = item_folded[i] + query_folded[q] and the projection P [d, S] is linear, so the sketch of a key is the
 sum of its two entities' sketches: one int8 row per entity, one small GEMM per request. The sketch error of a
 target u on a key k is e = <u_⊥, k_⊥> (the parts outside span P); its variance over keys, σ²(u) = u_⊥ᵀ Σ_⊥ u_⊥,
 comes from the residual second moment Σ_⊥ of sampled keys (entity tables only, never user histories).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,9 +39,18 @@ class KeySketch:
         return self.sketch_dim
 
     @classmethod
-    def fit(cls, item_folded: np.ndarray, query_folded: np.ndarray, sketch_dim: int = 32, max_train: int = 65536,
-            search_share: float = 0.5, seed: int = 0, chunk: int = 1 << 16) -> "KeySketch":
-        """Fit on ≤ max_train sampled items/queries; Σ_⊥ from random (query, item) keys, a share of them with query 0."""
+    def fit(
+        cls,
+        item_folded: np.ndarray,
+        query_folded: np.ndarray,
+        sketch_dim: int = 32,
+        max_train: int = 65536,
+        search_share: float = 0.5,
+        seed: int = 0,
+        chunk: int = 1 << 16,
+    ) -> KeySketch:
+        """Fit on ≤ max_train sampled items/queries; Σ_⊥ from random (query, item) keys, a share of them with query
+        0."""
         d = item_folded.shape[1]
         if query_folded.shape[1] != d:
             raise DimensionMismatchError(f"query_folded dim {query_folded.shape[1]} != item_folded dim {d}")
@@ -78,12 +89,13 @@ class KeySketch:
 
 
 def _abs_max(x: np.ndarray, projection: np.ndarray, chunk: int) -> np.ndarray:
-    return np.max([np.abs(np.asarray(x[s:s + chunk], np.float32) @ projection).max(0)
-                   for s in range(0, len(x), chunk)], axis=0)
+    return np.max(
+        [np.abs(np.asarray(x[s : s + chunk], np.float32) @ projection).max(0) for s in range(0, len(x), chunk)], axis=0
+    )
 
 
 def _encode(x: np.ndarray, projection: np.ndarray, scale: np.ndarray, chunk: int) -> np.ndarray:
     out = np.empty((len(x), projection.shape[1]), dtype=np.int8)
     for s in range(0, len(x), chunk):
-        out[s:s + chunk] = np.clip(np.rint(np.asarray(x[s:s + chunk], np.float32) @ projection / scale), -127, 127)
+        out[s : s + chunk] = np.clip(np.rint(np.asarray(x[s : s + chunk], np.float32) @ projection / scale), -127, 127)
     return out

@@ -1,4 +1,6 @@
-"""The contract between a trained GSU and the retriever: per-entity channel vectors in GSU space (DESIGN §5)."""
+"""The contract between a trained GSU and the retriever: per-entity channel vectors in GSU space (docs/design.md,
+Retrieval)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -11,7 +13,7 @@ class GSUTables:
     """Per-entity GSU-space vectors; a behaviour (q, i) has key k = λ·x^Q_q + Σ_j γ_ij·x^(j)_i (paper §3.3.1).
 
     The model folds its head projections into one target vector u per candidate so that the GSU score of
-    behaviour l is exactly <u, k_l> (DESIGN §5); the retriever never sees the heads.
+    behaviour l is exactly <u, k_l> (docs/design.md, Retrieval); the retriever never sees the heads.
     """
 
     item_channels: np.ndarray  # float32 [N+1, 3, d]: T, I, A channel vectors after G_j; row 0 is padding (zeros)
@@ -29,8 +31,9 @@ class GSUTables:
         if "item" not in self._folded:
             out = np.empty((len(self.item_channels), self.dim), dtype=np.float32)
             for s in range(0, len(out), 1 << 16):
-                out[s:s + (1 << 16)] = np.einsum("nj,njd->nd", self.item_gamma[s:s + (1 << 16)],
-                                                 self.item_channels[s:s + (1 << 16)])
+                out[s : s + (1 << 16)] = np.einsum(
+                    "nj,njd->nd", self.item_gamma[s : s + (1 << 16)], self.item_channels[s : s + (1 << 16)]
+                )
             out.flags.writeable = False
             self._folded["item"] = out
         return self._folded["item"]

@@ -1,12 +1,13 @@
 """Finding checkpoints: a checkpoint directory, or a run directory that resolves to its best checkpoint."""
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 from seminar_ray import storage
+from seminar_ray.models.checkpoint import CHECKPOINT_FILE
 
-CHECKPOINT_FILE = "model.pt"
 METRICS_FILE = "metrics.json"  # the epoch's metrics, inside each checkpoint directory
 HISTORY_FILE = "history.json"  # every epoch so far, inside each checkpoint directory
 TRAIN_STATE_FILE = "train_state.pt"  # optimizer state and epoch, for resuming
@@ -42,7 +43,11 @@ def best_checkpoint(found: list[tuple[str | Path, dict]], metric: str = SELECT_K
 
 
 def find_checkpoint(path: str | Path, metric: str = SELECT_KEY) -> str | Path:
-    """Like resolve_checkpoint but without downloading: a URI stays a URI."""
+    """Like resolve_checkpoint but without downloading: a URI stays a URI.
+
+    `path` is a checkpoint directory, its model.pt, a run directory, or a storage path (a training job's --out)
+    holding exactly one run.
+    """
     if storage.exists(storage.join(path, CHECKPOINT_FILE)):
         return path
     if storage.basename(path) == CHECKPOINT_FILE and storage.is_file(path):
@@ -50,9 +55,15 @@ def find_checkpoint(path: str | Path, metric: str = SELECT_KEY) -> str | Path:
     if not storage.exists(path):
         raise FileNotFoundError(f"{path}: no such checkpoint or run directory")
     found = run_checkpoints(path)
-    if not found:
-        raise FileNotFoundError(f"{path}: neither a checkpoint (no {CHECKPOINT_FILE}) nor a run directory holding any")
-    return best_checkpoint(found, metric)[0]
+    if found:
+        return best_checkpoint(found, metric)[0]
+    runs = [d for d in storage.subdirs(path) if run_checkpoints(d)]  # a storage path (--out) holding runs
+    if len(runs) == 1:
+        return best_checkpoint(run_checkpoints(runs[0]), metric)[0]
+    if runs:
+        names = ", ".join(str(r) for r in runs)
+        raise FileNotFoundError(f"{path}: holds {len(runs)} runs, name one of them: {names}")
+    raise FileNotFoundError(f"{path}: neither a checkpoint (no {CHECKPOINT_FILE}) nor a run directory holding any")
 
 
 def resolve_checkpoint(path: str | Path, metric: str = SELECT_KEY) -> Path:

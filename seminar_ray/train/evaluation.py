@@ -1,4 +1,5 @@
 """Offline evaluation as Ray Data batch inference: an actor pool scores each user's 100 candidates."""
+
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ import torch
 from seminar_ray import storage
 from seminar_ray.data.entities import EntityTables
 from seminar_ray.data.splits import EVAL_SEED, candidates_digest
+from seminar_ray.errors import InputError
 from seminar_ray.metrics import evaluate_scores
 from seminar_ray.models import load_checkpoint
 from seminar_ray.train.checkpoints import find_checkpoint, resolve_checkpoint
@@ -27,9 +29,15 @@ class CandidateScorer:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.no_grad():
-            scores = self.model({k: torch.from_numpy(np.array(v)) for k, v in batch.items()})  # Arrow buffers are read-only
-        return {"user_id": batch["user_id"], "query": batch["target_queries"][:, 0], "items": batch["target_items"],
-                "scores": scores.float().numpy()}
+            scores = self.model(
+                {k: torch.from_numpy(np.array(v)) for k, v in batch.items()}
+            )  # Arrow buffers are read-only
+        return {
+            "user_id": batch["user_id"],
+            "query": batch["target_queries"][:, 0],
+            "items": batch["target_items"],
+            "scores": scores.float().numpy(),
+        }
 
 
 def checkpoint_data_dir(checkpoint: Path) -> str | None:
@@ -38,13 +46,22 @@ def checkpoint_data_dir(checkpoint: Path) -> str | None:
     return read_checkpoint(checkpoint)["extra"].get("data")
 
 
-def evaluate_checkpoint(checkpoint: str | Path, split: str, data: str | Path | None = None, actors: int = 2,
-                        batch_size: int = 64, max_len: int | None = None, eval_seed: int = EVAL_SEED) -> dict:
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    split: str,
+    data: str | Path | None = None,
+    actors: int = 2,
+    batch_size: int = 64,
+    max_len: int | None = None,
+    eval_seed: int = EVAL_SEED,
+) -> dict:
     """Metrics of the checkpoint (or a run directory's selected one) on the validation or test targets.
 
     The candidates depend on `eval_seed` alone, never on the model's seed: every model ranks the same lists, which
     the recorded `candidates_digest` shows.
     """
+    import ray.data
+
     from seminar_ray.data.pipeline import eval_dataset, sample_config
     from seminar_ray.models.checkpoint import read_checkpoint
 
@@ -53,21 +70,32 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str, data: str | Path | N
     payload = read_checkpoint(ckpt)
     data = str(data or payload["extra"].get("data") or "")
     if not data:
-        raise ValueError(f"{ckpt}: the checkpoint does not record its data directory; pass --data")
+        raise InputError(f"{ckpt}: the checkpoint does not record its data directory; pass --data")
     cfg = payload["config"]
     load_checkpoint(ckpt, EntityTables.load(data))  # fail here, before any Ray work, on a mismatch
     rows = eval_dataset(data, split, sample_config(data, max_len=max_len or cfg["max_len"], eval_seed=eval_seed))
-    scored = rows.map_batches(CandidateScorer, fn_constructor_kwargs={"checkpoint": str(shared), "data": data},
-                              batch_size=batch_size, concurrency=actors, num_cpus=SCORER_CPUS).to_pandas()
+    scored = rows.map_batches(
+        CandidateScorer,
+        fn_constructor_kwargs={"checkpoint": str(shared), "data": data},
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=SCORER_CPUS,
+    ).to_pandas()
     scores = np.stack(scored["scores"].to_numpy())
     query = scored["query"].to_numpy()
     out = evaluate_scores(scored["user_id"].to_numpy(), np.repeat(query[:, None], scores.shape[1], 1), scores)
-    out.update(split=split, checkpoint=str(shared), model=payload["kind"], data=data, eval_seed=eval_seed,
-               candidates_digest=candidates_digest(scored["user_id"].to_numpy(), np.stack(scored["items"].to_numpy())))
+    out.update(
+        split=split,
+        checkpoint=str(shared),
+        model=payload["kind"],
+        data=data,
+        eval_seed=eval_seed,
+        candidates_digest=candidates_digest(scored["user_id"].to_numpy(), np.stack(scored["items"].to_numpy())),
+    )
     return out
 
 
-def write_metrics(metrics: dict, out_dir: str | Path) -> Path:
+def write_metrics(metrics: dict, out_dir: str | Path) -> str | Path:
     path = storage.join(out_dir, "metrics.json")  # out_dir may be a shared URI
     storage.write_text(path, json.dumps(metrics, indent=1))
     return path

@@ -1,14 +1,16 @@
 """Pretraining and fine-tuning on Ray Train: the TrainJob config, the worker loop and the trainer (one place)."""
+
 from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 
@@ -16,10 +18,19 @@ from seminar_ray import storage
 from seminar_ray.data.entities import EntityTables
 from seminar_ray.data.errors import DataError
 from seminar_ray.data.splits import EVAL_SEED
-from seminar_ray.models import ModelConfig, build_model, restore_psu, save_checkpoint
+from seminar_ray.errors import InputError
+from seminar_ray.models import ModelConfig, SeminarCTR, build_model, restore_psu, save_checkpoint
 from seminar_ray.models.checkpoint import read_checkpoint
-from seminar_ray.train.checkpoints import (HISTORY_FILE, METRICS_FILE, SELECT_KEY, TRAIN_STATE_FILE, resolve_checkpoint,
-                                          run_checkpoints, selection_score)
+from seminar_ray.runtime import ensure_logging, ray_console_level
+from seminar_ray.train.checkpoints import (
+    HISTORY_FILE,
+    METRICS_FILE,
+    SELECT_KEY,
+    TRAIN_STATE_FILE,
+    resolve_checkpoint,
+    run_checkpoints,
+    selection_score,
+)
 from seminar_ray.train.loop import WithLoss, evaluate, train_one_epoch, unwrap
 
 log = logging.getLogger(__name__)
@@ -45,8 +56,8 @@ class TrainJob:
     eval_users: int = 0  # validate on a fixed set of this many users, drawn by eval_seed (0 = all)
     eval_seed: int = EVAL_SEED  # validation negatives and users: the same for every model and seed
     threads: int = 1  # torch threads per worker
-    fault_at_step: int = -1  # tests: SIGKILL the rank-0 worker once at this step of epoch `fault_epoch` (0-based)
-    fault_epoch: int = 1
+    # (job, rank, epoch) → a per-step callback (samples, loss) or None; pickled to every worker (tests inject faults)
+    step_hook: Callable[[TrainJob, int, int], Callable[[int, float], None] | None] | None = None
 
     @property
     def model_config(self) -> ModelConfig:
@@ -61,29 +72,40 @@ class TrainJob:
         from seminar_ray.models import MODELS
 
         if self.kind not in MODELS:
-            raise ValueError(f"unknown model {self.kind!r}; choose from {sorted(MODELS)}")
+            raise InputError(f"unknown model {self.kind!r}; choose from {sorted(MODELS)}")
         for name in ("items", "queries", "sequences"):
             if not storage.exists(path := storage.join(self.data, f"{name}.parquet")):
                 raise DataError(f"{path}: missing table '{name}' (run jobs/prepare_data.py)")
         if not storage.exists(path := storage.join(self.data, "meta.json")):
             raise DataError(f"{path}: missing (run jobs/prepare_data.py)")
         if self.model_config.pretrained and self.kind == "seminar" and not self.pretrained:
-            raise ValueError("the config says pretrained=true but no PSU checkpoint was given: pass --pretrained PATH "
-                             "or set pretrained=false to train without pretraining")
+            raise InputError(
+                "the config says pretrained=true but no PSU checkpoint was given: pass --pretrained PATH "
+                "or set pretrained=false to train without pretraining"
+            )
         if self.pretrained:
             if self.kind != "seminar":
-                raise ValueError(f"--pretrained restores PSU tables into 'seminar', not {self.kind!r}")
+                raise InputError(f"--pretrained restores PSU tables into 'seminar', not {self.kind!r}")
             payload = read_checkpoint(resolve_checkpoint(self.pretrained))
             if payload["kind"] != "psu":
-                raise ValueError(f"{self.pretrained}: holds a '{payload['kind']}' model, --pretrained needs a 'psu' one")
+                raise InputError(
+                    f"{self.pretrained}: holds a '{payload['kind']}' model, --pretrained needs a 'psu' one"
+                )
 
 
 def _sample_cfg(job: TrainJob):
     from seminar_ray.data.pipeline import sample_config
 
     cfg = job.model_config
-    return sample_config(job.data, max_len=cfg.max_len, num_neg=cfg.n_neg, samples_per_user=job.samples_per_user,
-                         task="psu" if job.kind == "psu" else "ctr", seed=cfg.seed, eval_seed=job.eval_seed)
+    return sample_config(
+        job.data,
+        max_len=cfg.max_len,
+        num_neg=cfg.n_neg,
+        samples_per_user=job.samples_per_user,
+        task="psu" if job.kind == "psu" else "ctr",
+        seed=cfg.seed,
+        eval_seed=job.eval_seed,
+    )
 
 
 def _load_state(net, optimizer, job: TrainJob) -> tuple[int, list[dict]]:
@@ -105,7 +127,7 @@ def _restore(net, optimizer, d: Path) -> tuple[int, list[dict]]:
     unwrap(net).load_state_dict(read_checkpoint(d)["state_dict"])
     state = torch.load(d / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
-    print(f"resuming from {d} after epoch {int(state['epoch']) + 1}", flush=True)
+    log.info("resuming from %s after epoch %d", d, int(state["epoch"]) + 1)
     return int(state["epoch"]) + 1, json.loads((d / HISTORY_FILE).read_text())
 
 
@@ -114,14 +136,14 @@ def _persist_local(d: str, job: TrainJob, epoch: int, keep: int = 3) -> None:
     storage.copy_dir(d, storage.join(job.run_dir, f"checkpoint_epoch_{epoch:04d}"))
     found = run_checkpoints(job.run_dir)
     ranked = sorted(found[:-1], key=lambda pm: pm[1][SELECT_KEY], reverse=True)
-    for path, _ in ranked[max(keep - 1, 0):]:
+    for path, _ in ranked[max(keep - 1, 0) :]:
         storage.delete_dir(path)
 
 
-def _save(net, cfg: ModelConfig, optimizer, epoch: int, history: list[dict], metrics: dict, job: TrainJob):
+def _save(net, cfg: ModelConfig, optimizer, epoch: int, history: list[dict], metrics: dict, job: TrainJob, d: str):
+    """Write the epoch's checkpoint into the (temporary) directory `d`; in local mode also into the run directory."""
     from ray.train import Checkpoint
 
-    d = tempfile.mkdtemp(prefix="ckpt-")
     save_checkpoint(unwrap(net), cfg, d, extra={"epoch": epoch, "data": job.data, "run_name": job.run_name})
     torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch}, Path(d) / TRAIN_STATE_FILE)
     (Path(d) / HISTORY_FILE).write_text(json.dumps(history, indent=1))
@@ -129,20 +151,6 @@ def _save(net, cfg: ModelConfig, optimizer, epoch: int, history: list[dict], met
     if job.num_workers == 0:
         _persist_local(d, job, epoch)
     return Checkpoint.from_directory(d)
-
-
-def _fault_hook(job: TrainJob, rank: int):
-    """Tests: kill this worker process with SIGKILL once, mid-epoch, to exercise FailureConfig and resume."""
-    marker = storage.join(job.storage_path, f".{job.run_name}.fault-injected")
-    step = [0]
-
-    def on_step(_n: int, _loss: float) -> None:
-        step[0] += 1
-        if rank == 0 and step[0] == job.fault_at_step and not storage.exists(marker):
-            storage.write_text(marker, str(step[0]))
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return on_step
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -153,6 +161,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from seminar_ray.data.pipeline import query_pool, train_batches
 
+    ensure_logging()  # the per-epoch line below is an INFO record; Ray forwards this process's stderr
     job = TrainJob(**config)
     torch.set_num_threads(job.threads)
     cfg = job.model_config
@@ -162,7 +171,7 @@ def train_loop_per_worker(config: dict) -> None:
     tables = EntityTables.load(data)
     model = build_model(job.kind, cfg, tables)
     if job.pretrained:
-        restore_psu(model, read_checkpoint(resolve_checkpoint(job.pretrained))["state_dict"])
+        restore_psu(cast(SeminarCTR, model), read_checkpoint(resolve_checkpoint(job.pretrained))["state_dict"])
     net = ray.train.torch.prepare_model(WithLoss(model), parallel_strategy_kwargs={"find_unused_parameters": True})
     device = ray.train.torch.get_device()
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
@@ -174,30 +183,52 @@ def train_loop_per_worker(config: dict) -> None:
     valid = ray.train.get_dataset_shard("valid")
     for epoch in range(start_epoch, job.epochs):
         bar = tqdm(desc=f"{job.run_name} epoch {epoch + 1}/{job.epochs}", unit="samples") if rank == 0 else None
-        fault = _fault_hook(job, rank) if job.fault_at_step >= 0 and epoch == job.fault_epoch else None
-
-        def on_step(n: int, loss: float) -> None:
-            if bar is not None:
-                bar.update(n)
-            if fault is not None:
-                fault(n, loss)
-
-        stats = train_one_epoch(net, train_batches(shard, sample_cfg, epoch, users_per_batch, queries), optimizer,
-                                device, on_step=on_step)
+        hook = job.step_hook(job, rank, epoch) if job.step_hook is not None else None
+        try:
+            stats = train_one_epoch(
+                net,
+                train_batches(shard, sample_cfg, epoch, users_per_batch, queries),
+                optimizer,
+                device,
+                on_step=_on_step(bar, hook),
+            )
+        finally:
+            _close_bar(bar)
         metrics = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in stats.items()}, "worker_nodes": _worker_nodes()}
-        checkpoint = None
-        if rank == 0:
-            bar.close()
+        if rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            continue
+        with tempfile.TemporaryDirectory(prefix="ckpt-") as d:  # local mode copied it into the run directory
             val = evaluate(net, valid.iter_torch_batches(batch_size=64), device)
             metrics.update({k: v for k, v in val.items() if isinstance(v, float)})
             metrics.update(valid=val, eval_seed=job.eval_seed, valid_candidates=val["candidates_digest"])
             metrics[SELECT_KEY] = selection_score(job.kind, metrics)
             history.append(metrics)
-            checkpoint = _save(net, cfg, optimizer, epoch, history, metrics, job)
-            print(f"[{job.run_name}] epoch {epoch + 1}/{job.epochs} loss {stats['loss']:.4f} "
-                  f"{stats['samples_per_s']:.0f} samples/s data-wait {stats['data_wait_share']:.0%} "
-                  f"valid ndcg@10 {val['ndcg@10']:.4f} hr@10 {val['hr@10']:.4f} auc {val['auc']:.4f}", flush=True)
-        ray.train.report({k: v for k, v in metrics.items() if k != "valid"}, checkpoint=checkpoint)
+            checkpoint = _save(net, cfg, optimizer, epoch, history, metrics, job, d)
+            log.info(
+                f"[{job.run_name}] epoch {epoch + 1}/{job.epochs} loss {stats['loss']:.4f} "
+                f"{stats['samples_per_s']:.0f} samples/s data-wait {stats['data_wait_share']:.0%} "
+                f"valid ndcg@10 {val['ndcg@10']:.4f} hr@10 {val['hr@10']:.4f} auc {val['auc']:.4f}"
+            )
+            ray.train.report({k: v for k, v in metrics.items() if k != "valid"}, checkpoint=checkpoint)
+
+
+def _on_step(bar, hook: Callable[[int, float], None] | None) -> Callable[[int, float], None]:
+    def on_step(n: int, loss: float) -> None:
+        if bar is not None:
+            bar.update(n)
+        if hook is not None:
+            hook(n, loss)
+
+    return on_step
+
+
+def _close_bar(bar) -> None:
+    """Close an epoch's tqdm_ray bar and flush its final state: a worker's stdout is how the driver learns a bar
+    closed, and a state left in the buffer when the worker exits leaves the driver redrawing the bar forever."""
+    if bar is not None:
+        bar.close()
+        sys.stdout.flush()
 
 
 def _worker_nodes() -> list[str]:
@@ -208,9 +239,9 @@ def _worker_nodes() -> list[str]:
     node = ray.get_runtime_context().get_node_id()
     if not (dist.is_available() and dist.is_initialized()):
         return [node]
-    nodes = [None] * dist.get_world_size()
+    nodes: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(nodes, node)
-    return nodes
+    return [str(n) for n in nodes]
 
 
 def _node_capacities() -> tuple[list[tuple[dict, int]], str]:
@@ -219,6 +250,9 @@ def _node_capacities() -> tuple[list[tuple[dict, int]], str]:
     publishes one (KubeRay, autoscaler v2), else the table seminar_ray.autoscaling publishes (cluster.yaml's head,
     the local fake cluster) plus the head; otherwise the live nodes."""
     import ray
+
+    # Ray 2.60 has no public API for the autoscaler's node types (ray.util.state and ray.autoscaler.sdk list live
+    # nodes and demands only; Ray Data reads them the same way), so this one private call stays, here alone.
     from ray._private.state import state
 
     from seminar_ray.autoscaling import published_node_types
@@ -244,15 +278,18 @@ def check_placement(job: TrainJob) -> None:
         return
     need = {k: v for k, v in worker_resources(job).items() if v > 0}
     capacities, source = _node_capacities()
-    slots = sum(count * min((int(res.get(k, 0) // v) for k, v in need.items()), default=job.num_workers)
-                for res, count in capacities)
+    slots = sum(
+        count * min((int(res.get(k, 0) // v) for k, v in need.items()), default=job.num_workers)
+        for res, count in capacities
+    )
     if slots < job.num_workers:
         total = ray.cluster_resources()
         have = ", ".join(f"{k} {total.get(k, 0)}" for k in need)
-        raise ValueError(
+        raise InputError(
             f"--num-workers {job.num_workers} × {need} cannot be placed: {source} hold at most {slots} "
             f"such workers (live now: {have}). Lower --num-workers, --cpus-per-worker or --worker-resources, or add "
-            f"nodes (on an autoscaling cluster, a node type that provides them).")
+            f"nodes (on an autoscaling cluster, a node type that provides them)."
+        )
 
 
 def worker_resources(job: TrainJob) -> dict[str, float]:
@@ -260,14 +297,16 @@ def worker_resources(job: TrainJob) -> dict[str, float]:
     to a node type (cluster.yaml: {"gpu_trainer": 0.01})."""
     for name, amount in job.worker_resources.items():
         if name in ("CPU", "GPU") or not isinstance(amount, (int, float)) or amount < 0:
-            raise ValueError(f"--worker-resources: {name}={amount!r}; give custom resources with amounts ≥ 0 "
-                             f"(CPU and GPU come from --cpus-per-worker and --use-gpu)")
+            raise InputError(
+                f"--worker-resources: {name}={amount!r}; give custom resources with amounts ≥ 0 "
+                f"(CPU and GPU come from --cpus-per-worker and --use-gpu)"
+            )
     return {"CPU": job.cpus_per_worker, **({"GPU": 1} if job.use_gpu else {}), **job.worker_resources}
 
 
 def build_trainer(job: TrainJob, train_ds=None, valid_ds=None):
     """The TorchTrainer with its ScalingConfig, RunConfig, CheckpointConfig and FailureConfig, built in one place."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from seminar_ray.data.pipeline import eval_dataset, pick_eval_users, read_sequences
@@ -284,12 +323,15 @@ def build_trainer(job: TrainJob, train_ds=None, valid_ds=None):
         train_loop_per_worker,
         train_loop_config=asdict(job),
         scaling_config=ScalingConfig(num_workers=job.num_workers, use_gpu=job.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(
+        # mypy reads ray.train.RunConfig as the Train V1 class; Train V2 (the default in Ray 2.60) has logging_config
+        run_config=RunConfig(  # type: ignore[call-arg]
             name=job.run_name,
             storage_path=job.storage_path,
-            checkpoint_config=CheckpointConfig(num_to_keep=3, checkpoint_score_attribute=SELECT_KEY,
-                                               checkpoint_score_order="max"),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=3, checkpoint_score_attribute=SELECT_KEY, checkpoint_score_order="max"
+            ),
             failure_config=FailureConfig(max_failures=job.max_failures),
+            logging_config=LoggingConfig(log_level=ray_console_level()),  # Ray Train's lines (all in its files)
         ),
         datasets={"train": train_ds, "valid": valid_ds},
         dataset_config=DataConfig(datasets_to_split=["train"]),

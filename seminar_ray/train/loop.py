@@ -1,9 +1,11 @@
 """The training and evaluation loops, outside the models (ReChorus style) and free of Ray."""
+
 from __future__ import annotations
 
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -20,7 +22,7 @@ class WithLoss(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.model = model
+        self.model: Any = model  # a PSU or a LifelongCTR: both have loss(batch)
 
     def forward(self, batch: Batch):
         return self.model.loss(batch)
@@ -29,14 +31,20 @@ class WithLoss(nn.Module):
 def unwrap(net: nn.Module) -> nn.Module:
     """The plain model under DistributedDataParallel and WithLoss wrappers."""
     while isinstance(net, WithLoss) or hasattr(net, "module"):
-        net = net.model if isinstance(net, WithLoss) else net.module
+        net = net.model if isinstance(net, WithLoss) else cast(nn.Module, net.module)
     return net
 
 
-def train_one_epoch(net: nn.Module, batches: Iterable[Batch], optimizer: torch.optim.Optimizer,
-                    device: torch.device | str = "cpu", on_step: Callable[[int, float], None] | None = None,
-                    grad_clip: float = 5.0) -> dict[str, float]:
-    """One pass of `net` (a WithLoss, maybe under DDP) over `batches`: mean loss and parts, samples/s, data-wait share."""
+def train_one_epoch(
+    net: nn.Module,
+    batches: Iterable[Batch],
+    optimizer: torch.optim.Optimizer,
+    device: torch.device | str = "cpu",
+    on_step: Callable[[int, float], None] | None = None,
+    grad_clip: float = 5.0,
+) -> dict[str, float]:
+    """One pass of `net` (a WithLoss, maybe under DDP) over `batches`: mean loss and parts, samples/s, data-wait
+    share."""
     net.train()
     sums: dict[str, float] = defaultdict(float)
     samples, steps, wait = 0, 0, 0.0
@@ -60,8 +68,13 @@ def train_one_epoch(net: nn.Module, batches: Iterable[Batch], optimizer: torch.o
         tick = time.perf_counter()
     seconds = time.perf_counter() - start
     out = {k: v / max(samples, 1) for k, v in sums.items()}
-    out.update(samples=samples, steps=steps, seconds=seconds, samples_per_s=samples / max(seconds, 1e-9),
-               data_wait_share=wait / max(seconds, 1e-9))
+    out.update(
+        samples=samples,
+        steps=steps,
+        seconds=seconds,
+        samples_per_s=samples / max(seconds, 1e-9),
+        data_wait_share=wait / max(seconds, 1e-9),
+    )
     return out
 
 

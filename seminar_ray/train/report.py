@@ -1,4 +1,5 @@
 """What a finished run leaves for a person: metrics.json and a PNG of the training curves."""
+
 from __future__ import annotations
 
 import io
@@ -17,10 +18,16 @@ def write_run_summary(run_dir: str | Path, seconds: float | None = None) -> dict
     latest = found[-1][0]
     history = json.loads(storage.read_text(storage.join(latest, HISTORY_FILE)))
     best, best_metrics = best_checkpoint(found)
-    summary = {"run_dir": str(run_dir), "best_checkpoint": str(best), "best_epoch": best_metrics.get("epoch"),
-               "eval_seed": best_metrics.get("eval_seed"), "best": best_metrics.get("valid", best_metrics),
-               "epochs": len(history), "seconds": seconds,
-               "history": [{k: v for k, v in h.items() if k != "valid"} for h in history]}
+    summary = {
+        "run_dir": str(run_dir),
+        "best_checkpoint": str(best),
+        "best_epoch": best_metrics.get("epoch"),
+        "eval_seed": best_metrics.get("eval_seed"),
+        "best": best_metrics.get("valid", best_metrics),
+        "epochs": len(history),
+        "seconds": seconds,
+        "history": [{k: v for k, v in h.items() if k != "valid"} for h in history],
+    }
     storage.write_text(storage.join(run_dir, "metrics.json"), json.dumps(summary, indent=1))
     plot_curves(summary["history"], storage.join(run_dir, "curves.png"), title=storage.basename(run_dir))
     return summary

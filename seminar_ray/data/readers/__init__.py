@@ -1,1 +1,1 @@
-"""Readers of public input formats (FORMATS.md) into the tables of DESIGN §3."""
+"""Readers of public input formats into the tables of docs/design.md, Data model."""

@@ -1,4 +1,4 @@
-"""Amazon reviews 2018 (FORMATS.md, e.g. Movies_and_TV) → DESIGN §3 tables.
+"""Amazon reviews 2018 (e.g. Movies_and_TV) → the tables of docs/design.md, Data model.
 
 Input: a directory holding one reviews file (e.g. `Movies_and_TV_5.json.gz`) and one metadata file whose
 name starts with `meta_`; each is JSON lines, gzipped (`.gz`) or not. Lines may be strict JSON or Python
@@ -13,6 +13,7 @@ literals (single quotes); a line that is neither is an error naming file and lin
   §4.1 builds each item's query from its description); never from the asin. Items where neither gives a
   word are reviewed with the empty query.
 """
+
 from __future__ import annotations
 
 import ast
@@ -27,19 +28,24 @@ import pyarrow.compute as pc
 import pyarrow.json as pajson
 
 from seminar_ray.data.errors import DataError
-from seminar_ray.data.readers.common import (
-    PROGRESS_EVERY, Behaviours, ItemInfo, assemble, check_known, derive_query, parse_timestamps, require_file,
-)
+from seminar_ray.data.readers import common
+from seminar_ray.data.readers.common import PROGRESS_EVERY, Behaviours, ItemInfo, derive_query, require_file
 from seminar_ray.data.schema import DatasetTables
 
-log = logging.getLogger("seminar_ray.data.readers")
+log = logging.getLogger(__name__)
 
 REVIEWS = pa.schema([("reviewerID", pa.string()), ("asin", pa.string()), ("unixReviewTime", pa.int64())])
-META = pa.schema([
-    ("asin", pa.string()), ("title", pa.string()), ("description", pa.list_(pa.string())),
-    ("category", pa.list_(pa.string())), ("brand", pa.string()), ("imageURL", pa.list_(pa.string())),
-    ("imageURLHighRes", pa.list_(pa.string())),
-])
+META = pa.schema(
+    [
+        ("asin", pa.string()),
+        ("title", pa.string()),
+        ("description", pa.list_(pa.string())),
+        ("category", pa.list_(pa.string())),
+        ("brand", pa.string()),
+        ("imageURL", pa.list_(pa.string())),
+        ("imageURLHighRes", pa.list_(pa.string())),
+    ]
+)
 
 
 def read(input_path: Path, *, min_interactions: int, max_len: int) -> DatasetTables:
@@ -47,17 +53,27 @@ def read(input_path: Path, *, min_interactions: int, max_len: int) -> DatasetTab
     reviews = read_json_lines(reviews_path, REVIEWS, required=("reviewerID", "asin", "unixReviewTime"))
     meta = _first_per_asin(read_json_lines(meta_path, META, required=("asin",)))
     asins = reviews.column("asin").combine_chunks()
-    check_known(asins, meta.column("asin").combine_chunks(), reviews_path, "asin", header=False)
+    common.check_known(asins, meta.column("asin").combine_chunks(), reviews_path, "asin", header=False)
     meta = meta.filter(pc.is_in(meta.column("asin"), value_set=pc.unique(asins)))
     info, item_query = _item_info(meta)
     behaviours = Behaviours(
-        user=reviews.column("reviewerID").combine_chunks(), item=asins,
+        user=reviews.column("reviewerID").combine_chunks(),
+        item=asins,
         query=item_query.take(pc.index_in(asins, value_set=info.key)),
-        timestamp=parse_timestamps(reviews.column("unixReviewTime"), reviews_path, "unixReviewTime", header=False),
-        timestamp_unit="s", query_has_text=True,
+        timestamp=common.parse_timestamps(
+            reviews.column("unixReviewTime"), reviews_path, "unixReviewTime", header=False
+        ),
+        timestamp_unit="s",
+        query_has_text=True,
     )
-    return assemble("amazon", behaviours, info, min_interactions=min_interactions, max_len=max_len,
-                    extra={"reviews": str(reviews_path), "metadata": str(meta_path)})
+    return common.assemble(
+        "amazon",
+        behaviours,
+        info,
+        min_interactions=min_interactions,
+        max_len=max_len,
+        extra={"reviews": str(reviews_path), "metadata": str(meta_path)},
+    )
 
 
 def _locate(root: Path) -> tuple[Path, Path]:
@@ -67,8 +83,10 @@ def _locate(root: Path) -> tuple[Path, Path]:
     meta = [p for p in files if p.name.startswith("meta_")]
     reviews = [p for p in files if not p.name.startswith("meta_")]
     if len(meta) != 1 or len(reviews) != 1:
-        raise DataError(f"{root}: expected one reviews file and one meta_* file (.json/.jsonl, optionally .gz), "
-                        f"found reviews {[p.name for p in reviews]}, metadata {[p.name for p in meta]}")
+        raise DataError(
+            f"{root}: expected one reviews file and one meta_* file (.json/.jsonl, optionally .gz), "
+            f"found reviews {[p.name for p in reviews]}, metadata {[p.name for p in meta]}"
+        )
     return require_file(reviews[0]), require_file(meta[0])
 
 
@@ -77,8 +95,9 @@ def read_json_lines(path: Path, schema: pa.Schema, required: tuple[str, ...]) ->
     parse. A required field missing on some line is an error naming that line."""
     require_file(path)
     try:
-        table = pajson.read_json(path, parse_options=pajson.ParseOptions(
-            explicit_schema=schema, unexpected_field_behavior="ignore"))
+        table = pajson.read_json(
+            path, parse_options=pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+        )
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
         log.info("%s: not plain JSON for pyarrow (%s); parsing line by line", path, str(exc).splitlines()[0])
         table = _read_lines(path, schema)
@@ -148,10 +167,20 @@ def _item_info(meta: pa.Table) -> tuple[ItemInfo, pa.Array]:
     keys = meta.column("asin").combine_chunks()
     descriptions = meta.column("description").to_pylist()
     categories = meta.column("category").to_pylist()
-    queries = [derive_query(" ".join(d) if d else None, c, k) for d, c, k in zip(descriptions, categories, keys.to_pylist())]
-    images = [(hi or lo or [None])[0] for hi, lo in zip(meta.column("imageURLHighRes").to_pylist(),
-                                                          meta.column("imageURL").to_pylist())]
-    info = ItemInfo(key=keys, title=meta.column("title").combine_chunks(), image_ref=pa.array(images, pa.string()),
-                    attributes={"category": meta.column("category").combine_chunks(),
-                                "brand": meta.column("brand").combine_chunks()})
+    queries = [
+        derive_query(" ".join(d) if d else None, c, k) for d, c, k in zip(descriptions, categories, keys.to_pylist())
+    ]
+    images = [
+        (hi or lo or [None])[0]
+        for hi, lo in zip(meta.column("imageURLHighRes").to_pylist(), meta.column("imageURL").to_pylist())
+    ]
+    info = ItemInfo(
+        key=keys,
+        title=meta.column("title").combine_chunks(),
+        image_ref=pa.array(images, pa.string()),
+        attributes={
+            "category": meta.column("category").combine_chunks(),
+            "brand": meta.column("brand").combine_chunks(),
+        },
+    )
     return info, pa.array(queries, pa.string())

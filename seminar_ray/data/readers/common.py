@@ -1,4 +1,5 @@
-"""Shared reader logic: raw behaviours → the DESIGN §3 tables (dense ids, chronological sequences, queries).
+"""Shared reader logic: raw behaviours → the tables of docs/design.md, Data model (dense ids, chronological sequences,
+queries).
 
 Every source reader turns its files into one `Behaviours` record (one row per positive behaviour, original
 keys) plus an `ItemInfo` record (per original item key: title, image reference, attribute values) and calls
@@ -18,6 +19,7 @@ word equal to the item's own id; the query is the first 3 distinct remaining wor
 gives none, the same filter is applied to the item's leaf category (the last category entry). When neither
 gives a word, the behaviour gets the empty query. An item's id never becomes query text.
 """
+
 from __future__ import annotations
 
 import io
@@ -35,7 +37,7 @@ import pyarrow.parquet as pq
 from seminar_ray.data.errors import DataError
 from seminar_ray.data.schema import ITEMS, QUERIES, SEQUENCES, DatasetMeta, DatasetTables
 
-log = logging.getLogger("seminar_ray.data.readers")
+log = logging.getLogger(__name__)
 
 PROGRESS_EVERY = 1_000_000  # rows between progress log lines on large inputs
 QUERY_WORDS = 3
@@ -71,8 +73,14 @@ def require_columns(found: list[str], columns: list[str], path: Path) -> None:
         raise DataError(f"{path}: missing column(s) {missing} (found {found})")
 
 
-def read_csv(path: Path, columns: list[str], *, delimiter: str = ",", optional: tuple[str, ...] = (),
-             string_columns: tuple[str, ...] = ()) -> pa.Table:
+def read_csv(
+    path: Path,
+    columns: list[str],
+    *,
+    delimiter: str = ",",
+    optional: tuple[str, ...] = (),
+    string_columns: tuple[str, ...] = (),
+) -> pa.Table:
     """Read `columns` (+ any present `optional` ones) of a CSV file; all errors name the file."""
     require_file(path)
     header = read_header(path, delimiter)
@@ -145,8 +153,13 @@ def parse_int_lists(col: pa.ChunkedArray | pa.Array, path: Path, column: str) ->
     parts = pc.split_pattern(inner, ",")
     flat = pc.list_flatten(parts)
     keep = pc.not_equal(flat, "")
-    return _regroup(pc.list_parent_indices(parts).to_numpy(), pc.cast(flat.filter(keep), pa.int64()),
-                    keep.to_numpy(zero_copy_only=False), len(col), parts.is_null())
+    return _regroup(
+        pc.list_parent_indices(parts).to_numpy(),
+        pc.cast(flat.filter(keep), pa.int64()),
+        keep.to_numpy(zero_copy_only=False),
+        len(col),
+        parts.is_null(),
+    )
 
 
 def split_tokens(col: pa.ChunkedArray | pa.Array, sep: str = " ") -> pa.ListArray:
@@ -155,8 +168,13 @@ def split_tokens(col: pa.ChunkedArray | pa.Array, sep: str = " ") -> pa.ListArra
     parts = pc.split_pattern(pc.cast(col, pa.string()), sep)
     flat = pc.list_flatten(parts)
     keep = pc.not_equal(flat, "")
-    return _regroup(pc.list_parent_indices(parts).to_numpy(), flat.filter(keep), keep.to_numpy(zero_copy_only=False),
-                    len(col), parts.is_null())
+    return _regroup(
+        pc.list_parent_indices(parts).to_numpy(),
+        flat.filter(keep),
+        keep.to_numpy(zero_copy_only=False),
+        len(col),
+        parts.is_null(),
+    )
 
 
 def _regroup(parents: np.ndarray, values: pa.Array, keep: np.ndarray, n: int, nulls: pa.Array) -> pa.ListArray:
@@ -222,8 +240,9 @@ class ItemInfo:
     attributes: dict[str, pa.Array] = field(default_factory=dict)  # field → list<string> or scalar column
 
 
-def check_known(keys: pa.Array, known: pa.Array, path: Path, column: str, *, rows: np.ndarray | None = None,
-                header: bool = True) -> None:
+def check_known(
+    keys: pa.Array, known: pa.Array, path: Path, column: str, *, rows: np.ndarray | None = None, header: bool = True
+) -> None:
     """Every behaviour's item key must be a known item; the first unknown one is named with its file row
     (`rows[i]` is the file row of `keys[i]` when `keys` was filtered)."""
     found = pc.is_in(keys, value_set=pc.unique(known)).to_numpy(zero_copy_only=False)
@@ -233,8 +252,15 @@ def check_known(keys: pa.Array, known: pa.Array, path: Path, column: str, *, row
         raise row_where(path, column, row, "references an unknown item", keys[bad].as_py(), header=header)
 
 
-def assemble(source: str, behaviours: Behaviours, items: ItemInfo, *, min_interactions: int, max_len: int,
-             extra: dict | None = None) -> DatasetTables:
+def assemble(
+    source: str,
+    behaviours: Behaviours,
+    items: ItemInfo,
+    *,
+    min_interactions: int,
+    max_len: int,
+    extra: dict | None = None,
+) -> DatasetTables:
     """Filter, order, truncate and remap `behaviours` into DatasetTables (module docstring, steps 1-4)."""
     if min_interactions < 1 or max_len < 1:
         raise DataError(f"min_interactions ({min_interactions}) and max_len ({max_len}) must be >= 1")
@@ -259,10 +285,19 @@ def assemble(source: str, behaviours: Behaviours, items: ItemInfo, *, min_intera
     sequences = _sequences(user_ids, item_ids, query_ids, behaviours.timestamp[order])
     items_table, attr_keys = _items(item_keys, items)
     meta = DatasetMeta(
-        source=source, num_items=len(item_keys), num_queries=len(queries) - 1, num_attrs=len(attr_keys),
-        num_tokens=len(token_keys), num_users=len(user_keys), num_behaviours=len(order),
-        extra={"timestamp_unit": behaviours.timestamp_unit, "min_interactions": min_interactions,
-               "max_len": max_len, **(extra or {})},
+        source=source,
+        num_items=len(item_keys),
+        num_queries=len(queries) - 1,
+        num_attrs=len(attr_keys),
+        num_tokens=len(token_keys),
+        num_users=len(user_keys),
+        num_behaviours=len(order),
+        extra={
+            "timestamp_unit": behaviours.timestamp_unit,
+            "min_interactions": min_interactions,
+            "max_len": max_len,
+            **(extra or {}),
+        },
     )
     maps = id_maps({"user": user_keys, "item": item_keys, "token": token_keys, "attr": attr_keys})
     return DatasetTables(items_table, queries, sequences, meta, {"id_maps.parquet": maps})
@@ -292,14 +327,21 @@ def _queries(keys: pa.Array, has_text: bool) -> tuple[pa.Table, np.ndarray, pa.A
         distinct, ids = _dense(keys.filter(pa.array(present)))
         query_ids[present] = ids
     tokens = split_tokens(distinct)
-    token_keys, token_ids = _dense(pc.list_flatten(tokens)) if len(distinct) else (pa.array([], pa.string()), np.zeros(0, np.int64))
+    token_keys, token_ids = (
+        _dense(pc.list_flatten(tokens)) if len(distinct) else (pa.array([], pa.string()), np.zeros(0, np.int64))
+    )
     token_lists = pa.ListArray.from_arrays(tokens.offsets, pa.array(token_ids.astype(np.int32)))
-    queries = pa.table({
-        "query_id": np.arange(len(distinct) + 1, dtype=np.int64),
-        "token_ids": pa.concat_arrays([pa.array([[]], pa.list_(pa.int32())), token_lists]),
-        "text": pa.concat_arrays([pa.array([None], pa.string()), distinct if has_text else pa.nulls(len(distinct), pa.string())]),
-        "text_emb": pa.nulls(len(distinct) + 1, QUERIES.field("text_emb").type),
-    }, schema=QUERIES)
+    queries = pa.table(
+        {
+            "query_id": np.arange(len(distinct) + 1, dtype=np.int64),
+            "token_ids": pa.concat_arrays([pa.array([[]], pa.list_(pa.int32())), token_lists]),
+            "text": pa.concat_arrays(
+                [pa.array([None], pa.string()), distinct if has_text else pa.nulls(len(distinct), pa.string())]
+            ),
+            "text_emb": pa.nulls(len(distinct) + 1, QUERIES.field("text_emb").type),
+        },
+        schema=QUERIES,
+    )
     return queries, query_ids, token_keys
 
 
@@ -307,8 +349,10 @@ def _sequences(user_ids: np.ndarray, item_ids: np.ndarray, query_ids: np.ndarray
     """Behaviours already sorted by (user, time) → one row per user with list columns."""
     starts = np.r_[0, np.flatnonzero(np.diff(user_ids)) + 1]
     offsets = pa.array(np.r_[starts, len(user_ids)].astype(np.int32))
-    lists = {name: pa.ListArray.from_arrays(offsets, pa.array(v, pa.int64()))
-             for name, v in (("item_ids", item_ids), ("query_ids", query_ids), ("timestamps", ts))}
+    lists = {
+        name: pa.ListArray.from_arrays(offsets, pa.array(v, pa.int64()))
+        for name, v in (("item_ids", item_ids), ("query_ids", query_ids), ("timestamps", ts))
+    }
     return pa.table({"user_id": pa.array(user_ids[starts], pa.int64()), **lists}, schema=SEQUENCES)
 
 
@@ -327,11 +371,17 @@ def _items(item_keys: pa.Array, info: ItemInfo) -> tuple[pa.Table, pa.Array]:
     title = blank_to_null(column(info.title))
     image_ref = blank_to_null(column(info.image_ref))
     attr_ids, attr_keys = _attributes({f: column(v) for f, v in info.attributes.items()}, len(item_keys))
-    table = pa.table({
-        "item_id": np.arange(1, len(item_keys) + 1, dtype=np.int64), "title": title, "attr_ids": attr_ids,
-        "image_ref": image_ref, "text_emb": pa.nulls(len(item_keys), ITEMS.field("text_emb").type),
-        "image_emb": pa.nulls(len(item_keys), ITEMS.field("image_emb").type),
-    }, schema=ITEMS)
+    table = pa.table(
+        {
+            "item_id": np.arange(1, len(item_keys) + 1, dtype=np.int64),
+            "title": title,
+            "attr_ids": attr_ids,
+            "image_ref": image_ref,
+            "text_emb": pa.nulls(len(item_keys), ITEMS.field("text_emb").type),
+            "image_emb": pa.nulls(len(item_keys), ITEMS.field("image_emb").type),
+        },
+        schema=ITEMS,
+    )
     return table, attr_keys
 
 
@@ -374,8 +424,9 @@ def id_maps(maps: dict[str, pa.Array]) -> bytes:
         kinds.append(pa.array([kind] * len(keys), pa.string()))
         ids.append(pa.array(np.arange(1, len(keys) + 1, dtype=np.int64)))
         originals.append(pc.cast(keys, pa.string()))
-    table = pa.table({"kind": pa.concat_arrays(kinds), "id": pa.concat_arrays(ids),
-                      "original": pa.concat_arrays(originals)})
+    table = pa.table(
+        {"kind": pa.concat_arrays(kinds), "id": pa.concat_arrays(ids), "original": pa.concat_arrays(originals)}
+    )
     buf = io.BytesIO()
     pq.write_table(table, buf)
     return buf.getvalue()

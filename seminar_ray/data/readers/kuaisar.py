@@ -1,4 +1,4 @@
-"""KuaiSAR (a directory, FORMATS.md) → DESIGN §3 tables.
+"""KuaiSAR (a directory) → the tables of docs/design.md, Data model.
 
 - Positives: `rec_inter.csv` rows with click = 1 (empty query) and `src_inter.csv` rows with click_cnt > 0,
   whose keyword list (`[20, 34, 3]`, anonymised token ids) is the query; both merge into one timeline per
@@ -12,6 +12,7 @@
 - A positive behaviour whose item is missing from `item_features.csv` is an error naming file and row.
   `user_features.csv` and `social_network.csv` are not used (the tables carry no user features).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,7 +23,15 @@ import pyarrow.compute as pc
 
 from seminar_ray.data.errors import DataError
 from seminar_ray.data.readers.common import (
-    Behaviours, ItemInfo, assemble, blank_to_null, check_known, parse_int_lists, parse_timestamps, read_csv, row_where,
+    Behaviours,
+    ItemInfo,
+    assemble,
+    blank_to_null,
+    check_known,
+    parse_int_lists,
+    parse_timestamps,
+    read_csv,
+    row_where,
 )
 from seminar_ray.data.schema import DatasetTables
 
@@ -34,17 +43,28 @@ SRC = ["user_id", "search_session_timestamp", "keyword", "item_id", "click_cnt"]
 def read(input_path: Path, *, min_interactions: int, max_len: int) -> DatasetTables:
     root = Path(input_path)
     if not root.is_dir():
-        raise DataError(f"{root}: KuaiSAR input must be a directory holding rec_inter.csv, src_inter.csv, item_features.csv")
+        raise DataError(
+            f"{root}: KuaiSAR input must be a directory holding rec_inter.csv, src_inter.csv, item_features.csv"
+        )
     items, info = _items(root / "item_features.csv")
     rec = _positives(root / "rec_inter.csv", "click", "timestamp", items, keyword=False)
     src = _positives(root / "src_inter.csv", "click_cnt", "search_session_timestamp", items, keyword=True)
     behaviours = Behaviours(
-        user=pa.concat_arrays([rec["user"], src["user"]]), item=pa.concat_arrays([rec["item"], src["item"]]),
-        query=pa.concat_arrays([rec["query"], src["query"]]), timestamp=np.concatenate([rec["ts"], src["ts"]]),
-        timestamp_unit="ms", query_has_text=False,
+        user=pa.concat_arrays([rec["user"], src["user"]]),
+        item=pa.concat_arrays([rec["item"], src["item"]]),
+        query=pa.concat_arrays([rec["query"], src["query"]]),
+        timestamp=np.concatenate([rec["ts"], src["ts"]]),
+        timestamp_unit="ms",
+        query_has_text=False,
     )
-    return assemble("kuaisar", behaviours, info, min_interactions=min_interactions, max_len=max_len,
-                    extra={"input": str(root), "rec_behaviours": len(rec["ts"]), "src_behaviours": len(src["ts"])})
+    return assemble(
+        "kuaisar",
+        behaviours,
+        info,
+        min_interactions=min_interactions,
+        max_len=max_len,
+        extra={"input": str(root), "rec_behaviours": len(rec["ts"]), "src_behaviours": len(src["ts"])},
+    )
 
 
 def _int64(table: pa.Table, column: str, path: Path) -> pa.Array:
@@ -67,7 +87,10 @@ def _positives(path: Path, flag: str, ts_column: str, item_keys: pa.Array, *, ke
     keep = pc.greater(flags, 0) if keyword else pc.equal(flags, 1)
     rows = np.flatnonzero(keep.to_numpy(zero_copy_only=False))
     ts = parse_timestamps(table.column(ts_column), path, ts_column)[rows]
-    users, items = _int64(table, "user_id", path).take(pa.array(rows)), _int64(table, "item_id", path).take(pa.array(rows))
+    users, items = (
+        _int64(table, "user_id", path).take(pa.array(rows)),
+        _int64(table, "item_id", path).take(pa.array(rows)),
+    )
     check_known(items, item_keys, path, "item_id", rows=rows)
     if keyword:
         lists = parse_int_lists(table.column("keyword"), path, "keyword").take(pa.array(rows))
@@ -85,8 +108,9 @@ def _join_tokens(lists: pa.ListArray) -> pa.Array:
 def _items(path: Path) -> tuple[pa.Array, ItemInfo]:
     names = [f"{lvl}_level_category_name_en" for lvl in LEVELS]
     ids = [f"{lvl}_level_category_id" for lvl in LEVELS]
-    table = read_csv(path, ["item_id", "caption"], optional=("author_id", *ids, *names),
-                     string_columns=("caption", *names))
+    table = read_csv(
+        path, ["item_id", "caption"], optional=("author_id", *ids, *names), string_columns=("caption", *names)
+    )
     keys = _int64(table, "item_id", path)
     attributes = {c: table.column(c).combine_chunks() for c in ids if c in table.column_names}
     if "author_id" in table.column_names:

@@ -1,4 +1,4 @@
-"""RecBole atomic files (FORMATS.md) → DESIGN §3 tables.
+"""RecBole atomic files → the tables of docs/design.md, Data model.
 
 Input: a directory holding one `<name>.inter` and optionally `<name>.item` (a `.user` file is ignored: the
 tables carry no user features), or the `.inter` file itself with its siblings. Tab-separated, one header of
@@ -12,6 +12,7 @@ tables carry no user features), or the `.inter` file itself with its siblings. T
   description field (a name containing "desc") or, failing that, its category field (the first of
   categories / category / class / genre / genres), whose last token is the leaf.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,8 +23,16 @@ import pyarrow.compute as pc
 
 from seminar_ray.data.errors import DataError
 from seminar_ray.data.readers.common import (
-    Behaviours, ItemInfo, assemble, check_known, derive_query, parse_timestamps, read_csv, require_file,
-    split_tokens, read_header,
+    Behaviours,
+    ItemInfo,
+    assemble,
+    check_known,
+    derive_query,
+    parse_timestamps,
+    read_csv,
+    read_header,
+    require_file,
+    split_tokens,
 )
 from seminar_ray.data.schema import DatasetTables
 
@@ -46,10 +55,22 @@ def read(input_path: Path, *, min_interactions: int, max_len: int) -> DatasetTab
         check_known(item_col, items.column("item_id").combine_chunks(), inter_path, "item_id:token")
         info, item_query = _item_info(items, types)
         query = item_query.take(pc.index_in(item_col, value_set=info.key))
-    behaviours = Behaviours(user=inter.column("user_id").combine_chunks(), item=item_col, query=query,
-                            timestamp=ts, timestamp_unit=unit, query_has_text=True)
-    return assemble("recbole", behaviours, info, min_interactions=min_interactions, max_len=max_len,
-                    extra={"input": str(inter_path)})
+    behaviours = Behaviours(
+        user=inter.column("user_id").combine_chunks(),
+        item=item_col,
+        query=query,
+        timestamp=ts,
+        timestamp_unit=unit,
+        query_has_text=True,
+    )
+    return assemble(
+        "recbole",
+        behaviours,
+        info,
+        min_interactions=min_interactions,
+        max_len=max_len,
+        extra={"input": str(inter_path)},
+    )
 
 
 def _locate(path: Path) -> tuple[Path, Path | None]:
@@ -99,7 +120,8 @@ def _item_info(items: pa.Table, types: dict[str, str]) -> tuple[ItemInfo, pa.Arr
     keys = items.column("item_id").combine_chunks()
     descriptions = items.column(desc).to_pylist() if desc else [None] * len(keys)
     categories = split_tokens(items.column(category).combine_chunks()).to_pylist() if category else [None] * len(keys)
-    queries = pa.array([derive_query(d, c, k) for d, c, k in zip(descriptions, categories, keys.to_pylist())],
-                       pa.string())
+    queries = pa.array(
+        [derive_query(d, c, k) for d, c, k in zip(descriptions, categories, keys.to_pylist())], pa.string()
+    )
     info = ItemInfo(key=keys, title=items.column(title).combine_chunks() if title else None, attributes=attributes)
     return info, queries

@@ -1,4 +1,4 @@
-"""HTTP load test of the Ray Serve scoring app against its zero-work floor, measured in the same run (DESIGN §6).
+"""HTTP load test of the Ray Serve scoring app against its zero-work floor, measured in the same run (docs/design.md, Serving).
 
     python bench/serve_load.py --out bench/out/serve.json [--quick] [--checkpoint C --index I --data D]
 

@@ -14,6 +14,7 @@ other people run Ray on: it never runs `ray stop` (which stops every Ray on the 
 its own `ray start --head --block` started; and it does not need the `fake_multi_node/example.yaml` the Ray 2.60 wheel
 leaves out (the config is complete here).
 """
+
 from __future__ import annotations
 
 import copy
@@ -39,8 +40,9 @@ RESERVED = {"CPU", "GPU", "memory", "object_store_memory"}
 FAKE_ENV = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
 
 
-def local_node_types(cluster_yaml: str | Path, cpus_per_node: float = 1, max_per_type: int = 2,
-                     object_store_bytes: int = 150 * 1024**2) -> dict[str, dict]:
+def local_node_types(
+    cluster_yaml: str | Path, cpus_per_node: float = 1, max_per_type: int = 2, object_store_bytes: int = 150 * 1024**2
+) -> dict[str, dict]:
     """cluster.yaml's worker node types, scaled down to fit a laptop: every type keeps its name, its steering
     resources (gpu_trainer, cpu_worker) and its GPU count (a declared, fake GPU: nothing on the node uses CUDA); CPU
     becomes `cpus_per_node` logical CPUs (tasks ask for fractions), memory is left to the raylet, min_workers is 0 (the
@@ -52,17 +54,30 @@ def local_node_types(cluster_yaml: str | Path, cpus_per_node: float = 1, max_per
         if name == head:
             continue
         res = node_type["resources"]
-        scaled = {"CPU": cpus_per_node, **({"GPU": res["GPU"]} if res.get("GPU") else {}),
-                  **{k: v for k, v in res.items() if k not in RESERVED},
-                  "object_store_memory": object_store_bytes}
-        out[name] = {"resources": scaled, "node_config": {}, "min_workers": 0,
-                     "max_workers": min(int(node_type.get("max_workers", max_per_type)), max_per_type)}
+        scaled = {
+            "CPU": cpus_per_node,
+            **({"GPU": res["GPU"]} if res.get("GPU") else {}),
+            **{k: v for k, v in res.items() if k not in RESERVED},
+            "object_store_memory": object_store_bytes,
+        }
+        out[name] = {
+            "resources": scaled,
+            "node_config": {},
+            "min_workers": 0,
+            "max_workers": min(int(node_type.get("max_workers", max_per_type)), max_per_type),
+        }
     return out
 
 
-def fake_cluster_config(worker_types: dict[str, dict], head_resources: dict, *, max_workers: int | None = None,
-                        idle_timeout_minutes: float = 0.1, upscaling_speed: float = 1.0,
-                        cluster_name: str = "seminar-ray-local") -> dict:
+def fake_cluster_config(
+    worker_types: dict[str, dict],
+    head_resources: dict,
+    *,
+    max_workers: int | None = None,
+    idle_timeout_minutes: float = 0.1,
+    upscaling_speed: float = 1.0,
+    cluster_name: str = "seminar-ray-local",
+) -> dict:
     """A complete autoscaling config for the fake_multinode provider (what `ray start --autoscaling-config` reads):
     the head type `ray.head.default` with `head_resources`, then `worker_types`."""
     types = copy.deepcopy(worker_types)
@@ -74,16 +89,27 @@ def fake_cluster_config(worker_types: dict[str, dict], head_resources: dict, *, 
         "idle_timeout_minutes": idle_timeout_minutes,
         # nodes share one IP (127.0.0.1); the autoscaler tells them apart by node id. No SSH updaters: every fake
         # node is a raylet the autoscaler starts itself.
-        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
-                     "disable_launch_config_check": True},
+        "provider": {
+            "type": "fake_multinode",
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+        },
         "auth": {},
         "available_node_types": types,
         "head_node_type": HEAD_TYPE,
         "docker": {},
-        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
-        "rsync_exclude": [], "rsync_filter": [],
-        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
-        "head_start_ray_commands": [], "worker_start_ray_commands": [],
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": [],
+        "rsync_filter": [],
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
     }
 
 
@@ -96,7 +122,7 @@ def free_gcs_port(low: int = 20000, high: int = 40000) -> int:
     from ray._private.services import find_gcs_addresses
 
     taken = {int(a.rsplit(":", 1)[1]) for a in find_gcs_addresses() if ":" in a}
-    find_gcs_addresses.cache_clear()
+    find_gcs_addresses.cache_clear()  # type: ignore[attr-defined]  # an lru_cache
     for _ in range(100):
         port = random.randrange(low, high)
         if port in taken:
@@ -110,14 +136,24 @@ def free_gcs_port(low: int = 20000, high: int = 40000) -> int:
     raise RuntimeError(f"no free port in [{low}, {high})")
 
 
-def head_start_command(config_path: str | Path, head_resources: dict, port: int = 6379,
-                       temp_dir: str | Path | None = None) -> list[str]:
+def head_start_command(
+    config_path: str | Path, head_resources: dict, port: int = 6379, temp_dir: str | Path | None = None
+) -> list[str]:
     """`ray start --head --block` for a fake_multinode config, on loopback only, without the dashboard. A private
     `temp_dir` keeps the machine's shared /tmp/ray (ray_current_cluster, session_latest) untouched."""
     res = dict(head_resources)
-    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
-           f"--autoscaling-config={config_path}", "--node-ip-address=127.0.0.1", f"--port={port}",
-           "--include-dashboard=false", f"--num-cpus={res.pop('CPU', 0)}", f"--num-gpus={res.pop('GPU', 0)}"]
+    cmd = [
+        str(Path(sys.executable).with_name("ray")),
+        "start",
+        "--head",
+        "--block",
+        f"--autoscaling-config={config_path}",
+        "--node-ip-address=127.0.0.1",
+        f"--port={port}",
+        "--include-dashboard=false",
+        f"--num-cpus={res.pop('CPU', 0)}",
+        f"--num-gpus={res.pop('GPU', 0)}",
+    ]
     if "object_store_memory" in res:
         cmd.append(f"--object-store-memory={int(res.pop('object_store_memory'))}")
     if res:
@@ -135,8 +171,13 @@ class LocalAutoscalingCluster:
     kills any of its descendants still running, by pid. Run it where port `port` is free on 127.0.0.1 (the tests and
     the bench run inside a private network namespace, scripts/test.sh)."""
 
-    def __init__(self, worker_types: dict[str, dict], head_resources: dict | None = None, port: int | None = None,
-                 **config_kwargs):
+    def __init__(
+        self,
+        worker_types: dict[str, dict],
+        head_resources: dict | None = None,
+        port: int | None = None,
+        **config_kwargs,
+    ):
         self.head_resources = dict(head_resources or {"CPU": 1})
         self.port = port or free_gcs_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -157,9 +198,13 @@ class LocalAutoscalingCluster:
         self._use_auth_env()
         env = {**os.environ, **FAKE_ENV, **self.head_env}
         with open(self.log_path, "wb") as log:
-            self._proc = subprocess.Popen(head_start_command(config_path, self.head_resources, self.port,
-                                                             Path(self._dir) / "ray"), env=env,
-                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self._proc = subprocess.Popen(
+                head_start_command(config_path, self.head_resources, self.port, Path(self._dir) / "ray"),
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         try:
             self._wait_for_head(timeout_s)
             self._publish()
@@ -192,10 +237,11 @@ class LocalAutoscalingCluster:
             raise RuntimeError(f"ray start --head exited with {self._proc.returncode}: {self.log_tail()}")
 
     def _wait_for_head(self, timeout_s: float) -> None:
-        from ray._raylet import GcsClient
+        from ray._raylet import GcsClient  # type: ignore[attr-defined]  # a Cython class mypy cannot see
 
         deadline = time.time() + timeout_s
         while True:
+            assert self._proc is not None, "start() launches the head first"
             if self._proc.poll() is not None:
                 raise RuntimeError(f"ray start --head exited with {self._proc.returncode}: {self.log_tail()}")
             try:
@@ -203,15 +249,18 @@ class LocalAutoscalingCluster:
                     return
             except Exception as exc:  # the GCS is not listening yet: retried until the deadline
                 if time.time() > deadline:
-                    raise RuntimeError(f"the head's GCS at {self.address} did not come up in {timeout_s:.0f} s: "
-                                       f"{exc}; {self.log_tail()}") from exc
+                    raise RuntimeError(
+                        f"the head's GCS at {self.address} did not come up in {timeout_s:.0f} s: "
+                        f"{exc}; {self.log_tail()}"
+                    ) from exc
             time.sleep(1)
 
     def _publish(self) -> None:
-        from ray._raylet import GcsClient
+        from ray._raylet import GcsClient  # type: ignore[attr-defined]  # a Cython class mypy cannot see
 
-        GcsClient(address=self.address).internal_kv_put(NODE_TYPES_KEY, json.dumps(launchable(self.config)).encode(),
-                                                          True, None)
+        GcsClient(address=self.address).internal_kv_put(
+            NODE_TYPES_KEY, json.dumps(launchable(self.config)).encode(), True, None
+        )
 
     def log_tail(self, chars: int = 2000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
@@ -219,8 +268,8 @@ class LocalAutoscalingCluster:
     def shutdown(self, timeout_s: float = 30) -> None:
         if self._proc is None:
             return
-        import ray  # noqa: F401  (ray puts its bundled psutil on sys.path)
         import psutil
+        import ray  # noqa: F401  (ray puts its bundled psutil on sys.path)
 
         try:
             tree = psutil.Process(self._proc.pid).children(recursive=True)
@@ -268,9 +317,15 @@ def launchable(config: dict) -> list[dict]:
     """The worker node types of an autoscaling config: name, resources, and how many the autoscaler may launch."""
     cap = int(config.get("max_workers", 1 << 20))
     head = config["head_node_type"]
-    return [{"name": name, "resources": {k: v for k, v in t.get("resources", {}).items() if k != "memory"},
-             "max_count": min(int(t.get("max_workers", cap)), cap)}
-            for name, t in config["available_node_types"].items() if name != head]
+    return [
+        {
+            "name": name,
+            "resources": {k: v for k, v in t.get("resources", {}).items() if k != "memory"},
+            "max_count": min(int(t.get("max_workers", cap)), cap),
+        }
+        for name, t in config["available_node_types"].items()
+        if name != head
+    ]
 
 
 def publish_node_types(config: dict) -> None:
@@ -291,7 +346,7 @@ def published_node_types() -> list[dict] | None:
 
 def _reload_auth_config() -> None:
     """Make this process see RAY_AUTH_MODE / RAY_AUTH_TOKEN as they are now (Ray caches both)."""
-    from ray._raylet import AuthenticationTokenLoader, Config
+    from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]  # Cython
 
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
@@ -358,8 +413,11 @@ class NodeWatcher:
 
     def launched(self, node_type: str | None = None, after_s: float = 0.0) -> list[NodeEvent]:
         with self._lock:
-            return [e for e in self.events.values() if e.node_type != HEAD_TYPE and e.up_s >= after_s
-                    and (node_type is None or e.node_type == node_type)]
+            return [
+                e
+                for e in self.events.values()
+                if e.node_type != HEAD_TYPE and e.up_s >= after_s and (node_type is None or e.node_type == node_type)
+            ]
 
     def alive(self, node_type: str | None = None) -> int:
         return sum(1 for e in self.launched(node_type) if e.down_s is None)
@@ -382,8 +440,14 @@ class NodeWatcher:
 
     def summary(self) -> list[dict]:
         with self._lock:
-            return [{"type": e.node_type, "up_s": round(e.up_s, 1),
-                     "down_s": None if e.down_s is None else round(e.down_s, 1)} for e in self.events.values()]
+            return [
+                {
+                    "type": e.node_type,
+                    "up_s": round(e.up_s, 1),
+                    "down_s": None if e.down_s is None else round(e.down_s, 1),
+                }
+                for e in self.events.values()
+            ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -400,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     config = yaml.safe_load(args.config.expanduser().read_text())
     publish_node_types(config)
     for t in launchable(config):
-        print(f"{t['name']}: up to {t['max_count']} × {t['resources']}")
+        print(f"{t['name']}: up to {t['max_count']} × {t['resources']}")  # noqa: T201 (the command's output)
     return 0
 
 

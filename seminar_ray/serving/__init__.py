@@ -1,11 +1,44 @@
-"""Serving core (DESIGN §6), testable without Ray Serve: request models, catalogue checks, history store, stages."""
-from seminar_ray.serving.api import (Event, EventsRequest, EventsResponse, HealthResponse, RequestError, ScoreRequest,
-                                     ScoreResponse)
+"""Serving core (docs/design.md, Serving), testable without Ray Serve.
+
+Request models, catalogue checks, history store, stages.
+"""
+
+from seminar_ray.serving.api import (
+    Event,
+    EventsRequest,
+    EventsResponse,
+    HealthResponse,
+    RequestError,
+    ScoreRequest,
+    ScoreResponse,
+)
 from seminar_ray.serving.catalog import Catalog, Limits
 from seminar_ray.serving.history import HistoryStore, LogHistoryStore
-from seminar_ray.serving.stages import (RetrievalStage, ScoreJob, ScoringStage, checkpoint_version, compact_history,
-                                        load_serving_model)
+from seminar_ray.serving.stages import (
+    RetrievalStage,
+    ScoreJob,
+    ScoringStage,
+    checkpoint_version,
+    compact_history,
+    load_serving_model,
+)
 
-__all__ = ["Event", "EventsRequest", "EventsResponse", "HealthResponse", "RequestError", "ScoreRequest",
-           "ScoreResponse", "Catalog", "Limits", "HistoryStore", "LogHistoryStore", "RetrievalStage", "ScoreJob",
-           "ScoringStage", "checkpoint_version", "compact_history", "load_serving_model"]
+__all__ = [
+    "Event",
+    "EventsRequest",
+    "EventsResponse",
+    "HealthResponse",
+    "RequestError",
+    "ScoreRequest",
+    "ScoreResponse",
+    "Catalog",
+    "Limits",
+    "HistoryStore",
+    "LogHistoryStore",
+    "RetrievalStage",
+    "ScoreJob",
+    "ScoringStage",
+    "checkpoint_version",
+    "compact_history",
+    "load_serving_model",
+]

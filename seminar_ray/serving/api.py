@@ -1,9 +1,10 @@
-"""Request/response bodies of the scoring service (DESIGN §6), validated with pydantic.
+"""Request/response bodies of the scoring service (docs/design.md, Serving), validated with pydantic.
 
 Shape checks live here (FastAPI answers 422 on a malformed body); checks that need the catalogue or the
 configured limits (unknown item id, too many candidates, over-long query) live in `Catalog.validate_*` and
 raise `RequestError`, which the HTTP layer turns into a 4xx.
 """
+
 from __future__ import annotations
 
 import math

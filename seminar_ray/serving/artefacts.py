@@ -1,4 +1,5 @@
 """Small self-contained serving artefacts (data, checkpoint, index) for tests, the bench and the demo."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,14 +20,24 @@ class ServingArtefacts:
 
 
 def build_index_for(checkpoint_model, version: str, out: Path) -> Path:
-    """The folded serving index of a SEMINAR model, 4-bit codes as jobs/build_index.py makes them (DESIGN §5)."""
+    """The folded serving index of a SEMINAR model, 4-bit codes as jobs/build_index.py makes them.
+
+    docs/design.md, Retrieval.
+    """
     tables = export_gsu_tables(checkpoint_model)
     index = build_index(tables, version, forms=("folded",), folded_n_sub=min(32, tables.dim), folded_n_centroids=16)
     return index.save(out)
 
 
-def build_artefacts(out_dir: str | Path, num_users: int = 60, min_len: int = 12, max_len: int = 60,
-                    model_max_len: int = 2000, seed: int = 0, name: str = "ckpt-a") -> ServingArtefacts:
+def build_artefacts(
+    out_dir: str | Path,
+    num_users: int = 60,
+    min_len: int = 12,
+    max_len: int = 60,
+    model_max_len: int = 2000,
+    seed: int = 0,
+    name: str = "ckpt-a",
+) -> ServingArtefacts:
     """Synthetic 'tiny' data with histories of min_len..max_len, an untrained SEMINAR (small preset) and its index."""
     out = Path(out_dir)
     data = out / "data"

@@ -1,4 +1,5 @@
-"""What the service knows about entities: id ranges, query text → id, and the request limits (DESIGN §6)."""
+"""What the service knows about entities: id ranges, query text → id, the request limits (docs/design.md, Serving)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,12 +27,12 @@ def normalise_text(text: str) -> str:
 class Catalog:
     """Validates ids against the dataset's tables and maps query text to a query id (exact match after normalising)."""
 
-    def __init__(self, num_items: int, num_queries: int, query_text: dict[str, int], limits: Limits = Limits()):
-        self.num_items, self.num_queries, self.limits = num_items, num_queries, limits
+    def __init__(self, num_items: int, num_queries: int, query_text: dict[str, int], limits: Limits | None = None):
+        self.num_items, self.num_queries, self.limits = num_items, num_queries, limits or Limits()
         self.query_text = query_text
 
     @classmethod
-    def load(cls, data_dir: str | Path, limits: Limits = Limits()) -> "Catalog":
+    def load(cls, data_dir: str | Path, limits: Limits | None = None) -> Catalog:
         meta = DatasetMeta.load(data_dir)
         queries = read_table(data_dir, "queries", ["query_id", "text"]).to_pydict()
         text = {normalise_text(t): int(q) for q, t in zip(queries["query_id"], queries["text"]) if t}

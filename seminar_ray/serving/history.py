@@ -1,10 +1,11 @@
-"""User histories for serving: base sequences plus an append-only, fsynced event log (DESIGN §6).
+"""User histories for serving: base sequences plus an append-only, fsynced event log (docs/design.md, Serving).
 
 `HistoryStore` is the interface the service needs; `LogHistoryStore` is the embedded default (no server):
 one writer appends JSON lines to `<store_dir>/events.log` and fsyncs before `append` returns, any number of
 readers load the base `sequences.parquet` once and tail the log on `refresh()`. A store backed by a real
 server (Redis lists keyed by user, with WAIT/AOF fsync for durability) implements the same four methods.
 """
+
 from __future__ import annotations
 
 import json
@@ -85,13 +86,22 @@ class LogHistoryStore(HistoryStore):
         if self._fd is None:
             raise PermissionError(f"{self.path}: this store was opened read-only (writer=False)")
         if not len(item_ids) == len(query_ids) == len(timestamps) or not item_ids:
-            raise ValueError(f"append needs equal, non-empty item/query/timestamp lists, got "
-                             f"{len(item_ids)}/{len(query_ids)}/{len(timestamps)}")
+            raise ValueError(
+                f"append needs equal, non-empty item/query/timestamp lists, got "
+                f"{len(item_ids)}/{len(query_ids)}/{len(timestamps)}"
+            )
         with self._lock:
             self.refresh()
             seq = self._seq + 1
-            line = json.dumps({"seq": seq, "user_id": int(user_id), "item_ids": [int(i) for i in item_ids],
-                               "query_ids": [int(q) for q in query_ids], "timestamps": [int(t) for t in timestamps]})
+            line = json.dumps(
+                {
+                    "seq": seq,
+                    "user_id": int(user_id),
+                    "item_ids": [int(i) for i in item_ids],
+                    "query_ids": [int(q) for q in query_ids],
+                    "timestamps": [int(t) for t in timestamps],
+                }
+            )
             os.write(self._fd, (line + "\n").encode())
             os.fsync(self._fd)
             self.refresh()
@@ -122,8 +132,10 @@ class LogHistoryStore(HistoryStore):
             raise ValueError(f"{self.path}: seq {record['seq']} follows {self._seq} (log corrupted or two writers)")
         user = record["user_id"]
         q, i = self._users.get(user, (EMPTY, EMPTY))
-        self._users[user] = (np.concatenate([q, np.asarray(record["query_ids"], dtype=np.int64)]),
-                             np.concatenate([i, np.asarray(record["item_ids"], dtype=np.int64)]))
+        self._users[user] = (
+            np.concatenate([q, np.asarray(record["query_ids"], dtype=np.int64)]),
+            np.concatenate([i, np.asarray(record["item_ids"], dtype=np.int64)]),
+        )
         self._seq = record["seq"]
 
     def history(self, user_id: int, max_len: int) -> History:
@@ -146,8 +158,10 @@ EMPTY = np.zeros(0, dtype=np.int64)
 def load_base(data_dir: str | Path) -> dict[int, History]:
     """user_id → (query_ids, item_ids) from the dataset's sequences.parquet."""
     seqs = read_table(data_dir, "sequences", ["user_id", "item_ids", "query_ids"]).to_pydict()
-    return {int(u): (np.asarray(q, dtype=np.int64), np.asarray(i, dtype=np.int64))
-            for u, i, q in zip(seqs["user_id"], seqs["item_ids"], seqs["query_ids"])}
+    return {
+        int(u): (np.asarray(q, dtype=np.int64), np.asarray(i, dtype=np.int64))
+        for u, i, q in zip(seqs["user_id"], seqs["item_ids"], seqs["query_ids"])
+    }
 
 
 def fsync_dir(path: Path) -> None:

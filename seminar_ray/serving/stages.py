@@ -1,11 +1,12 @@
-"""The two serving stages as plain classes (DESIGN §1 step 5): GSU retrieval from PQ codes, then ESU + MLP scoring.
+"""The two serving stages as plain classes (docs/design.md, Architecture): GSU retrieval, then ESU + MLP scoring.
 
 `RetrievalStage.prepare` turns (history, query, candidates) into a `ScoreJob`: the top-K history positions per
-candidate (ServingRetriever: folded-ADC shortlist + exact re-rank, DESIGN §5) and a compact history that keeps only
-the behaviours the scorer reads (the selected ones and the `recent_len` most recent), so the hop to the scorer
-carries O(C·K) ids, not L. `ScoringStage.score_batch` pads several jobs into one [B, C] batch for
+candidate (ServingRetriever: folded-ADC shortlist + exact re-rank; docs/design.md, Retrieval) and a compact history
+that keeps only the behaviours the scorer reads (the selected ones and the `recent_len` most recent), so the hop
+to the scorer carries O(C·K) ids, not L. `ScoringStage.score_batch` pads several jobs into one [B, C] batch for
 `SeminarCTR.score_with_topk`; the compact job scores exactly like the full history (a test checks it).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,18 +43,31 @@ class ScoreJob:
     def to_wire(self) -> tuple:
         """The job as the Scorer receives it: raw buffers, ints and a string, which Ray's serializer packs with
         msgpack directly, where a dataclass of numpy arrays goes through pickle (measured in serve_app/README.md)."""
-        return (self.hist_items.astype(np.int32, copy=False).tobytes(),
-                self.hist_queries.astype(np.int32, copy=False).tobytes(), self.topk.tobytes(), self.topk.shape[1],
-                self.topk.dtype.str, self.candidates.astype(np.int64, copy=False).tobytes(), int(self.query_id),
-                int(self.history_len), self.index_version)
+        return (
+            self.hist_items.astype(np.int32, copy=False).tobytes(),
+            self.hist_queries.astype(np.int32, copy=False).tobytes(),
+            self.topk.tobytes(),
+            self.topk.shape[1],
+            self.topk.dtype.str,
+            self.candidates.astype(np.int64, copy=False).tobytes(),
+            int(self.query_id),
+            int(self.history_len),
+            self.index_version,
+        )
 
     @classmethod
-    def from_wire(cls, wire: tuple | list) -> "ScoreJob":
+    def from_wire(cls, wire: tuple | list) -> ScoreJob:
         items, queries, topk, k, pos_dtype, candidates, query_id, history_len, index_version = wire
         cands = np.frombuffer(candidates, np.int64)
-        return cls(np.frombuffer(items, np.int32), np.frombuffer(queries, np.int32),
-                   np.frombuffer(topk, np.dtype(pos_dtype)).reshape(len(cands), k), cands, query_id, history_len,
-                   index_version)
+        return cls(
+            np.frombuffer(items, np.int32),
+            np.frombuffer(queries, np.int32),
+            np.frombuffer(topk, np.dtype(pos_dtype)).reshape(len(cands), k),
+            cands,
+            query_id,
+            history_len,
+            index_version,
+        )
 
 
 def checkpoint_version(ckpt_dir: Path) -> str:
@@ -66,7 +80,9 @@ def load_serving_model(checkpoint: str | Path, tables: EntityTables) -> tuple[Se
     """(fine-tuned SEMINAR in eval mode, its version) from a checkpoint or run directory."""
     ckpt = resolve_checkpoint(checkpoint)
     model, _, _ = load_checkpoint(ckpt, tables, kind="seminar")
-    model.eval().embedding.cache_entities()
+    assert isinstance(model, SeminarCTR)  # kind="seminar" is checked by load_checkpoint
+    model.eval()
+    model.embedding.cache_entities()
     return model, checkpoint_version(ckpt)
 
 
@@ -86,7 +102,7 @@ RETRIEVAL_METHODS = ("exact", "pq", "sketch")
 
 
 def make_retriever(index: PQIndex, method: str, rerank_factor: int = 8) -> Retriever:
-    """The top-K ranker over a serving index (DESIGN §5).
+    """The top-K ranker over a serving index (docs/design.md, Retrieval).
 
     "exact": one GEMM over the index's fp16 folded tables (exact top-K; the default, serve_app/README.md says why).
     "pq": folded-ADC fast-scan shortlist of rerank_factor·K + exact re-rank.
@@ -102,7 +118,10 @@ def make_retriever(index: PQIndex, method: str, rerank_factor: int = 8) -> Retri
 
 
 class RetrievalStage:
-    """GSU target vectors u from the model, top-K from the serving index (paper §3.3.3, DESIGN §5). One per replica."""
+    """GSU target vectors u from the model, top-K from the serving index (paper §3.3.3; docs/design.md, Retrieval).
+
+    One per replica.
+    """
 
     def __init__(self, model: SeminarCTR, index: PQIndex, rerank_factor: int = 8, method: str = "pq"):
         if index.dim != model.cfg.d:
@@ -115,14 +134,20 @@ class RetrievalStage:
         self.K, self.max_len, self.recent = model.cfg.K, model.cfg.max_len, model.cfg.recent_len
         self.u_items, self.u_queries = gsu_target_tables(model)  # u per candidate: two row gathers, no model pass
 
-    def prepare(self, history: tuple[np.ndarray, np.ndarray], query_id: int, candidates: np.ndarray,
-                keep_full_topk: bool = False) -> ScoreJob:
-        hq, hi = (np.asarray(a, dtype=np.int64)[-self.max_len:] for a in history)
+    def prepare(
+        self,
+        history: tuple[np.ndarray, np.ndarray],
+        query_id: int,
+        candidates: np.ndarray,
+        keep_full_topk: bool = False,
+    ) -> ScoreJob:
+        hq, hi = (np.asarray(a, dtype=np.int64)[-self.max_len :] for a in history)
         u = self.u_items[candidates] + self.u_queries[query_id]
         topk = self.retriever.topk(hq, hi, u, self.K)
         cq, ci, ctopk = compact_history(hq, hi, topk, self.recent)
-        return ScoreJob(ci, cq, ctopk, candidates, query_id, len(hi), self.index.version,
-                        topk if keep_full_topk else None)
+        return ScoreJob(
+            ci, cq, ctopk, candidates, query_id, len(hi), self.index.version, topk if keep_full_topk else None
+        )
 
 
 class ScoringStage:
@@ -142,10 +167,11 @@ class ScoringStage:
         targets, target_queries = np.zeros((B, C), np.int64), np.zeros((B, C), np.int64)
         for b, j in enumerate(jobs):
             n, c, k = len(j.hist_items), len(j.candidates), j.topk.shape[1]
-            hist_items[b, L - n:], hist_queries[b, L - n:] = j.hist_items, j.hist_queries
+            hist_items[b, L - n :], hist_queries[b, L - n :] = j.hist_items, j.hist_queries
             topk[b, :c, :k] = np.where(j.topk >= 0, j.topk.astype(np.int64) + (L - n), -1)  # left padding shifts
             targets[b, :c], target_queries[b, :c] = j.candidates, j.query_id
-        logits = self.model.score_with_topk(*(torch.from_numpy(a) for a in
-                                              (hist_items, hist_queries, topk, targets, target_queries)))
+        logits = self.model.score_with_topk(
+            *(torch.from_numpy(a) for a in (hist_items, hist_queries, topk, targets, target_queries))
+        )
         scores = torch.sigmoid(logits).numpy()
-        return [scores[b, :len(j.candidates)].astype(np.float64) for b, j in enumerate(jobs)]
+        return [scores[b, : len(j.candidates)].astype(np.float64) for b, j in enumerate(jobs)]

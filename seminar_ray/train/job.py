@@ -259,8 +259,10 @@ def _node_capacities() -> tuple[list[tuple[dict, int]], str]:
 
     config = state.get_cluster_config()
     if config is not None and config.node_group_configs:
-        return ([(dict(g.resources), g.max_count if g.max_count >= 0 else 1 << 20) for g in config.node_group_configs],
-                "the autoscaler's node types")
+        return (
+            [(dict(g.resources), g.max_count if g.max_count >= 0 else 1 << 20) for g in config.node_group_configs],
+            "the autoscaler's node types",
+        )
     live = [n for n in ray.nodes() if n.get("Alive")]
     types = published_node_types()
     if types:

@@ -67,8 +67,8 @@ def main() -> int:
     for mode in args.modes.split(","):
         data, runs = args.work / f"data-{mode}", args.work / f"compare-{mode}{'-quick' if args.quick else ''}"
         if not (data / "meta.json").exists():
-            run("jobs/prepare_data.py", "--source", "recbole", "--input", str(raw), "--out", str(data), "--queries", mode)
-        run("jobs/compare.py", "--data", str(data), "--out", str(runs), "--seeds", str(args.seeds),
+            run("-m", "jobs.prepare_data", "--source", "recbole", "--input", str(raw), "--out", str(data), "--queries", mode)
+        run("-m", "jobs.compare", "--data", str(data), "--out", str(runs), "--seeds", str(args.seeds),
             "--epochs", str(args.epochs), "--pretrain-epochs", str(args.pretrain_epochs), "--samples-per-user", "0",
             "--eval-users", "0", "--variants", args.variants, *(["--report-only"] if args.report_only else []))
         results[mode] = json.loads((runs / "compare.json").read_text())

@@ -10,12 +10,9 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from seminar_ray.autoscaling import LocalAutoscalingCluster, NodeWatcher, local_node_types
 
@@ -107,88 +104,3 @@ def test_pretrain_brings_up_a_gpu_trainer_node_and_gives_it_back(train_cluster, 
     assert summary["history"][0]["worker_nodes"] == [node.node_id], "the worker did not run on the new node"
     watch.wait_for(lambda w: w.alive() == 0, WAIT_S, "the gpu_trainer node terminated once idle")
     assert watch.counts() == {"gpu_trainer": 1}, f"launched after the job: {watch.summary()}"
-
-
-def _serve_config() -> dict:
-    """serve_app/config.cluster.yaml's app in its zero-work mode with a bench-only 50 ms spin per request, no HTTP
-    proxies, replicas of 0.5 CPU without the cpu_worker steering: CPU alone decides where they fit. Three start on
-    the head (1.5 of its 2 CPUs); PQRetriever scales 1..4 on load, so the 3rd and 4th cannot fit there."""
-    cfg = yaml.safe_load((ROOT / "serve_app" / "config.cluster.yaml").read_text())
-    cfg["proxy_location"] = "Disabled"
-    cfg.pop("http_options")
-    app = cfg["applications"][0]
-    app["args"] = {"work": False, "topology": app["args"]["topology"], "retriever_extra_cpu_ms": 50}
-    for dep in app["deployments"]:
-        dep["ray_actor_options"] = {"num_cpus": 0.5}
-        dep.pop("autoscaling_config", None)
-        dep["num_replicas"] = 1
-    retriever = next(d for d in app["deployments"] if d["name"] == "PQRetriever")
-    retriever.pop("num_replicas")
-    retriever["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 1,
-                                       "upscale_delay_s": 1, "downscale_delay_s": 5, "metrics_interval_s": 0.5,
-                                       "look_back_period_s": 2}
-    return cfg
-
-
-def _replica_nodes(deployment: str) -> list[str]:
-    from ray._private.state import actors
-
-    return [a["Address"]["NodeID"] for a in actors().values()
-            if a["State"] == "ALIVE" and (a.get("Name") or "").startswith(f"SERVE_REPLICA::seminar#{deployment}#")]
-
-
-def _wait_running(timeout_s: float) -> None:
-    from ray import serve
-
-    deadline = time.time() + timeout_s
-    while (state := getattr(serve.status().applications.get("seminar"), "status", "NOT_STARTED")) != "RUNNING":
-        assert state not in ("DEPLOY_FAILED", "UNHEALTHY") and time.time() < deadline, f"seminar: {state}"
-        time.sleep(1)
-
-
-def test_serve_load_past_the_head_brings_cpu_workers_and_gives_them_back(cluster, watch):
-    from ray import serve
-    from ray.serve._private import api as serve_api
-    from ray.serve.schema import ServeDeploySchema
-
-    config = ServeDeploySchema.model_validate(_serve_config())
-    client = serve_api.serve_start(proxy_location=config.proxy_location)
-    stop, served, errors = threading.Event(), [], []
-    try:
-        client.deploy_apps(config, _blocking=False)
-        _wait_running(timeout_s=WAIT_S)
-        assert watch.counts() == {}, f"the deployment at min_replicas did not fit the head: {watch.summary()}"
-        handle = serve.get_app_handle("seminar")
-
-        def load(user: int) -> None:
-            while not stop.is_set():
-                try:
-                    reply = handle.score.remote({"user_id": user, "candidates": [1, 2, 3]}).result(timeout_s=60)
-                    assert reply["scores"] == [0.0, 0.0, 0.0], reply
-                    served.append(user)
-                except Exception as exc:  # every failure is counted and reported by the assertion below
-                    errors.append(repr(exc))
-
-        threads = [threading.Thread(target=load, args=(u,), daemon=True) for u in range(8)]
-        load_start = watch.now()
-        for t in threads:
-            t.start()
-        workers = set()
-
-        def scaled(w: NodeWatcher) -> bool:
-            workers.update(e.node_id for e in w.launched("cpu_worker"))
-            return bool(workers & set(_replica_nodes("PQRetriever")))
-
-        watch.wait_for(scaled, WAIT_S, "a PQRetriever replica running on a launched cpu_worker node")
-        served_during_scale_up = len(served)
-        stop.set()
-        for t in threads:
-            t.join(timeout=90)
-        assert not errors, f"{len(errors)} failed requests, first: {errors[:3]}"
-        assert served_during_scale_up > 0
-        assert set(watch.counts(after_s=load_start)) == {"cpu_worker"}, f"launched under load: {watch.summary()}"
-        watch.wait_for(lambda w: w.alive("cpu_worker") == 0, WAIT_S, "cpu_worker nodes terminated after the load")
-        assert _replica_nodes("PQRetriever") and serve.status().applications["seminar"].status == "RUNNING"
-    finally:
-        stop.set()
-        serve.shutdown()

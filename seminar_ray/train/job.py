@@ -314,12 +314,17 @@ def build_trainer(job: TrainJob, train_ds=None, valid_ds=None):
     from seminar_ray.data.pipeline import eval_dataset, pick_eval_users, read_sequences
 
     sample_cfg = _sample_cfg(job)
-    # enough blocks that every worker's shard gets users; one consumer needs no repartition (an all-to-all step)
+    # Both datasets are read once into Ray's object store (which spills to disk past its memory), not re-read from
+    # Parquet by every epoch: the sequences are ids only and each epoch draws its own targets from them (TrainCollate);
+    # the validation rows are the same every epoch. A lazy read cost every epoch seconds of start-up before its first
+    # batch (bench/train_throughput.py).
+    # Enough blocks that every worker's shard gets users; one consumer needs no repartition (an all-to-all step).
     min_blocks = 4 * job.num_workers if job.num_workers > 1 else 1
-    train_ds = train_ds if train_ds is not None else read_sequences(job.data, min_blocks=min_blocks)
+    if train_ds is None:
+        train_ds = read_sequences(job.data, min_blocks=min_blocks).materialize()
     if valid_ds is None:  # the same users and candidates every epoch (eval_users drawn once by eval_seed)
         users = pick_eval_users(job.data, job.eval_users, job.eval_seed) if job.eval_users else None
-        valid_ds = eval_dataset(job.data, "valid", sample_cfg, users)
+        valid_ds = eval_dataset(job.data, "valid", sample_cfg, users).materialize()
     resources = worker_resources(job)
     return TorchTrainer(
         train_loop_per_worker,
@@ -336,7 +341,8 @@ def build_trainer(job: TrainJob, train_ds=None, valid_ds=None):
             logging_config=LoggingConfig(log_level=ray_console_level()),  # Ray Train's lines (all in its files)
         ),
         datasets={"train": train_ds, "valid": valid_ds},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        # one worker reads the whole dataset: no streaming split, whose coordinator actor costs seconds at start
+        dataset_config=DataConfig(datasets_to_split=["train"] if job.num_workers > 1 else []),
     )
 
 

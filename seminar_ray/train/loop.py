@@ -44,13 +44,14 @@ def train_one_epoch(
     grad_clip: float = 5.0,
 ) -> dict[str, float]:
     """One pass of `net` (a WithLoss, maybe under DDP) over `batches`: mean loss and parts, samples/s, data-wait
-    share."""
+    share and the wait for the first batch (an epoch's start-up cost)."""
     net.train()
     sums: dict[str, float] = defaultdict(float)
-    samples, steps, wait = 0, 0, 0.0
+    samples, steps, wait, first_batch = 0, 0, 0.0, 0.0
     start = tick = time.perf_counter()
     for batch in batches:
         wait += time.perf_counter() - tick
+        first_batch = first_batch or time.perf_counter() - start
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         loss, parts = net(batch)
         if not torch.isfinite(loss):
@@ -74,6 +75,7 @@ def train_one_epoch(
         seconds=seconds,
         samples_per_s=samples / max(seconds, 1e-9),
         data_wait_share=wait / max(seconds, 1e-9),
+        first_batch_s=first_batch,
     )
     return out
 

@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="output directory (written atomically)")
     p.add_argument("--max-len", type=int, default=2000, help="keep each user's most recent behaviours")
     p.add_argument("--min-interactions", type=int, default=None, help="drop users with fewer (default per source)")
-    p.add_argument("--scale", default="small", help="synthetic preset: tiny, small, medium, large")
+    p.add_argument("--scale", default="small", help="synthetic preset: tiny, small, medium, long, large")
     p.add_argument("--users", type=int, help="synthetic: override the number of users")
     p.add_argument("--items", type=int, help="synthetic: override the number of items")
     p.add_argument("--seed", type=int, default=0)

@@ -68,7 +68,7 @@ def summary(out: Path, timings: dict[str, float], exchange: dict | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--scale", default="small", help="synthetic preset: tiny, small, medium, large")
+    p.add_argument("--scale", default="small", help="synthetic preset: tiny, small, medium, long, large")
     p.add_argument("--pretrain-epochs", type=int, default=2)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (0 = local mode)")

@@ -60,11 +60,13 @@ class SyntheticConfig:
 
     @staticmethod
     def preset(name: str, **overrides) -> SyntheticConfig:
-        """Named scales: tiny (tests), small (make run), medium, large (100k users × L = 2,000)."""
+        """Named scales: tiny (tests), small (make run), medium, long (2,000 users × L = 1,000–2,000, the paper's
+        history length at a size one machine trains), large (100k users × L = 2,000)."""
         presets: dict[str, dict] = {
             "tiny": dict(num_users=120, num_items=1500, num_topics=16, queries_per_topic=8, min_len=12, max_len=60),
             "small": dict(num_users=1500, num_items=20_000, num_topics=32, min_len=40, max_len=200),
             "medium": dict(num_users=10_000, num_items=50_000, num_topics=64, min_len=200, max_len=1000),
+            "long": dict(num_users=2000, num_items=50_000, num_topics=64, min_len=1000, max_len=2000),
             "large": dict(num_users=100_000, num_items=200_000, num_topics=128, min_len=1000, max_len=2000),
         }
         if name not in presets:

@@ -25,7 +25,7 @@ class ModelConfig:
     seed: int = 0
     # PSU (§3.3.1)
     n_chunks: int = 20  # N_ch: the alignment InfoNCE runs within L/N_ch-long chunks
-    temperature: float = 0.07  # alignment logits are cos / temperature
+    temperature: float = 0.07  # alignment logits are cos / temperature (≥ 0.025: see psu.clip_loss)
     w_next: float = 1.0
     w_align: float = 1.0
     w_rel: float = 1.0
@@ -57,7 +57,7 @@ class ModelConfig:
             "K": self.K > 0,
             "n_chunks": self.n_chunks > 0,
             "lam": 0.0 <= self.lam <= 1.0,
-            "temperature": self.temperature > 0,
+            "temperature": self.temperature >= 0.025,
             "max_len": self.max_len > 0,
             "qin_k1": self.qin_k1 >= self.qin_k2 > 0,
             "eta_bits": self.eta_bits > 0,

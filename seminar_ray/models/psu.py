@@ -36,29 +36,53 @@ def chunk(x: Tensor, n_chunks: int) -> Tensor:
     return x.reshape(b, n_chunks, size, *x.shape[2:])
 
 
+class _KeptExpSums(torch.autograd.Function):
+    """(r, c) [M, S]: row and column sums of K = exp(a·bᵀ) ⊙ distinct ⊙ (v vᵀ), for a, b [M, S, d] (a already divided
+    by τ), distinct [M, S, S] and v [M, S] 0/1; the backward pass writes one [M, S, S] gradient and no other."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, distinct: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        k = torch.bmm(a, b.transpose(1, 2)).exp_().mul_(distinct).mul_(v.unsqueeze(-1)).mul_(v.unsqueeze(-2))
+        ctx.save_for_backward(a, b, k)
+        return k.sum(-1), k.sum(-2)
+
+    @staticmethod
+    def backward(ctx, g_r: Tensor, g_c: Tensor):
+        a, b, k = ctx.saved_tensors
+        g = (k * g_r.unsqueeze(-1)).addcmul_(k, g_c.unsqueeze(-2))  # ∂/∂(a_i·b_j) = K_ij (g_r_i + g_c_j)
+        return torch.bmm(g, b), torch.bmm(g.transpose(1, 2), a), None, None
+
+
 def clip_loss(
     a: Tensor, b: Tensor, valid: Tensor, distinct: Tensor, temperature: float, by_chance: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """InfoNCE within chunks in both directions, a→b and b→a (sum over real rows, and their count); a, b [B, N, S, d].
+    """InfoNCE within chunks in both directions, a→b and b→a (sum over real rows, and their count).
 
-    Logits are cos / temperature; padding and missing features are masked out of rows and columns; another
-    behaviour with the same item is not used as a negative (`distinct` [B, N, S, S] False there, True on the diagonal).
-    Each row's loss is L(a→b) + L(b→a): the paper's ordered pairs (i, j) and (j, i) of §3.3.1. With `by_chance`, each
-    direction is divided by its value at chance, log(#candidates of the row), and the two are averaged: 1 at chance.
+    a, b [B, N, S, d] unit vectors (zero or any finite values on rows outside `valid`); valid [B, N, S]; distinct
+    [B, N, S, S] 1 where column j may be row i's negative (0 for another behaviour with the same item, 1 on the
+    diagonal). Logits are cos / τ; padding and missing features are masked out of rows and columns. Each row's loss
+    is L(a→b) + L(b→a): the paper's ordered pairs (i, j) and (j, i) of §3.3.1. With `by_chance`, each direction is
+    divided by its value at chance, log(#candidates of the row), and the two are averaged: 1 at chance.
+
+    No logsumexp: a logit is a cosine over τ, so |logit| ≤ 1/τ ≤ 40 (ModelConfig keeps τ ≥ 0.025) and exp(logit)
+    can neither overflow nor underflow in float32. One exp then serves both directions' sums, the masks are factors
+    applied in place, and the gradient is written once (_KeptExpSums): about a third of the memory passes over
+    [B, N, S, S] of a masked copy and two logsumexps, which bench/psu_reference.py keeps (tests check both agree).
     """
-    logits = torch.einsum("bnid,bnjd->bnij", a * (1.0 / temperature), b)
-    keep = valid.unsqueeze(-1) & valid.unsqueeze(-2) & distinct  # one mask serves both directions: bad rows are dropped
-    masked = logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
-    diag = torch.diagonal(logits, dim1=-2, dim2=-1)
-    a_to_b = torch.logsumexp(masked, dim=-1) - diag
-    b_to_a = torch.logsumexp(masked, dim=-2) - diag
-    if by_chance:
-        chance = (keep.sum(-1).clamp(min=2).log(), keep.sum(-2).clamp(min=2).log())
-        per_row = 0.5 * (a_to_b / chance[0].to(a_to_b.dtype) + b_to_a / chance[1].to(b_to_a.dtype))
+    v = valid.to(a.dtype)
+    a = a * (1.0 / temperature)
+    rows, cols = _KeptExpSums.apply(a.flatten(0, 1), b.flatten(0, 1), distinct.flatten(0, 1), v.flatten(0, 1))
+    tiny = torch.finfo(a.dtype).tiny
+    diag = (a * b).sum(-1)  # [B, N, S]
+    a_to_b = rows.view_as(diag).clamp(min=tiny).log() - diag
+    b_to_a = cols.view_as(diag).clamp(min=tiny).log() - diag
+    if by_chance:  # candidates of row i: its kept columns, as many as column i's kept rows (the mask is symmetric)
+        chance = torch.einsum("bnij,bnj->bni", distinct, v).clamp(min=2).log()
+        per_row = 0.5 * (a_to_b + b_to_a) / chance
     else:
         per_row = a_to_b + b_to_a
     per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
-    return per_row.sum(), valid.sum().to(logits.dtype)
+    return per_row.sum(), v.sum()
 
 
 def alignment_loss(
@@ -74,10 +98,13 @@ def alignment_loss(
     units, present, ids = chunk(units, n_chunks), chunk(present, n_chunks), chunk(item_ids, n_chunks)
     size = ids.shape[-1]
     distinct = (ids.unsqueeze(-1) != ids.unsqueeze(-2)) | torch.eye(size, dtype=torch.bool, device=ids.device)
+    distinct = distinct.to(units.dtype)  # [B, N, S, S], shared by the three pairs
+    # absent features become zero vectors (finite whatever the input); one unbind, so one gradient copy
+    channels = (units * present.unsqueeze(-1)).unbind(-2)
     total = units.new_zeros(())
     for i, j in ALIGN_PAIRS:
         valid = present[..., i] & present[..., j]
-        loss_sum, n = clip_loss(units[..., i, :], units[..., j, :], valid, distinct, temperature, by_chance)
+        loss_sum, n = clip_loss(channels[i], channels[j], valid, distinct, temperature, by_chance)
         total = total + loss_sum / n.clamp(min=1.0)
     return total / len(ALIGN_PAIRS) if by_chance else total
 
@@ -150,7 +177,8 @@ class PSU(nn.Module):
         table, q_rows, i_rows = self._encode(batch)
         return self._next_logits(table, q_rows, i_rows, batch["hist_items"])
 
-    def _alignment(self, table: PairTable, i_rows: Tensor, hist_items: Tensor) -> Tensor:
+    def _alignment_inputs(self, table: PairTable, i_rows: Tensor, hist_items: Tensor) -> tuple[Tensor, Tensor]:
+        """(units [B, L, 3, d]: each behaviour's T, I, A vectors normalised; present [B, L, 3]: real and existing)."""
         e = self.embedding
         units = F.embedding(i_rows, F.normalize(table.items, dim=-1).flatten(1)).unflatten(-1, table.items.shape[1:])
         present = torch.stack(
@@ -161,13 +189,13 @@ class PSU(nn.Module):
             ],
             dim=-1,
         ) & (hist_items != 0).unsqueeze(-1)
+        return units, present
+
+    def _alignment(self, table: PairTable, i_rows: Tensor, hist_items: Tensor) -> Tensor:
+        units, present = self._alignment_inputs(table, i_rows, hist_items)
+        cfg = self.cfg
         return alignment_loss(
-            units,
-            present,
-            hist_items,
-            self.cfg.n_chunks,
-            self.cfg.temperature,
-            by_chance=self.cfg.loss_norm == "chance",
+            units, present, hist_items, cfg.n_chunks, cfg.temperature, by_chance=cfg.loss_norm == "chance"
         )
 
     def _relevance(self, table: PairTable, q_rows: Tensor, i_rows: Tensor, batch: dict[str, Tensor]) -> Tensor:

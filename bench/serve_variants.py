@@ -54,7 +54,8 @@ class FloorRetriever:
     @floor_api.post("/v1/score", response_model=ScoreResponse)
     async def score(self, req: ScoreRequest) -> ScoreResponse:
         candidates = np.asarray(req.candidates, dtype=np.int64)
-        job = ScoreJob(EMPTY, EMPTY, np.zeros((len(candidates), 0), np.int16), candidates, 0, 0, FLOOR_VERSION)
+        job = ScoreJob(hist_queries=EMPTY, hist_items=EMPTY, topk=np.zeros((len(candidates), 0), np.int16),
+                       candidates=candidates, query_id=0, history_len=0, index_version=FLOOR_VERSION)
         scores, version = await self.scorer.score.remote(job.to_wire())
         return ScoreResponse(scores=scores, model_version=version, index_version=FLOOR_VERSION, query_id=0,
                              history_len=0)

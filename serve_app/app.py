@@ -81,8 +81,8 @@ class HistoryWriter:
     def __init__(self, store: str):
         self.store = LogHistoryStore(store, writer=True)
 
-    def append(self, user_id: int, item_ids: list[int], query_ids: list[int], timestamps: list[int]) -> int:
-        return self.store.append(user_id, item_ids, query_ids, timestamps)
+    def append(self, user_id: int, query_ids: list[int], item_ids: list[int], timestamps: list[int]) -> int:
+        return self.store.append(user_id, query_ids, item_ids, timestamps)
 
     def pid(self) -> int:
         return os.getpid()
@@ -193,7 +193,7 @@ class Retriever:
             raise HTTPException(status_code=e.status, detail=str(e)) from e
         now = int(time.time())
         stamps = [e.timestamp if e.timestamp is not None else now for e in req.events]
-        seq = await self.writer.append.remote(req.user_id, items, queries, stamps)
+        seq = await self.writer.append.remote(req.user_id, queries, items, stamps)
         loaded = self.loaded
         return EventsResponse(seq=seq, appended=len(items), model_version=loaded.model_version,
                               index_version=loaded.index_version)

@@ -245,11 +245,11 @@ def test_querymatch_pop_ranks_candidates_of_the_targets_derived_query_first():
     from seminar_ray.data.splits import SequenceBatch
 
     # two users; items 1, 2 carry query 7, item 3 query 9; the last two behaviours of each user are held out
-    seqs = SequenceBatch(user_id=np.array([1, 2]), items=np.array([1, 3, 3, 2, 1, 2, 1, 3, 3]),
-                         queries=np.array([7, 9, 9, 7, 7, 7, 7, 9, 9]), offsets=np.array([0, 5, 9]))
+    seqs = SequenceBatch(user_id=np.array([1, 2]), queries=np.array([7, 9, 9, 7, 7, 7, 7, 9, 9]),
+                         items=np.array([1, 3, 3, 2, 1, 2, 1, 3, 3]), offsets=np.array([0, 5, 9]))
     np.testing.assert_array_equal(item_queries(seqs, 4), [0, 7, 7, 9, 0])
-    targets, queries = np.array([[2, 3, 4]]), np.array([[7, 7, 7]])
-    pop = rule_scores("popularity", seqs, 4, targets, queries)
+    queries, targets = np.array([[7, 7, 7]]), np.array([[2, 3, 4]])
+    pop = rule_scores("popularity", seqs, 4, queries, targets)
     assert pop[0, 1] > pop[0, 0], "item 3 is the more popular"
-    match = rule_scores("querymatch_pop", seqs, 4, targets, queries)
+    match = rule_scores("querymatch_pop", seqs, 4, queries, targets)
     assert match[0].argmax() == 0 and match[0, 1] > match[0, 2], "query match first, then popularity"

@@ -27,8 +27,8 @@ def normalise_text(text: str) -> str:
 class Catalog:
     """Validates ids against the dataset's tables and maps query text to a query id (exact match after normalising)."""
 
-    def __init__(self, num_items: int, num_queries: int, query_text: dict[str, int], limits: Limits | None = None):
-        self.num_items, self.num_queries, self.limits = num_items, num_queries, limits or Limits()
+    def __init__(self, num_queries: int, num_items: int, query_text: dict[str, int], limits: Limits | None = None):
+        self.num_queries, self.num_items, self.limits = num_queries, num_items, limits or Limits()
         self.query_text = query_text
 
     @classmethod
@@ -36,7 +36,7 @@ class Catalog:
         meta = DatasetMeta.load(data_dir)
         queries = read_table(data_dir, "queries", ["query_id", "text"]).to_pydict()
         text = {normalise_text(t): int(q) for q, t in zip(queries["query_id"], queries["text"]) if t}
-        return cls(meta.num_items, meta.num_queries, text, limits)
+        return cls(meta.num_queries, meta.num_items, text, limits)
 
     def resolve_query(self, query: QueryField) -> tuple[int, str | None]:
         """(query id, note): an id is checked, a known text maps to its id, an unknown text to the empty query."""

@@ -99,19 +99,36 @@ def test_unknown_retrieval_method_is_refused(stages):
 
 
 def test_catalog_validation(artefacts):
-    catalog = Catalog.load(artefacts.data, Limits(max_candidates=5, max_query_chars=20))
+    catalog = Catalog.load(artefacts.data, Limits(max_candidates=5, max_query_chars=20, max_events=3))
     text = next(iter(catalog.query_text))
     assert catalog.resolve_query(text.upper())[0] == catalog.query_text[text]
     assert catalog.resolve_query(None) == (0, None)
     qid, note = catalog.resolve_query("never typed")
     assert qid == 0 and "empty query" in note
+    score = ScoreRequest(user_id=1, query=text, candidates=[2, 1])
+    assert catalog.check_score(score)[:2] == (catalog.query_text[text], None)
+    assert catalog.check_score(score)[2].tolist() == [2, 1]
+    events = EventsRequest(user_id=1, events=[{"item_id": 3}, {"item_id": 4, "query": text}])
+    assert catalog.check_events(events) == ([0, catalog.query_text[text]], [3, 4])
+    too_many = EventsRequest(user_id=1, events=[{"item_id": 1}] * 4)
     for call, match in ((lambda: catalog.validate_candidates([1, catalog.num_items + 1]), "unknown candidate"),
                         (lambda: catalog.validate_candidates([1] * 6), "limit is 5"),
                         (lambda: catalog.resolve_query("x" * 21), "limit is 20"),
-                        (lambda: catalog.resolve_query(catalog.num_queries + 1), "unknown query id")):
+                        (lambda: catalog.resolve_query(catalog.num_queries + 1), "unknown query id"),
+                        (lambda: catalog.check_events(too_many), "4 events, the limit is 3")):
         with pytest.raises(RequestError, match=match) as err:
             call()
         assert 400 <= err.value.status < 500
+
+
+def test_a_request_error_becomes_the_http_answer_with_its_status():
+    from fastapi import HTTPException
+
+    from seminar_ray.serving.api import http_errors
+
+    with pytest.raises(HTTPException) as err, http_errors():
+        raise RequestError("no such user", status=404)
+    assert (err.value.status_code, err.value.detail) == (404, "no such user")
 
 
 @pytest.mark.parametrize("body", [{"candidates": [1]}, {"user_id": 1, "candidates": []},

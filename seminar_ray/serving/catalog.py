@@ -8,7 +8,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from seminar_ray.data.schema import EMPTY_QUERY, DatasetMeta, read_table
-from seminar_ray.serving.api import QueryField, RequestError
+from seminar_ray.serving.api import EventsRequest, QueryField, RequestError, ScoreRequest
 
 
 class Limits(BaseModel):
@@ -64,3 +64,15 @@ class Catalog:
         if len(candidates) > self.limits.max_candidates:
             raise RequestError(f"{len(candidates)} candidates, the limit is {self.limits.max_candidates}")
         return self.check_items(candidates)
+
+    def check_score(self, req: ScoreRequest) -> tuple[int, str | None, np.ndarray]:
+        """(query id, note, candidate ids) of a score request; RequestError for one the service refuses."""
+        query_id, note = self.resolve_query(req.query)
+        return query_id, note, self.validate_candidates(req.candidates)
+
+    def check_events(self, req: EventsRequest) -> tuple[list[int], list[int]]:
+        """(query ids, item ids) of an events request; RequestError for one the service refuses."""
+        if len(req.events) > self.limits.max_events:
+            raise RequestError(f"{len(req.events)} events, the limit is {self.limits.max_events}")
+        items = self.check_items([e.item_id for e in req.events], what="event").tolist()
+        return [self.resolve_query(e.query)[0] for e in req.events], items

@@ -13,8 +13,8 @@ from seminar_ray.models.config import ModelConfig
 from seminar_ray.models.layers import (
     MLP,
     ChannelProjection,
+    EmbeddingModel,
     MultiHeadTargetAttention,
-    MultiModalEmbedding,
     gather_rows,
     masked_mean,
     masked_softmax,
@@ -34,7 +34,7 @@ class Encoded:
     target_channels: Tensor
 
 
-class LifelongCTR(nn.Module):
+class LifelongCTR(EmbeddingModel):
     """Two-stage CTR model: `retrieve` picks top-K history positions per target, ESU attends over them, MLP scores.
 
     Subclasses define `retrieve`; everything else (inputs, ESU, MLP, loss, serving entry) is shared.
@@ -43,10 +43,8 @@ class LifelongCTR(nn.Module):
     kind = "ctr"
 
     def __init__(self, cfg: ModelConfig, tables: EntityTables):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg, tables)
         d = cfg.d
-        self.embedding = MultiModalEmbedding(cfg, tables)
         self.esu = MultiHeadTargetAttention(d, cfg.heads)
         # MLP input: [lifelong-sequence vector, target pair vector, recent-history vector, target channels Q,T,I,A]
         self.mlp = MLP(7 * d, cfg.mlp_hidden)

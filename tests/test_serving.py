@@ -98,7 +98,7 @@ def test_unknown_retrieval_method_is_refused(stages):
         RetrievalStage(model, retrieval.index, method="hnsw")
 
 
-def test_catalog_validation(artefacts):
+def test_catalog_resolves_queries_and_refuses_bad_ids_and_limits_with_4xx(artefacts):
     catalog = Catalog.load(artefacts.data, Limits(max_candidates=5, max_query_chars=20, max_events=3))
     text = next(iter(catalog.query_text))
     assert catalog.resolve_query(text.upper())[0] == catalog.query_text[text]

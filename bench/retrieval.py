@@ -48,7 +48,7 @@ ADC_SERVING = {"folded_n_sub": 32, "folded_n_centroids": 16, "rerank_factor": 8}
 SERVING = {"sketch_dim": 32, "z": 3.0}  # int8 key sketch (32 B per entity), adaptive 3σ margin, fixed a priori
 
 
-def channel_tables(rng, n_items: int, n_queries: int, mu, gamma, gate_noise: float = 0.0) -> GSUTables:
+def channel_tables(rng, n_queries: int, n_items: int, mu, gamma, gate_noise: float = 0.0) -> GSUTables:
     """Per-channel N(μ_j, 1) vectors; μ, γ in (Q, A, T, I) order; GSUTables keeps items as (T, I, A)."""
     mq, ma, mt, mi = mu
     items = np.empty((n_items + 1, 3, D), np.float32)
@@ -220,13 +220,13 @@ def zipf_sampler(rng, n: int, s: float = 1.0):
     return lambda size: ids[np.minimum(np.searchsorted(cdf, rng.random(size)), n - 1)]
 
 
-def catalog_scenario(Ls, n_users, out, paired, n_items=1_000_000, n_queries=100_000, rq_train=32768, seed=0):
+def catalog_scenario(Ls, n_users, out, paired, n_queries=100_000, n_items=1_000_000, rq_train=32768, seed=0):
     """The system's layout: per-channel N(μ,1) entities with an item-dependent gate, Zipf histories by id, 64
     candidates sharing the target's query. Users are drawn from seed + 1 (the sketch margin was fixed on seed 0)."""
     rng = np.random.default_rng(seed)
     mu, gamma = GROUPS["diff_norm_same_gamma"]
     t0 = time.perf_counter()
-    tables = channel_tables(rng, n_items, n_queries, mu, (0.5, 0.5 / 3, 0.5 / 3, 0.5 / 3), gate_noise=0.5)
+    tables = channel_tables(rng, n_queries, n_items, mu, (0.5, 0.5 / 3, 0.5 / 3, 0.5 / 3), gate_noise=0.5)
     print(f"[catalog] tables in {time.perf_counter() - t0:.1f}s", flush=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -249,7 +249,7 @@ def catalog_scenario(Ls, n_users, out, paired, n_items=1_000_000, n_queries=100_
         histories[L] = users
     rq_items = np.unique(np.concatenate([h[1] for us in histories.values() for h in us]))
     rq_queries = np.unique(np.concatenate([h[0] for us in histories.values() for h in us]))
-    rq = RQRetriever(tables, encode_ids=(rq_items, rq_queries), max_train=rq_train)
+    rq = RQRetriever(tables, encode_ids=(rq_queries, rq_items), max_train=rq_train)
     print(f"[catalog] all built in {time.perf_counter() - t0:.1f}s", flush=True)
     retrievers = [ExactRetriever.from_tables(tables), *serving_retrievers(index),
                   ADCRetriever(index), ChannelADCRetriever(index), SymmetricPQRetriever(index),
@@ -315,7 +315,7 @@ def checkpoint_scenario(checkpoint: str, data: str, Ls, n_users: int, out, paire
             cand = np.concatenate([items[-1:], rng.integers(1, entities.meta.num_items + 1, C - 1)])
             with torch.no_grad():
                 u = model.gsu_target_vectors(
-                    target_items=torch.from_numpy(cand), target_queries=torch.full((C,), int(queries[-1]))).numpy()
+                    target_queries=torch.full((C,), int(queries[-1])), target_items=torch.from_numpy(cand)).numpy()
             users.append((hq, hi, np.ascontiguousarray(u, dtype=np.float32), None))
         lengths = [len(h[1]) for h in users]
         print(f"[checkpoint] L ≤ {L}: {len(users)} users, history lengths {min(lengths)}..{max(lengths)}", flush=True)

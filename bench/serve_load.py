@@ -54,7 +54,7 @@ def percentiles(lat_s: list[float]) -> dict:
 class Requests:
     """Deterministic request bodies: users with full histories, 100 random candidates, a query id or none."""
 
-    def __init__(self, users: list[int], num_items: int, num_queries: int, seed: int = 0):
+    def __init__(self, users: list[int], num_queries: int, num_items: int, seed: int = 0):
         rng = np.random.default_rng(seed)
         self.bodies = [{"user_id": int(rng.choice(users)),
                         "candidates": (rng.choice(num_items, CANDIDATES, replace=False) + 1).tolist(),
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     users = [u for u, items in zip(seqs["user_id"], seqs["item_ids"]) if len(items) >= L]
     if not users:
         raise SystemExit(f"{art['data']}: no user has a history of {L}; pass data with long histories or none")
-    reqs = Requests(users, meta.num_items, meta.num_queries)
+    reqs = Requests(users, meta.num_queries, meta.num_items)
     result: dict = {"candidates": CANDIDATES, "L": L, "quick": args.quick, "headline_concurrency": plan.headline,
                     "retrieval": args.retrieval,
                     "load_avg_before": os.getloadavg(), "artefacts_s": time.time() - t_start,

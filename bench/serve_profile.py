@@ -143,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     art = build_default_artefacts(root, users=24)
     meta = DatasetMeta.load(art["data"])
     seqs = read_table(art["data"], "sequences", ["user_id", "item_ids"]).to_pydict()
-    reqs = Requests([u for u, i in zip(seqs["user_id"], seqs["item_ids"]) if len(i) >= L], meta.num_items,
-                    meta.num_queries)
+    reqs = Requests([u for u, i in zip(seqs["user_id"], seqs["item_ids"]) if len(i) >= L], meta.num_queries,
+                    meta.num_items)
     base = {**art, "limits": {"max_candidates": 200}}
     set_ingress_env(args.ingress)
     os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "2"

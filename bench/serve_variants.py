@@ -14,12 +14,13 @@ the pickled routes, or it reads them as query parameters.
 import time
 
 import numpy as np
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from seminar_ray.serving import (Catalog, Limits, LogHistoryStore, RequestError, RetrievalStage, ScoreJob, ScoreRequest,
+from seminar_ray.serving import (Catalog, Limits, LogHistoryStore, RetrievalStage, ScoreJob, ScoreRequest,
                                  ScoreResponse, ScoringStage)
+from seminar_ray.serving.api import http_errors
 from serve_app.app import QUIET, AppArgs, load_model, one_compute_thread, retry_once, strict_json_errors
 
 FLOOR_VERSION = "zero-work"
@@ -54,7 +55,8 @@ class FloorRetriever:
     @floor_api.post("/v1/score", response_model=ScoreResponse)
     async def score(self, req: ScoreRequest) -> ScoreResponse:
         candidates = np.asarray(req.candidates, dtype=np.int64)
-        job = ScoreJob(EMPTY, EMPTY, np.zeros((len(candidates), 0), np.int16), candidates, 0, 0, FLOOR_VERSION)
+        job = ScoreJob(hist_queries=EMPTY, hist_items=EMPTY, topk=np.zeros((len(candidates), 0), np.int16),
+                       candidates=candidates, query_id=0, history_len=0, index_version=FLOOR_VERSION)
         scores, version = await self.scorer.score.remote(job.to_wire())
         return ScoreResponse(scores=scores, model_version=version, index_version=FLOOR_VERSION, query_id=0,
                              history_len=0)
@@ -107,11 +109,8 @@ class Ingress:
 
     @split_api.post("/v1/score", response_model=ScoreResponse)
     async def score(self, req: ScoreRequest) -> ScoreResponse:
-        try:
-            query_id, note = self.catalog.resolve_query(req.query)
-            candidates = self.catalog.validate_candidates(req.candidates)
-        except RequestError as e:
-            raise HTTPException(status_code=e.status, detail=str(e)) from e
+        with http_errors():
+            query_id, note, candidates = self.catalog.check_score(req)
         wire = await retry_once(lambda: self.retriever.prepare.remote(req.user_id, query_id, candidates))
         scores, version = await retry_once(lambda: self.scorer.score.remote(wire))
         job = ScoreJob.from_wire(wire)

@@ -119,6 +119,7 @@ def free_gcs_port(low: int = 20000, high: int = 40000) -> int:
     import random
     import socket
 
+    # private: no public Ray API lists the GCS addresses of the other Ray instances on this machine
     from ray._private.services import find_gcs_addresses
 
     taken = {int(a.rsplit(":", 1)[1]) for a in find_gcs_addresses() if ":" in a}

@@ -51,7 +51,7 @@ def item_queries(seqs: SequenceBatch, num_items: int) -> np.ndarray:
 
 
 def rule_scores(
-    rule: str, seqs: SequenceBatch, num_items: int, target_items: np.ndarray, target_queries: np.ndarray
+    rule: str, seqs: SequenceBatch, num_items: int, target_queries: np.ndarray, target_items: np.ndarray
 ) -> np.ndarray:
     """[targets, C] scores of `rule` for the candidate lists (item ids 1..num_items)."""
     popularity = item_popularity(seqs, num_items)
@@ -72,7 +72,7 @@ def evaluate_rule(rule: str, data: str | Path, split: str = "test", eval_seed: i
     out = evaluate_scores(
         ev["user_id"],
         ev["target_queries"],
-        rule_scores(rule, seqs, cfg.num_items, ev["target_items"], ev["target_queries"]),
+        rule_scores(rule, seqs, cfg.num_items, ev["target_queries"], ev["target_items"]),
     )
     out.update(
         split=split,

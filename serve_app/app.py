@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -22,9 +22,9 @@ from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from seminar_ray.serving import (Catalog, EventsRequest, EventsResponse, HealthResponse, Limits, LogHistoryStore,
-                                 RequestError, RetrievalStage, ScoreJob, ScoreRequest, ScoreResponse, ScoringStage,
+                                 RetrievalStage, ScoreJob, ScoreRequest, ScoreResponse, ScoringStage,
                                  load_serving_model)
-from seminar_ray.serving.api import json_safe
+from seminar_ray.serving.api import http_errors, json_safe
 
 
 class AppArgs(BaseModel):
@@ -81,8 +81,8 @@ class HistoryWriter:
     def __init__(self, store: str):
         self.store = LogHistoryStore(store, writer=True)
 
-    def append(self, user_id: int, item_ids: list[int], query_ids: list[int], timestamps: list[int]) -> int:
-        return self.store.append(user_id, item_ids, query_ids, timestamps)
+    def append(self, user_id: int, query_ids: list[int], item_ids: list[int], timestamps: list[int]) -> int:
+        return self.store.append(user_id, query_ids, item_ids, timestamps)
 
     def pid(self) -> int:
         return os.getpid()
@@ -166,11 +166,8 @@ class Retriever:
     @api.post("/v1/score", response_model=ScoreResponse)
     async def score(self, req: ScoreRequest) -> ScoreResponse:
         """POST /v1/score, the whole request path (also callable through a handle with a ScoreRequest)."""
-        try:
-            query_id, note = self.catalog.resolve_query(req.query)
-            candidates = self.catalog.validate_candidates(req.candidates)
-        except RequestError as e:
-            raise HTTPException(status_code=e.status, detail=str(e)) from e
+        with http_errors():
+            query_id, note, candidates = self.catalog.check_score(req)
         loaded = self.loaded
         self.history.refresh()  # read-your-writes: every acknowledged append is in the log
         history = self.history.history(req.user_id, loaded.stage.max_len)
@@ -184,16 +181,11 @@ class Retriever:
     @api.post("/v1/events", response_model=EventsResponse)
     async def events(self, req: EventsRequest) -> EventsResponse:
         """POST /v1/events: answered once the writer has fsynced the append."""
-        try:
-            if len(req.events) > self.catalog.limits.max_events:
-                raise RequestError(f"{len(req.events)} events, the limit is {self.catalog.limits.max_events}")
-            items = self.catalog.check_items([e.item_id for e in req.events], what="event").tolist()
-            queries = [self.catalog.resolve_query(e.query)[0] for e in req.events]
-        except RequestError as e:
-            raise HTTPException(status_code=e.status, detail=str(e)) from e
+        with http_errors():
+            queries, items = self.catalog.check_events(req)
         now = int(time.time())
         stamps = [e.timestamp if e.timestamp is not None else now for e in req.events]
-        seq = await self.writer.append.remote(req.user_id, items, queries, stamps)
+        seq = await self.writer.append.remote(req.user_id, queries, items, stamps)
         loaded = self.loaded
         return EventsResponse(seq=seq, appended=len(items), model_version=loaded.model_version,
                               index_version=loaded.index_version)

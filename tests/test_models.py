@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from seminar_ray.data.entities import EntityTables
 from seminar_ray.data.schema import DatasetMeta
 from seminar_ray.models import MODELS, ModelConfig, build_model, export_gsu_tables, load_checkpoint, save_checkpoint
+from seminar_ray.models.base import PAIR_KEYS
 from seminar_ray.models.layers import (Channels, MultiHeadTargetAttention, gather_rows, masked_softmax, masked_topk)
 from seminar_ray.models.psu import RelevanceHead, alignment_loss, derangement, relevance_loss
 from seminar_ray.models.seminar import gsu_target_tables, restore_psu
@@ -22,7 +23,7 @@ FROZEN = ("item_text", "item_image", "query_text", "item_text_mask", "item_image
           "item_attrs", "query_tokens")
 
 
-def make_tables(n_items: int = N_ITEMS, n_queries: int = N_QUERIES, seed: int = 0) -> EntityTables:
+def make_tables(n_queries: int = N_QUERIES, n_items: int = N_ITEMS, seed: int = 0) -> EntityTables:
     """Random entity tables with some missing text/image features, ragged attributes and ragged query tokens."""
     rng = np.random.default_rng(seed)
     text = rng.normal(size=(n_items + 1, 512)).astype(np.float32)
@@ -197,7 +198,7 @@ def test_topk_never_selects_padding_while_real_items_remain():
 
 def test_model_gsu_topk_selects_only_real_behaviours(cfg, tables, batch):
     model = build_model("seminar", cfg, tables)
-    enc = model.encode(batch["hist_items"], batch["hist_queries"], batch["target_items"], batch["target_queries"])
+    enc = model.encode_batch(batch)
     idx, _ = model.retrieve(enc, with_aux=False)
     real = batch["hist_items"] != 0
     for row in range(B):
@@ -374,7 +375,7 @@ def test_gsu_export_reproduces_model_scores(cfg, tables, batch):
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
         scores = model.gsu_scores(batch)  # [B, C, L]
-        u = model.gsu_target_vectors(target_items=batch["target_items"], target_queries=batch["target_queries"])
+        u = model.gsu_target_vectors(target_queries=batch["target_queries"], target_items=batch["target_items"])
     gsu = export_gsu_tables(model)
     assert gsu.item_channels.shape == (N_ITEMS + 1, 3, cfg.d) and gsu.query_channel.shape == (N_QUERIES + 1, cfg.d)
     for row in range(2):
@@ -389,10 +390,10 @@ def test_gsu_target_tables_sum_to_the_models_target_vectors(cfg, tables, batch):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-        u = model.gsu_target_vectors(target_items=batch["target_items"], target_queries=batch["target_queries"]).numpy()
-    items, queries = gsu_target_tables(model)
-    assert items.shape == (N_ITEMS + 1, cfg.d) and queries.shape == (N_QUERIES + 1, cfg.d)
-    summed = items[batch["target_items"].numpy()] + queries[batch["target_queries"].numpy()]
+        u = model.gsu_target_vectors(target_queries=batch["target_queries"], target_items=batch["target_items"]).numpy()
+    queries, items = gsu_target_tables(model)
+    assert queries.shape == (N_QUERIES + 1, cfg.d) and items.shape == (N_ITEMS + 1, cfg.d)
+    summed = queries[batch["target_queries"].numpy()] + items[batch["target_items"].numpy()]
     np.testing.assert_allclose(summed, u, rtol=1e-5, atol=1e-6)
 
 
@@ -423,16 +424,15 @@ def test_cached_entities_score_like_projected_ones_and_training_drops_the_cache(
 def test_scoring_a_given_topk_equals_forward(kind, cfg, tables, batch):
     model = build_model(kind, cfg, tables).eval()
     with torch.no_grad():
-        enc = model.encode(batch["hist_items"], batch["hist_queries"], batch["target_items"], batch["target_queries"])
+        enc = model.encode_batch(batch)
         idx, _ = model.retrieve(enc, with_aux=False)
-        served = model.score_with_topk(batch["hist_items"], batch["hist_queries"], idx, batch["target_items"],
-                                       batch["target_queries"])
+        pairs = {key: batch[key] for key in PAIR_KEYS}
+        served = model.score_with_topk(topk_idx=idx, **pairs)
         assert torch.allclose(served, model(batch), atol=1e-6)
         bad = idx.clone()
         bad[0, 0, 0] = L
         with pytest.raises(ValueError, match="position"):
-            model.score_with_topk(batch["hist_items"], batch["hist_queries"], bad, batch["target_items"],
-                                  batch["target_queries"])
+            model.score_with_topk(topk_idx=bad, **pairs)
 
 
 def test_ctr_scores_candidates_against_one_history_encoding(cfg, tables):

@@ -150,31 +150,37 @@ def test_amazon_gzipped_files_read_the_same(tmp_path):
     assert zipped.sequences.equals(plain.sequences) and zipped.items.equals(plain.items)
 
 
-@pytest.mark.parametrize("source, edit, message", [
-    ("recbole", lambda r: (r / "ml.inter").unlink(), "expected exactly one .inter file"),
-    ("recbole", lambda r: (r / "ml.inter").write_text(""), "ml.inter: empty file"),
-    ("recbole", lambda r: (r / "ml.inter").write_text("user_id:token\titem_id:token\n"), "ml.inter: no data rows"),
-    ("recbole", lambda r: _replace(r / "ml.inter", "user_id:token", "uid:token"), "missing column(s) ['user_id:token']"),
-    ("recbole", lambda r: _replace(r / "ml.inter", "978100000", "yesterday"), "column 'timestamp:float', row 4 (line 6): unparsable timestamp 'yesterday'"),
-    ("recbole", lambda r: _replace(r / "ml.inter", "C3\tm30", "C3\tm99"), "column 'item_id:token', row 5 (line 7): references an unknown item 'm99'"),
-    ("recbole", lambda r: _replace(r / "ml.item", "release_year:token", "release_year"), "header field 'release_year' is not name:type"),
-    ("kuaisar", lambda r: (r / "src_inter.csv").unlink(), "src_inter.csv: missing file"),
-    ("kuaisar", lambda r: (r / "rec_inter.csv").write_text(""), "rec_inter.csv: empty file"),
-    ("kuaisar", lambda r: _replace(r / "src_inter.csv", '"[34]"', '"[34, x]"'), "src_inter.csv: column 'keyword', row 2 (line 4): malformed id list"),
-    ("kuaisar", lambda r: _replace(r / "src_inter.csv", '"[7]"', "20 34"), "column 'keyword', row 1 (line 3): malformed id list"),
-    ("kuaisar", lambda r: _replace(r / "rec_inter.csv", "1654041603000.0", "noon"), "rec_inter.csv: column 'timestamp', row 2 (line 4): unparsable timestamp 'noon'"),
-    ("kuaisar", lambda r: _replace(r / "rec_inter.csv", ",click,", ",clicked,"), "rec_inter.csv: missing column(s) ['click']"),
-    ("kuaisar", lambda r: _replace(r / "src_inter.csv", "SEARCH_BOX,16,1", "SEARCH_BOX,77,1"), "src_inter.csv: column 'item_id', row 2 (line 4): references an unknown item 77"),
-    ("amazon", lambda r: (r / "meta_Movies_and_TV.json").unlink(), "expected one reviews file and one meta_* file"),
-    ("amazon", lambda r: (r / "Movies_and_TV_5.json").write_text(""), "Movies_and_TV_5.json: empty file"),
-    ("amazon", lambda r: _replace(r / "Movies_and_TV_5.json", "1420000000", '"soon"'), "Movies_and_TV_5.json: column 'unixReviewTime', row 3 (line 4): unparsable timestamp 'soon'"),
-    ("amazon", lambda r: _replace(r / "Movies_and_TV_5.json", '"asin": "B000ASIN02", "unixReviewTime"', '"asin": "B999", "unixReviewTime"'), "column 'asin', row 5 (line 6): references an unknown item 'B999'"),
-    ("amazon", lambda r: _replace(r / "Movies_and_TV_5.json", '"reviewerID": "R3", ', ""), "line 6: missing field 'reviewerID'"),
-    ("amazon", lambda r: _replace(r / "meta_Movies_and_TV.json", '{"asin": "B000UNUSED"', '{asin: B000UNUSED'), "meta_Movies_and_TV.json: line 5: neither JSON nor a Python literal"),
+# change: None deletes the file, a string is its new content, (old, new) replaces the first old
+@pytest.mark.parametrize("source, file, change, message", [
+    ("recbole", "ml.inter", None, "expected exactly one .inter file"),
+    ("recbole", "ml.inter", "", "ml.inter: empty file"),
+    ("recbole", "ml.inter", "user_id:token\titem_id:token\n", "ml.inter: no data rows"),
+    ("recbole", "ml.inter", ("user_id:token", "uid:token"), "missing column(s) ['user_id:token']"),
+    ("recbole", "ml.inter", ("978100000", "yesterday"), "column 'timestamp:float', row 4 (line 6): unparsable timestamp 'yesterday'"),
+    ("recbole", "ml.inter", ("C3\tm30", "C3\tm99"), "column 'item_id:token', row 5 (line 7): references an unknown item 'm99'"),
+    ("recbole", "ml.item", ("release_year:token", "release_year"), "header field 'release_year' is not name:type"),
+    ("kuaisar", "src_inter.csv", None, "src_inter.csv: missing file"),
+    ("kuaisar", "rec_inter.csv", "", "rec_inter.csv: empty file"),
+    ("kuaisar", "src_inter.csv", ('"[34]"', '"[34, x]"'), "src_inter.csv: column 'keyword', row 2 (line 4): malformed id list"),
+    ("kuaisar", "src_inter.csv", ('"[7]"', "20 34"), "column 'keyword', row 1 (line 3): malformed id list"),
+    ("kuaisar", "rec_inter.csv", ("1654041603000.0", "noon"), "rec_inter.csv: column 'timestamp', row 2 (line 4): unparsable timestamp 'noon'"),
+    ("kuaisar", "rec_inter.csv", (",click,", ",clicked,"), "rec_inter.csv: missing column(s) ['click']"),
+    ("kuaisar", "src_inter.csv", ("SEARCH_BOX,16,1", "SEARCH_BOX,77,1"), "src_inter.csv: column 'item_id', row 2 (line 4): references an unknown item 77"),
+    ("amazon", "meta_Movies_and_TV.json", None, "expected one reviews file and one meta_* file"),
+    ("amazon", "Movies_and_TV_5.json", "", "Movies_and_TV_5.json: empty file"),
+    ("amazon", "Movies_and_TV_5.json", ("1420000000", '"soon"'), "Movies_and_TV_5.json: column 'unixReviewTime', row 3 (line 4): unparsable timestamp 'soon'"),
+    ("amazon", "Movies_and_TV_5.json", ('"asin": "B000ASIN02", "unixReviewTime"', '"asin": "B999", "unixReviewTime"'), "column 'asin', row 5 (line 6): references an unknown item 'B999'"),
+    ("amazon", "Movies_and_TV_5.json", ('"reviewerID": "R3", ', ""), "line 6: missing field 'reviewerID'"),
+    ("amazon", "meta_Movies_and_TV.json", ('{"asin": "B000UNUSED"', '{asin: B000UNUSED'), "meta_Movies_and_TV.json: line 5: neither JSON nor a Python literal"),
 ])
-def test_bad_input_is_a_data_error_naming_its_file_column_and_row(tmp_path, source, edit, message):
+def test_bad_input_is_a_data_error_naming_its_file_column_and_row(tmp_path, source, file, change, message):
     root = copy_fixture(source, tmp_path)
-    edit(root)
+    if change is None:
+        (root / file).unlink()
+    elif isinstance(change, str):
+        (root / file).write_text(change)
+    else:
+        _replace(root / file, *change)
     reader = {"recbole": recbole, "kuaisar": kuaisar, "amazon": amazon}[source]
     with pytest.raises(DataError) as err:
         reader.read(root, min_interactions=1, max_len=10)
@@ -245,11 +251,11 @@ def test_querymatch_pop_ranks_candidates_of_the_targets_derived_query_first():
     from seminar_ray.data.splits import SequenceBatch
 
     # two users; items 1, 2 carry query 7, item 3 query 9; the last two behaviours of each user are held out
-    seqs = SequenceBatch(user_id=np.array([1, 2]), items=np.array([1, 3, 3, 2, 1, 2, 1, 3, 3]),
-                         queries=np.array([7, 9, 9, 7, 7, 7, 7, 9, 9]), offsets=np.array([0, 5, 9]))
+    seqs = SequenceBatch(user_id=np.array([1, 2]), queries=np.array([7, 9, 9, 7, 7, 7, 7, 9, 9]),
+                         items=np.array([1, 3, 3, 2, 1, 2, 1, 3, 3]), offsets=np.array([0, 5, 9]))
     np.testing.assert_array_equal(item_queries(seqs, 4), [0, 7, 7, 9, 0])
-    targets, queries = np.array([[2, 3, 4]]), np.array([[7, 7, 7]])
-    pop = rule_scores("popularity", seqs, 4, targets, queries)
+    queries, targets = np.array([[7, 7, 7]]), np.array([[2, 3, 4]])
+    pop = rule_scores("popularity", seqs, 4, queries, targets)
     assert pop[0, 1] > pop[0, 0], "item 3 is the more popular"
-    match = rule_scores("querymatch_pop", seqs, 4, targets, queries)
+    match = rule_scores("querymatch_pop", seqs, 4, queries, targets)
     assert match[0].argmax() == 0 and match[0, 1] > match[0, 2], "query match first, then popularity"

@@ -17,7 +17,7 @@ from seminar_ray.retrieval.tables import GSUTables
 D = 16
 
 
-def make_tables(n_items: int = 3000, n_queries: int = 1500, seed: int = 0) -> GSUTables:
+def make_tables(n_queries: int = 1500, n_items: int = 3000, seed: int = 0) -> GSUTables:
     rng = np.random.default_rng(seed)
     gamma = rng.dirichlet(np.ones(3), size=n_items + 1).astype(np.float32) * 0.5
     gamma[0] = 0
@@ -68,10 +68,11 @@ def test_adc_equals_exact_when_codebook_is_the_data():
     assert np.array_equal(codec.decode(codec.encode(t.item_channels[1:, 0])), t.item_channels[1:, 0])
     hq, hi = np.arange(1, 51).repeat(4), np.arange(1, 201)
     u = rng.standard_normal((5, D)).astype(np.float32)
-    index = PQIndex("lossless", {p: codec for p in CHANNEL_PARTS},
-                    {p: codec.encode(t.item_channels[:, j]) for j, p in enumerate(CHANNEL_PARTS[:3])}
+    index = PQIndex(version="lossless", codecs={p: codec for p in CHANNEL_PARTS},
+                    codes={p: codec.encode(t.item_channels[:, j]) for j, p in enumerate(CHANNEL_PARTS[:3])}
                     | {"query_Q": codec.encode(t.query_channel)},
-                    t.item_gamma, t.query_gamma, t.item_folded().astype(np.float16), t.query_folded().astype(np.float16))
+                    query_gamma=t.query_gamma, item_gamma=t.item_gamma,
+                    query_exact=t.query_folded().astype(np.float16), item_exact=t.item_folded().astype(np.float16))
     adc = ChannelADCRetriever(index)
     np.testing.assert_allclose(adc.scores(hq, hi, u), exact_scores(t, hq, hi, u), rtol=1e-4, atol=1e-4)
     exact_top = ExactRetriever.from_tables(t).topk(hq, hi, u, 16)
@@ -169,7 +170,7 @@ def test_wrong_dimension_and_unknown_ids_raise_named_errors(tables, index):
 
 
 def test_centroid_cap_warns_and_still_builds():
-    small = make_tables(n_items=300, n_queries=100, seed=3)
+    small = make_tables(n_queries=100, n_items=300, seed=3)
     with pytest.warns(UserWarning, match="capped from 256 to"):
         index = build_index(small, "small", n_sub=4, n_centroids=256)
     assert all(c.n_centroids * 39 <= 300 for c in index.codecs.values())
@@ -198,8 +199,8 @@ def test_sketch_rerank_whole_history_is_exact_and_default_margin_recalls(tables)
 
 
 def test_sketch_of_full_dimension_has_no_error_term():
-    small = make_tables(n_items=500, n_queries=200, seed=4)
-    sketch = KeySketch.fit(small.item_folded(), small.query_folded(), sketch_dim=D)
+    small = make_tables(n_queries=200, n_items=500, seed=4)
+    sketch = KeySketch.fit(small.query_folded(), small.item_folded(), sketch_dim=D)
     u, _ = targets(small)
     weights, sigma = sketch.target(u)
     assert np.allclose(sigma, 0, atol=1e-3)
@@ -210,4 +211,4 @@ def test_sketch_of_full_dimension_has_no_error_term():
     with pytest.raises(DimensionMismatchError):
         sketch.target(np.zeros((2, D + 1), np.float32))
     with pytest.raises(ValueError, match="sketch_dim"):
-        KeySketch.fit(small.item_folded(), small.query_folded(), sketch_dim=D + 1)
+        KeySketch.fit(small.query_folded(), small.item_folded(), sketch_dim=D + 1)

@@ -37,7 +37,7 @@ def stages(artefacts):
     return model, RetrievalStage(model, PQIndex.load(artefacts.index)), ScoringStage(model)
 
 
-def random_history(rng, n_items, n_queries, L):
+def random_history(rng, n_queries, n_items, L):
     return rng.integers(0, n_queries + 1, L), rng.integers(1, n_items + 1, L)
 
 
@@ -54,8 +54,8 @@ def test_compact_history_keeps_selected_and_recent_in_order():
 def test_batched_compact_jobs_score_like_full_history(stages):
     model, retrieval, scoring = stages
     rng = np.random.default_rng(0)
-    n_items, n_queries = retrieval.index.num_items - 1, retrieval.index.num_queries - 1
-    requests = [(random_history(rng, n_items, n_queries, L), int(q), rng.integers(1, n_items + 1, C))
+    n_queries, n_items = retrieval.index.num_queries - 1, retrieval.index.num_items - 1
+    requests = [(random_history(rng, n_queries, n_items, L), int(q), rng.integers(1, n_items + 1, C))
                 for L, q, C in ((50, 3, 7), (17, 0, 4), (0, 5, 3))]  # the last one: a cold-start user
     jobs = [retrieval.prepare(h, q, c, keep_full_topk=True) for h, q, c in requests]
     batched = scoring.score_batch(jobs)
@@ -67,8 +67,9 @@ def test_batched_compact_jobs_score_like_full_history(stages):
         hq, hi = (torch.from_numpy(a)[None] for a in history)
         t = torch.from_numpy(cands)[None]
         with torch.no_grad():
-            want = torch.sigmoid(model.score_with_topk(hi, hq, torch.from_numpy(job.full_topk)[None], t,
-                                                       torch.full_like(t, q)))[0].numpy()
+            want = torch.sigmoid(model.score_with_topk(hist_queries=hq, hist_items=hi,
+                                                       topk_idx=torch.from_numpy(job.full_topk)[None],
+                                                       target_queries=torch.full_like(t, q), target_items=t))[0].numpy()
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -79,7 +80,7 @@ def test_each_retrieval_method_agrees_with_the_model_gsu_topk(stages, method, mi
     model, retrieval, _ = stages
     stage = RetrievalStage(model, retrieval.index, method=method)
     rng = np.random.default_rng(2)
-    hq, hi = random_history(rng, retrieval.index.num_items - 1, retrieval.index.num_queries - 1, 60)
+    hq, hi = random_history(rng, retrieval.index.num_queries - 1, retrieval.index.num_items - 1, 60)
     cands = rng.integers(1, retrieval.index.num_items, 5)
     job = stage.prepare((hq, hi), 0, cands, keep_full_topk=True)
     batch = {"hist_items": torch.from_numpy(hi)[None], "hist_queries": torch.from_numpy(hq)[None],
@@ -97,20 +98,37 @@ def test_unknown_retrieval_method_is_refused(stages):
         RetrievalStage(model, retrieval.index, method="hnsw")
 
 
-def test_catalog_validation(artefacts):
-    catalog = Catalog.load(artefacts.data, Limits(max_candidates=5, max_query_chars=20))
+def test_catalog_resolves_queries_and_refuses_bad_ids_and_limits_with_4xx(artefacts):
+    catalog = Catalog.load(artefacts.data, Limits(max_candidates=5, max_query_chars=20, max_events=3))
     text = next(iter(catalog.query_text))
     assert catalog.resolve_query(text.upper())[0] == catalog.query_text[text]
     assert catalog.resolve_query(None) == (0, None)
     qid, note = catalog.resolve_query("never typed")
     assert qid == 0 and "empty query" in note
+    score = ScoreRequest(user_id=1, query=text, candidates=[2, 1])
+    assert catalog.check_score(score)[:2] == (catalog.query_text[text], None)
+    assert catalog.check_score(score)[2].tolist() == [2, 1]
+    events = EventsRequest(user_id=1, events=[{"item_id": 3}, {"item_id": 4, "query": text}])
+    assert catalog.check_events(events) == ([0, catalog.query_text[text]], [3, 4])
+    too_many = EventsRequest(user_id=1, events=[{"item_id": 1}] * 4)
     for call, match in ((lambda: catalog.validate_candidates([1, catalog.num_items + 1]), "unknown candidate"),
                         (lambda: catalog.validate_candidates([1] * 6), "limit is 5"),
                         (lambda: catalog.resolve_query("x" * 21), "limit is 20"),
-                        (lambda: catalog.resolve_query(catalog.num_queries + 1), "unknown query id")):
+                        (lambda: catalog.resolve_query(catalog.num_queries + 1), "unknown query id"),
+                        (lambda: catalog.check_events(too_many), "4 events, the limit is 3")):
         with pytest.raises(RequestError, match=match) as err:
             call()
         assert 400 <= err.value.status < 500
+
+
+def test_a_request_error_becomes_the_http_answer_with_its_status():
+    from fastapi import HTTPException
+
+    from seminar_ray.serving.api import http_errors
+
+    with pytest.raises(HTTPException) as err, http_errors():
+        raise RequestError("no such user", status=404)
+    assert (err.value.status_code, err.value.detail) == (404, "no such user")
 
 
 @pytest.mark.parametrize("body", [{"candidates": [1]}, {"user_id": 1, "candidates": []},
@@ -147,7 +165,7 @@ def test_log_store_read_your_writes_and_torn_tail(tmp_path, artefacts):
     writer = LogHistoryStore(tmp_path, writer=True)
     reader = LogHistoryStore(tmp_path, data_dir=artefacts.data)
     base_q, base_i = reader.history(1, 1000)
-    seq = writer.append(1, [5, 6], [0, 2], [10, 11])
+    seq = writer.append(1, [0, 2], [5, 6], [10, 11])
     assert reader.refresh() >= seq
     q, i = reader.history(1, 1000)
     assert i.tolist() == base_i.tolist() + [5, 6] and q.tolist() == base_q.tolist() + [0, 2]
@@ -157,10 +175,10 @@ def test_log_store_read_your_writes_and_torn_tail(tmp_path, artefacts):
     assert reader.refresh() == seq  # readers skip the partial line
     writer.close()
     reopened = LogHistoryStore(tmp_path, writer=True)
-    assert reopened.append(10**6, [7], [0], [12]) == seq + 1
+    assert reopened.append(10**6, [0], [7], [12]) == seq + 1
     assert reader.refresh() == seq + 1 and reader.history(10**6, 10)[1].tolist() == [7]
     with pytest.raises(PermissionError):
-        reader.append(1, [1], [0], [0])
+        reader.append(1, [0], [1], [0])
 
 
 def test_every_acknowledged_append_survives_sigkill(tmp_path):
@@ -172,7 +190,7 @@ def test_every_acknowledged_append_survives_sigkill(tmp_path):
         n = 0
         while True:
             n += 1
-            seq = store.append(n % 7, [n % 50 + 1] * 3, [0, 1, 2], [n] * 3)
+            seq = store.append(n % 7, [0, 1, 2], [n % 50 + 1] * 3, [n] * 3)
             print(seq, flush=True)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
@@ -183,7 +201,7 @@ def test_every_acknowledged_append_survives_sigkill(tmp_path):
     assert store.last_seq >= acked[-1] and acked == list(range(1, 41))
     total = sum(len(store.history(u, 10**6)[1]) for u in range(7))
     assert total == 3 * store.last_seq
-    assert store.append(0, [1], [0], [0]) == store.last_seq
+    assert store.append(0, [0], [1], [0]) == store.last_seq
 
 
 def test_ingress_mode_is_checked_before_anything_starts(monkeypatch):
@@ -205,7 +223,7 @@ def test_concurrent_appends_take_consecutive_seqs(tmp_path):
 
     store = LogHistoryStore(tmp_path, writer=True)
     with ThreadPoolExecutor(8) as pool:
-        seqs = list(pool.map(lambda n: store.append(n % 5, [n + 1], [0], [n]), range(200)))
+        seqs = list(pool.map(lambda n: store.append(n % 5, [0], [n + 1], [n]), range(200)))
     assert sorted(seqs) == list(range(1, 201))
     reader = LogHistoryStore(tmp_path)
     assert reader.last_seq == 200 and sum(len(reader.history(u, 10**6)[1]) for u in range(5)) == 200
@@ -236,12 +254,12 @@ def test_score_job_wire_round_trip_scores_the_same(stages):
     """The Scorer receives ScoreJob.to_wire() (msgpack-native buffers); decoded, it is the same job."""
     _, retrieval, scoring = stages
     rng = np.random.default_rng(3)
-    n_items, n_queries = retrieval.index.num_items - 1, retrieval.index.num_queries - 1
-    jobs = [retrieval.prepare(random_history(rng, n_items, n_queries, L), 2, rng.integers(1, n_items + 1, 6))
+    n_queries, n_items = retrieval.index.num_queries - 1, retrieval.index.num_items - 1
+    jobs = [retrieval.prepare(random_history(rng, n_queries, n_items, L), 2, rng.integers(1, n_items + 1, 6))
             for L in (40, 0)]
     back = [ScoreJob.from_wire(j.to_wire()) for j in jobs]
     for a, b in zip(jobs, back):
-        for f in ("hist_items", "hist_queries", "topk", "candidates"):
+        for f in ("hist_queries", "hist_items", "topk", "candidates"):
             assert np.array_equal(getattr(a, f), getattr(b, f)) and getattr(a, f).dtype == getattr(b, f).dtype, f
         assert (a.query_id, a.history_len, a.index_version) == (b.query_id, b.history_len, b.index_version)
     for x, y in zip(scoring.score_batch(jobs), scoring.score_batch(back)):

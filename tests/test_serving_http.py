@@ -50,6 +50,16 @@ def score(client, user_id=1, candidates=(1, 2, 3), **extra):
     return client.post("/v1/score", json={"user_id": user_id, "candidates": list(candidates), **extra})
 
 
+def wait_until(condition, timeout_s: float, what: str, every_s: float = 0.2):
+    """Poll `condition` until it returns something truthy, and return that; fail saying `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {timeout_s:.0f} s for {what}")
+        time.sleep(every_s)
+    return value
+
+
 def test_score_events_and_read_your_writes(service):
     client, (a, _) = service
     health = client.get("/healthz").json()
@@ -110,6 +120,10 @@ class Load:
                 except httpx.HTTPError as e:
                     self.results.append((time.time(), -1, repr(e)))
 
+    def since(self, t: float) -> list[tuple]:
+        """The results of the requests answered after time `t` (time.time())."""
+        return [r for r in list(self.results) if r[0] > t]
+
     def __enter__(self):
         for t in self.threads:
             t.start()
@@ -141,12 +155,12 @@ def replaced(before) -> bool:
 def test_checkpoint_roll_without_failed_requests(service):
     client, (a, b) = service
     with Load(str(client.base_url)) as load:
-        time.sleep(2)
+        wait_until(lambda: len(load.since(0)) >= 10, 60, "10 answers from the first checkpoint before the roll")
         serve.run(compose(app_args(b, store=str(a.store)), OPTIONS), name=APP, route_prefix="/")
-        deadline = time.time() + 180  # the roll starts new replicas: 20-80 s each on a loaded shared machine
-        while time.time() < deadline and not (load.results and str(load.results[-1][2]).startswith("ckpt-b@")):
-            time.sleep(0.5)
-        time.sleep(1)
+        # the roll starts new replicas: 20-80 s each on a loaded shared machine
+        wait_until(lambda: str(load.results[-1][2]).startswith("ckpt-b@"), 180, "answers from the rolled-in checkpoint")
+        rolled_at = time.time()
+        wait_until(lambda: len(load.since(rolled_at)) >= 10, 60, "10 answers after the roll, old replicas draining")
     failed = [r for r in load.results if r[1] != 200]
     assert not failed, failed[:3]
     versions = [r[2] for r in load.results]
@@ -162,14 +176,13 @@ def test_retriever_replica_killed_under_load_recovers(service):
     assert len(before) == 2, before
     victim = sorted(before)[0]
     with Load(str(client.base_url)) as load:
-        time.sleep(2)
+        wait_until(lambda: len(load.since(0)) >= 10, 60, "10 answers before the kill")
         killed_at = time.time()
         ray.kill(ray.get_actor(victim, namespace=before[victim]), no_restart=True)
-        deadline = time.time() + 180  # a replica start takes 20-80 s when the shared machine is loaded
-        while time.time() < deadline and not replaced(before.keys()):
-            time.sleep(0.5)
-        time.sleep(3)
-    assert replaced(before.keys()), (retriever_actors(), replica_states("Retriever"))  # Serve replaced the replica
+        # a replica start takes 20-80 s when the shared machine is loaded
+        wait_until(lambda: replaced(before.keys()), 180, "Serve to replace the killed Retriever replica", every_s=0.5)
+        replaced_at = time.time()
+        wait_until(lambda: len(load.since(replaced_at)) >= 20, 60, "20 answers after the replacement")
     after = [r for r in load.results if r[0] > killed_at + 1]
     assert after and all(r[1] == 200 for r in after[-20:]), after[-5:]
     assert sum(r[1] == 200 for r in load.results) > 0.8 * len(load.results)
@@ -185,13 +198,14 @@ def test_history_writer_sigkill_keeps_every_acknowledged_event(service):
         acked.append(r.json()["seq"])
     writer = serve.get_deployment_handle("HistoryWriter", app_name=APP)
     os.kill(writer.pid.remote().result(), signal.SIGKILL)  # right after the acknowledgements
-    deadline, r = time.time() + 90, None
-    while time.time() < deadline:  # Serve restarts the writer; appends resume with the next seq
+
+    def append_99():
         r = client.post("/v1/events", json={"user_id": user, "events": [{"item_id": 99}]})
-        if r.status_code == 200:
-            break
-        time.sleep(1)
-    assert r is not None and r.status_code == 200 and r.json()["seq"] == acked[-1] + 1
+        return r if r.status_code == 200 else None
+
+    # Serve restarts the writer; appends resume with the next seq
+    r = wait_until(append_99, 90, "the restarted HistoryWriter to acknowledge an append", every_s=1)
+    assert r.json()["seq"] == acked[-1] + 1
     q, items = LogHistoryStore(a.store).history(user, 100)
     assert items.tolist() == [10, 11, 12, 13, 14, 99]
     assert score(client, user_id=user, candidates=[1]).json()["history_len"] == 6

@@ -34,13 +34,13 @@ class SampleConfig:
     eval_seed: int = EVAL_SEED  # validation/test negatives: independent of the model's seed, fixed across models
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SequenceBatch:
     """Per-user sequences of a record batch as flat arrays + offsets (no Python lists per row)."""
 
     user_id: np.ndarray
-    items: np.ndarray
     queries: np.ndarray
+    items: np.ndarray
     offsets: np.ndarray  # [U+1]
 
     @classmethod
@@ -50,8 +50,8 @@ class SequenceBatch:
         offsets = items.offsets.to_numpy()
         return cls(
             user_id=np.asarray(batch.column("user_id").to_numpy(), dtype=np.int64),
-            items=items.values.to_numpy()[offsets[0] : offsets[-1]].astype(np.int64),
             queries=queries.values.to_numpy()[offsets[0] : offsets[-1]].astype(np.int64),
+            items=items.values.to_numpy()[offsets[0] : offsets[-1]].astype(np.int64),
             offsets=offsets - offsets[0],
         )
 
@@ -71,8 +71,11 @@ def _rng(seed: int, *keys: int) -> np.random.Generator:
     return np.random.default_rng([seed, *[int(k) for k in keys]])
 
 
-def history_matrix(seqs: SequenceBatch, rows: np.ndarray, positions: np.ndarray, max_len: int):
-    """Left-padded [B, L] history ids of behaviours before `positions` (relative to each user's start)."""
+def history_matrix(
+    seqs: SequenceBatch, rows: np.ndarray, positions: np.ndarray, max_len: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(query ids, item ids), left-padded [B, L], of the behaviours before `positions` (relative to each user's
+    start)."""
     b = len(rows)
     starts = seqs.offsets[rows] + np.maximum(positions - max_len, 0)
     ends = seqs.offsets[rows] + positions
@@ -81,9 +84,9 @@ def history_matrix(seqs: SequenceBatch, rows: np.ndarray, positions: np.ndarray,
     src = ends[:, None] - max_len + col  # right-aligned source index
     valid = col >= (max_len - lens)[:, None]
     src = np.where(valid, src, 0)
-    hist_items = np.where(valid, seqs.items[src] if len(seqs.items) else 0, 0)
     hist_queries = np.where(valid, seqs.queries[src] if len(seqs.queries) else 0, 0)
-    return hist_items.astype(np.int64).reshape(b, max_len), hist_queries.astype(np.int64).reshape(b, max_len)
+    hist_items = np.where(valid, seqs.items[src] if len(seqs.items) else 0, 0)
+    return hist_queries.astype(np.int64).reshape(b, max_len), hist_items.astype(np.int64).reshape(b, max_len)
 
 
 def sample_negatives(rng: np.random.Generator, num_items: int, exclude: np.ndarray, k: int) -> np.ndarray:
@@ -114,7 +117,7 @@ def eval_batch(
     chosen = np.ones(len(lengths), dtype=bool) if users is None else np.isin(seqs.user_id, users)
     keep = np.nonzero((lengths >= 3) & chosen)[0]
     pos = lengths[keep] - SPLIT_OFFSET[split]
-    hist_items, hist_queries = history_matrix(seqs, keep, pos, cfg.max_len)
+    hist_queries, hist_items = history_matrix(seqs, keep, pos, cfg.max_len)
     c = 1 + cfg.eval_neg
     t_items = np.empty((len(keep), c), dtype=np.int64)
     t_queries = np.empty((len(keep), c), dtype=np.int64)
@@ -124,7 +127,7 @@ def eval_batch(
         rng = _rng(cfg.eval_seed, seqs.user_id[u], SPLIT_OFFSET[split])
         t_items[j, 1:] = sample_negatives(rng, cfg.num_items, seqs.user_items(int(u)), cfg.eval_neg)
         t_queries[j] = seqs.queries[absolute]
-    return _batch(seqs.user_id[keep], hist_items, hist_queries, t_items, t_queries)
+    return _batch(seqs.user_id[keep], hist_queries, hist_items, t_queries, t_items)
 
 
 def eval_users(user_ids: np.ndarray, lengths: np.ndarray, n: int, eval_seed: int = EVAL_SEED) -> np.ndarray | None:
@@ -166,7 +169,7 @@ def train_batch(
 ) -> dict[str, np.ndarray]:
     """Training samples of this epoch for every user of the batch (CTR or PSU negatives, see SampleConfig)."""
     rows, pos = train_positions(seqs, cfg, epoch)
-    hist_items, hist_queries = history_matrix(seqs, rows, pos, cfg.max_len)
+    hist_queries, hist_items = history_matrix(seqs, rows, pos, cfg.max_len)
     c = 1 + cfg.num_neg
     t_items = np.empty((len(rows), c), dtype=np.int64)
     t_queries = np.empty((len(rows), c), dtype=np.int64)
@@ -179,10 +182,10 @@ def train_batch(
         if cfg.task == "psu" and query_pool is not None and len(query_pool):
             half = cfg.num_neg // 2  # half the negatives keep the query (hard item negatives), half get a sampled one
             t_queries[j, 1 + half :] = query_pool[rng.integers(0, len(query_pool), size=cfg.num_neg - half)]
-    return _batch(seqs.user_id[rows], hist_items, hist_queries, t_items, t_queries)
+    return _batch(seqs.user_id[rows], hist_queries, hist_items, t_queries, t_items)
 
 
-def _batch(user_id, hist_items, hist_queries, t_items, t_queries) -> dict[str, np.ndarray]:
+def _batch(user_id, hist_queries, hist_items, t_queries, t_items) -> dict[str, np.ndarray]:
     labels = np.zeros(t_items.shape, dtype=np.float32)
     labels[:, 0] = 1.0
     return {

@@ -13,13 +13,15 @@ from seminar_ray.models.config import ModelConfig
 from seminar_ray.models.layers import (
     MLP,
     ChannelProjection,
+    EmbeddingModel,
     MultiHeadTargetAttention,
-    MultiModalEmbedding,
     gather_rows,
     masked_mean,
     masked_softmax,
     masked_topk,
 )
+
+PAIR_KEYS = ("hist_queries", "hist_items", "target_queries", "target_items")  # the batch's (query, item) id tensors
 
 
 @dataclass
@@ -32,7 +34,7 @@ class Encoded:
     target_channels: Tensor
 
 
-class LifelongCTR(nn.Module):
+class LifelongCTR(EmbeddingModel):
     """Two-stage CTR model: `retrieve` picks top-K history positions per target, ESU attends over them, MLP scores.
 
     Subclasses define `retrieve`; everything else (inputs, ESU, MLP, loss, serving entry) is shared.
@@ -41,10 +43,8 @@ class LifelongCTR(nn.Module):
     kind = "ctr"
 
     def __init__(self, cfg: ModelConfig, tables: EntityTables):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg, tables)
         d = cfg.d
-        self.embedding = MultiModalEmbedding(cfg, tables)
         self.esu = MultiHeadTargetAttention(d, cfg.heads)
         # MLP input: [lifelong-sequence vector, target pair vector, recent-history vector, target channels Q,T,I,A]
         self.mlp = MLP(7 * d, cfg.mlp_hidden)
@@ -53,7 +53,11 @@ class LifelongCTR(nn.Module):
         """Per-channel projection applied to the embedding before fusing (SEMINAR's G_j); None for the baselines."""
         return None
 
-    def encode(self, hist_items: Tensor, hist_queries: Tensor, target_items: Tensor, target_queries: Tensor) -> Encoded:
+    def encode(
+        self, *, hist_queries: Tensor, hist_items: Tensor, target_queries: Tensor, target_items: Tensor
+    ) -> Encoded:
+        """The history keys and the targets, each distinct entity's channels computed once. Keyword-only: the four
+        are id tensors of one dtype, so a swap would raise nothing."""
         table, (hq, tq), (hi, ti) = self.embedding.table(
             [hist_queries, target_queries], [hist_items, target_items], self.projection()
         )
@@ -63,6 +67,10 @@ class LifelongCTR(nn.Module):
             target=table.keys(tq, ti),
             target_channels=table.channels(tq, ti).x,
         )
+
+    def encode_batch(self, batch: dict[str, Tensor]) -> Encoded:
+        """`encode` of a batch in the batch contract (models/__init__.py)."""
+        return self.encode(**{key: batch[key] for key in PAIR_KEYS})
 
     def retrieve(self, enc: Encoded, with_aux: bool) -> tuple[Tensor, Tensor | None]:
         """(top-K history positions [B, C, K] with -1 for "none", auxiliary logits [B, C] or None)."""
@@ -79,14 +87,14 @@ class LifelongCTR(nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         """Click logits [B, C]."""
-        enc = self.encode(batch["hist_items"], batch["hist_queries"], batch["target_items"], batch["target_queries"])
+        enc = self.encode_batch(batch)
         idx, _ = self.retrieve(enc, with_aux=False)
         return self.head(enc, idx)
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         """BCE over the [B, C] labels, plus β·L_GSU where the retrieval has an auxiliary loss (docs/design.md, Model
         contracts)."""
-        enc = self.encode(batch["hist_items"], batch["hist_queries"], batch["target_items"], batch["target_queries"])
+        enc = self.encode_batch(batch)
         idx, aux = self.retrieve(enc, with_aux=True)
         labels = batch["labels"].to(enc.keys.dtype)
         ctr = F.binary_cross_entropy_with_logits(self.head(enc, idx), labels)
@@ -100,17 +108,25 @@ class LifelongCTR(nn.Module):
         return total, parts
 
     def score_with_topk(
-        self, hist_items: Tensor, hist_queries: Tensor, topk_idx: Tensor, target_items: Tensor, target_queries: Tensor
+        self,
+        *,
+        hist_queries: Tensor,
+        hist_items: Tensor,
+        topk_idx: Tensor,
+        target_queries: Tensor,
+        target_items: Tensor,
     ) -> Tensor:
         """Serving entry: ESU + MLP given precomputed top-K positions [B, C, K] into the L history columns (-1 =
-        none)."""
+        none). Keyword-only, like `encode`."""
         if topk_idx.shape[:2] != target_items.shape:
             raise ValueError(
                 f"topk_idx {tuple(topk_idx.shape)} must be [B, C, K] with [B, C] = {tuple(target_items.shape)}"
             )
         if topk_idx.numel() and int(topk_idx.max()) >= hist_items.shape[1]:
             raise ValueError(f"topk_idx has a position >= L = {hist_items.shape[1]}")
-        enc = self.encode(hist_items, hist_queries, target_items, target_queries)
+        enc = self.encode(
+            hist_queries=hist_queries, hist_items=hist_items, target_queries=target_queries, target_items=target_items
+        )
         return self.head(enc, topk_idx)
 
 

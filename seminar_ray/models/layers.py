@@ -216,6 +216,17 @@ class MultiModalEmbedding(nn.Module):
         return table, _split_like(inv_q, query_ids), _split_like(inv_i, item_ids)
 
 
+class EmbeddingModel(nn.Module):
+    """What every model starts from: its config and the multi-modal embedding, the part PSU pretrains and the CTR
+    models restore by name (`embedding.*`, seminar.py `restore_psu`). Built first, so a model's other layers draw
+    their initial weights after it."""
+
+    def __init__(self, cfg: ModelConfig, tables: EntityTables):
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = MultiModalEmbedding(cfg, tables)
+
+
 @dataclass
 class PairTable:
     """Per-entity channels of the distinct ids in a batch; behaviours and targets are row indices into it."""

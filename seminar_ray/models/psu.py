@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from seminar_ray.data.entities import EntityTables
 from seminar_ray.models.config import ModelConfig
-from seminar_ray.models.layers import MLP, MultiHeadTargetAttention, MultiModalEmbedding, PairTable
+from seminar_ray.models.layers import MLP, EmbeddingModel, MultiHeadTargetAttention, PairTable
 
 ALIGN_PAIRS = ((0, 1), (0, 2), (1, 2))  # (T, I), (T, A), (I, A) among the item channels
 
@@ -139,16 +139,14 @@ def relevance_loss(head: RelevanceHead, xq: Tensor, xi: Tensor, neg: Tensor, neg
     return pos + (neg_bce * neg_ok).sum() / neg_ok.sum().clamp(min=1.0)
 
 
-class PSU(nn.Module):
+class PSU(EmbeddingModel):
     """Pretraining Search Unit (paper §3.3.1): target attention of the next pair over the history + <EOS>."""
 
     kind = "psu"
 
     def __init__(self, cfg: ModelConfig, tables: EntityTables):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg, tables)
         d = cfg.d
-        self.embedding = MultiModalEmbedding(cfg, tables)
         self.eos = nn.Parameter(torch.randn(4, d) * 0.1)  # <EOS> channels Q, T, I, A appended after the history
         self.attention = MultiHeadTargetAttention(d, cfg.heads)
         self.next_head = MLP(3 * d, cfg.mlp_hidden, out_bias=False)  # softmax over C: a bias cancels

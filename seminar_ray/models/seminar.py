@@ -38,7 +38,7 @@ class SeminarCTR(LifelongCTR):
         error."""
         restore_psu(self, psu_state)
 
-    def gsu_target_vectors(self, *, target_items: Tensor, target_queries: Tensor) -> Tensor:
+    def gsu_target_vectors(self, *, target_queries: Tensor, target_items: Tensor) -> Tensor:
         """u [..., d] with <u, k_l> = mean over heads of α_h^GSU, k_l = GSUTables.keys(...)[l] (docs/design.md,
         Retrieval). Keyword-only: both are id tensors of one dtype, so a swap would raise nothing."""
         table, (tq,), (ti,) = self.embedding.table([target_queries], [target_items], self.G)
@@ -46,7 +46,7 @@ class SeminarCTR(LifelongCTR):
 
     def gsu_scores(self, batch: dict[str, Tensor]) -> Tensor:
         """The GSU's own mean-over-heads scores [B, C, L], what top-K ranks."""
-        enc = self.encode(batch["hist_items"], batch["hist_queries"], batch["target_items"], batch["target_queries"])
+        enc = self.encode_batch(batch)
         return self.gsu.attention.scores(enc.target, enc.keys).mean(2)
 
 
@@ -67,15 +67,15 @@ def restore_psu(model: SeminarCTR, psu_state: Mapping[str, Tensor]) -> None:
 
 @torch.no_grad()
 def gsu_target_tables(model: SeminarCTR) -> tuple[np.ndarray, np.ndarray]:
-    """(items [N+1, d], queries [Q+1, d]) with gsu_target_vectors(i, q) = items[i] + queries[q] (docs/design.md,
+    """(queries [Q+1, d], items [N+1, d]) with gsu_target_vectors(q, i) = queries[q] + items[i] (docs/design.md,
     Retrieval).
 
     u = folded_query(k) is linear in the key k = λ·x^Q_q + Σ_j γ_ij x^(j)_i, whose two parts each depend on one entity.
     """
     tables, fold = export_gsu_tables(model), model.gsu.attention.folded_query
     return (
-        fold(torch.from_numpy(tables.item_folded().copy())).numpy(),
         fold(torch.from_numpy(tables.query_folded().copy())).numpy(),
+        fold(torch.from_numpy(tables.item_folded().copy())).numpy(),
     )
 
 

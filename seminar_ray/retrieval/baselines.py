@@ -67,7 +67,7 @@ class CascadingHNSWRetriever(Retriever):
     name = "hnsw_cascade"
 
     def __init__(self, tables: GSUTables, hnsw_m: int = 16, ef_search: int = 128):
-        super().__init__(tables.dim, len(tables.item_channels), len(tables.query_channel))
+        super().__init__(tables.dim, len(tables.query_channel), len(tables.item_channels))
         self.tables, self.hnsw_m, self.ef_search = tables, hnsw_m, ef_search
         self.exact = ExactRetriever.from_tables(tables)
         self._cached: tuple[bytes, list] | None = None  # the last history's indexes, reused across calls
@@ -112,7 +112,7 @@ class LSHRetriever(Retriever):
     name = "lsh_simhash"
 
     def __init__(self, tables: GSUTables, n_bits: int = 256, seed: int = 0):
-        super().__init__(tables.dim, len(tables.item_channels), len(tables.query_channel))
+        super().__init__(tables.dim, len(tables.query_channel), len(tables.item_channels))
         self.exact = ExactRetriever.from_tables(tables)
         self.planes = np.random.default_rng(seed).standard_normal((tables.dim, n_bits)).astype(np.float32)
 
@@ -140,13 +140,15 @@ class RQRetriever(Retriever):
         encode_ids: tuple[np.ndarray, np.ndarray] | None = None,
         seed: int = 0,
     ):
-        """encode_ids = (item ids, query ids) restricts encoding to the entities a benchmark touches."""
-        super().__init__(tables.dim, len(tables.item_channels), len(tables.query_channel))
+        """encode_ids = (query ids, item ids) restricts encoding to the entities a benchmark touches."""
+        super().__init__(tables.dim, len(tables.query_channel), len(tables.item_channels))
         if not 1 <= nbits <= 8:
             raise ValueError(f"RQRetriever keeps one byte per level: nbits must be in 1..8, got {nbits}")
         self.n_levels = n_levels
         self.codebooks, self.codes = {}, {}
         rng = np.random.default_rng(seed)
+        wanted = None if encode_ids is None else dict(zip(("query", "item"), encode_ids))
+        # items first: the rng's draws, so the benchmarks' codebooks, follow this order
         for part, x in (("item", tables.item_folded()), ("query", tables.query_folded())):
             train = x[1:] if len(x) - 1 <= max_train else x[1 + rng.choice(len(x) - 1, max_train, replace=False)]
             k = capped_centroids(len(train), 2**nbits)
@@ -155,7 +157,7 @@ class RQRetriever(Retriever):
             rq.train_type = faiss.ResidualQuantizer.Train_default  # plain residual k-means: progressive-dim
             # training took 20× longer here for the same reconstruction error (0.365 vs 0.372 relative MSE)
             rq.train(np.ascontiguousarray(train, dtype=np.float32))
-            ids = np.arange(len(x)) if encode_ids is None else np.unique(encode_ids[0 if part == "item" else 1])
+            ids = np.arange(len(x)) if wanted is None else np.unique(wanted[part])
             codes = np.zeros((len(x), n_levels), dtype=np.uint8)
             packed = rq.compute_codes(np.ascontiguousarray(x[ids], dtype=np.float32))
             codes[ids] = unpack_codes(packed, n_levels, k.bit_length() - 1)

@@ -98,15 +98,15 @@ def build_with_ray(
     for entity in ("item", "query"):  # one pass per entity table
         group = {p: vectors[p] for p in sizes if p.startswith(entity)}
         codes |= encode_with_ray(group, codecs, batch_size, actors)
-    sketch = KeySketch.fit(vectors["item_folded"], vectors["query_folded"], min(sketch_dim, gsu.dim))
+    sketch = KeySketch.fit(vectors["query_folded"], vectors["item_folded"], min(sketch_dim, gsu.dim))
     return PQIndex(
-        version,
-        codecs,
-        codes,
-        gsu.item_gamma.astype(np.float32),
-        float(gsu.query_gamma),
-        vectors["item_folded"].astype(np.float16),
-        vectors["query_folded"].astype(np.float16),
+        version=version,
+        codecs=codecs,
+        codes=codes,
+        query_gamma=float(gsu.query_gamma),
+        item_gamma=gsu.item_gamma.astype(np.float32),
+        query_exact=vectors["query_folded"].astype(np.float16),
+        item_exact=vectors["item_folded"].astype(np.float16),
         sketch=sketch,
     )
 

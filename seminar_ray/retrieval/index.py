@@ -20,7 +20,7 @@ FORMAT_VERSION = 1
 ITEM_CHANNELS = ("item_T", "item_I", "item_A")  # order of GSUTables.item_channels
 CHANNEL_PARTS = (*ITEM_CHANNELS, "query_Q")  # the paper's per-channel form
 FOLDED_PARTS = ("item_folded", "query_folded")  # docs/design.md, Retrieval: two look-ups per behaviour
-SKETCH_ARRAYS = ("projection", "scale", "residual_cov", "item_codes", "query_codes")  # KeySketch fields
+SKETCH_ARRAYS = ("projection", "scale", "residual_cov", "query_codes", "item_codes")  # KeySketch fields
 
 
 class UnknownIdError(KeyError):
@@ -39,22 +39,23 @@ def check_ids(kind: str, ids: np.ndarray, size: int) -> None:
         )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PQIndex:
     """Codebooks + codes [n, N_sub] per part + exact folded fp16 tables + per-entity γ (paper §3.3.3; docs/design.md,
     Retrieval).
 
     parts: "item_T", "item_I", "item_A", "query_Q" (per channel) and/or "item_folded", "query_folded".
-    A behaviour (q, i) has key k = Σ_j γ_ij x^(j)_i + λ x^Q_q = item_exact[i] + query_exact[q].
+    A behaviour (q, i) has key k = λ x^Q_q + Σ_j γ_ij x^(j)_i = query_exact[q] + item_exact[i]. Keyword-only: the
+    query and item tables are arrays of one shape and dtype, so a swap would raise nothing.
     """
 
     version: str
     codecs: dict[str, PQCodec]
     codes: dict[str, np.ndarray]
-    item_gamma: np.ndarray  # float32 [N+1, 3]
     query_gamma: float
-    item_exact: np.ndarray  # float16 [N+1, d], folded
+    item_gamma: np.ndarray  # float32 [N+1, 3]
     query_exact: np.ndarray  # float16 [Q+1, d], folded
+    item_exact: np.ndarray  # float16 [N+1, d], folded
     extra: dict = field(default_factory=dict)
     sketch: KeySketch | None = None  # int8 key sketch for the serving shortlist (sketch.py)
 
@@ -142,15 +143,15 @@ class PQIndex:
             if sketch.sketch_dim != manifest["sketch_dim"] or sketch.item_codes.shape[0] != manifest["num_items"]:
                 raise ValueError(f"index sketch at {path} does not match its manifest")
         index = cls(
-            manifest["version"],
-            codecs,
-            codes,
-            arr("item_gamma"),
-            float(manifest["query_gamma"]),
-            arr("item_exact"),
-            arr("query_exact"),
-            manifest.get("extra", {}),
-            sketch,
+            version=manifest["version"],
+            codecs=codecs,
+            codes=codes,
+            query_gamma=float(manifest["query_gamma"]),
+            item_gamma=arr("item_gamma"),
+            query_exact=arr("query_exact"),
+            item_exact=arr("item_exact"),
+            extra=manifest.get("extra", {}),
+            sketch=sketch,
         )
         if index.dim != manifest["dim"]:
             raise DimensionMismatchError(f"index tables have dim {index.dim}, manifest says {manifest['dim']}")
@@ -186,7 +187,7 @@ def build_index(
         for j, part in enumerate(ITEM_CHANNELS):
             sources[part] = (tables.item_channels[:, j, :], n_sub, n_centroids)
         sources["query_Q"] = (tables.query_channel, n_sub, n_centroids)
-    item_folded, query_folded = tables.item_folded(), tables.query_folded()
+    query_folded, item_folded = tables.query_folded(), tables.item_folded()
     if "folded" in forms:
         fs, fc = folded_n_sub or n_sub, folded_n_centroids or n_centroids
         sources["item_folded"] = (item_folded, fs, fc)
@@ -205,15 +206,15 @@ def build_index(
     sketch = (
         None
         if sketch_dim is None
-        else KeySketch.fit(item_folded, query_folded, min(sketch_dim, tables.dim), max_train, seed=seed)
+        else KeySketch.fit(query_folded, item_folded, min(sketch_dim, tables.dim), max_train, seed=seed)
     )
     return PQIndex(
-        version,
-        codecs,
-        codes,
-        np.asarray(tables.item_gamma, dtype=np.float32),
-        float(tables.query_gamma),
-        item_folded.astype(np.float16),
-        query_folded.astype(np.float16),
+        version=version,
+        codecs=codecs,
+        codes=codes,
+        query_gamma=float(tables.query_gamma),
+        item_gamma=np.asarray(tables.item_gamma, dtype=np.float32),
+        query_exact=query_folded.astype(np.float16),
+        item_exact=item_folded.astype(np.float16),
         sketch=sketch,
     )

@@ -43,8 +43,8 @@ class Retriever:
 
     name = "retriever"
 
-    def __init__(self, dim: int, num_items: int, num_queries: int):
-        self.dim, self.num_items, self.num_queries = dim, num_items, num_queries
+    def __init__(self, dim: int, num_queries: int, num_items: int):
+        self.dim, self.num_queries, self.num_items = dim, num_queries, num_items
 
     def topk(
         self,
@@ -92,13 +92,13 @@ class ExactRetriever(Retriever):
 
     name = "exact_fp32"
 
-    def __init__(self, item_folded: np.ndarray, query_folded: np.ndarray):
-        super().__init__(item_folded.shape[1], len(item_folded), len(query_folded))
-        self.item, self.query = item_folded, query_folded
+    def __init__(self, query_folded: np.ndarray, item_folded: np.ndarray):
+        super().__init__(item_folded.shape[1], len(query_folded), len(item_folded))
+        self.query, self.item = query_folded, item_folded
 
     @classmethod
     def from_tables(cls, tables: GSUTables) -> ExactRetriever:
-        return cls(tables.item_folded(), tables.query_folded())
+        return cls(tables.query_folded(), tables.item_folded())
 
     def scores(self, hq, hi, u, tc=None):
         keys = self.item[hi].astype(np.float32, copy=False)
@@ -117,7 +117,7 @@ class LUTRetriever(Retriever):
         missing = [p for p in parts if p not in index.codes]
         if missing:
             raise ValueError(f"index {index.version!r} has no {missing} parts (has {sorted(index.codes)})")
-        super().__init__(index.dim, index.num_items, index.num_queries)
+        super().__init__(index.dim, index.num_queries, index.num_items)
         self.index, self.parts, self.name = index, parts, name
 
     def luts(self, u: np.ndarray, tc: TargetChannels | None) -> dict[str, np.ndarray]:
@@ -190,7 +190,7 @@ class ServingRetriever(Retriever):
     fp16 tables. Not thread-safe: one instance per worker."""
 
     def __init__(self, index: PQIndex, rerank_factor: int = 8):
-        super().__init__(index.dim, index.num_items, index.num_queries)
+        super().__init__(index.dim, index.num_queries, index.num_items)
         self.index, self.rerank_factor = index, rerank_factor
         self.scan = FoldedPairScan(index)
         self.pair = self.scan.pair
@@ -232,7 +232,7 @@ class SketchRerankRetriever(Retriever):
     def __init__(self, index: PQIndex, z: float = 3.0):
         if index.sketch is None:
             raise ValueError(f"index {index.version!r} has no key sketch: build it with sketch_dim set")
-        super().__init__(index.dim, index.num_items, index.num_queries)
+        super().__init__(index.dim, index.num_queries, index.num_items)
         self.index, self.sketch, self.z = index, index.sketch, z
         self.name = f"serving_sketch{self.sketch.sketch_dim}_z{z:g}"
         with warnings.catch_warnings():  # read-only (memory-mapped) tables: torch only reads them

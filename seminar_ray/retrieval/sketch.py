@@ -16,15 +16,15 @@ import numpy as np
 from seminar_ray.retrieval.quantizer import DimensionMismatchError
 
 
-@dataclass
+@dataclass(kw_only=True)
 class KeySketch:
     """P [d, S] (top right-singular vectors of the entities), int8 entity sketches with a per-dim scale, Σ_⊥ [d, d]."""
 
     projection: np.ndarray  # float32 [d, S]
     scale: np.ndarray  # float32 [S]: sketch value = int8 code × scale
     residual_cov: np.ndarray  # float32 [d, d]: E[k_⊥ k_⊥ᵀ] over sampled keys
-    item_codes: np.ndarray  # int8 [N+1, S]
     query_codes: np.ndarray  # int8 [Q+1, S]
+    item_codes: np.ndarray  # int8 [N+1, S]
 
     @property
     def dim(self) -> int:
@@ -41,8 +41,8 @@ class KeySketch:
     @classmethod
     def fit(
         cls,
-        item_folded: np.ndarray,
         query_folded: np.ndarray,
+        item_folded: np.ndarray,
         sketch_dim: int = 32,
         max_train: int = 65536,
         search_share: float = 0.5,
@@ -67,10 +67,16 @@ class KeySketch:
         keys = items + queries
         residual = keys - (keys @ projection) @ projection.T
         residual_cov = (residual.T @ residual / len(residual)).astype(np.float32)
-        top = np.maximum(_abs_max(item_folded, projection, chunk), _abs_max(query_folded, projection, chunk))
+        top = np.maximum(_abs_max(query_folded, projection, chunk), _abs_max(item_folded, projection, chunk))
         scale = (np.maximum(top, 1e-30) / 127).astype(np.float32)
         encode = lambda x: _encode(x, projection, scale, chunk)  # noqa: E731
-        return cls(projection, scale, residual_cov, encode(item_folded), encode(query_folded))
+        return cls(
+            projection=projection,
+            scale=scale,
+            residual_cov=residual_cov,
+            query_codes=encode(query_folded),
+            item_codes=encode(item_folded),
+        )
 
     def target(self, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(u's sketch weights [C, S] applied to int8 codes, σ(u) [C]: std of the sketch error over keys)."""

@@ -1,15 +1,18 @@
 """Request/response bodies of the scoring service (docs/design.md, Serving), validated with pydantic.
 
 Shape checks live here (FastAPI answers 422 on a malformed body); checks that need the catalogue or the
-configured limits (unknown item id, too many candidates, over-long query) live in `Catalog.validate_*` and
-raise `RequestError`, which the HTTP layer turns into a 4xx.
+configured limits (unknown item id, too many candidates, over-long query) live in `Catalog.check_*` and
+raise `RequestError`, which `http_errors` turns into a 4xx.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any
 
+from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
 # Ids and timestamps are stored as int64 (the tables, the history log, numpy): a larger JSON integer is a 422 with
@@ -28,6 +31,15 @@ class RequestError(ValueError):
     def __init__(self, message: str, status: int = 422):
         super().__init__(message)
         self.status = status
+
+
+@contextmanager
+def http_errors() -> Iterator[None]:
+    """A RequestError raised in the block becomes the HTTP answer: its status, its message as the detail."""
+    try:
+        yield
+    except RequestError as e:
+        raise HTTPException(status_code=e.status, detail=str(e)) from e
 
 
 class ScoreRequest(BaseModel):

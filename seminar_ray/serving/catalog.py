@@ -8,7 +8,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from seminar_ray.data.schema import EMPTY_QUERY, DatasetMeta, read_table
-from seminar_ray.serving.api import QueryField, RequestError
+from seminar_ray.serving.api import EventsRequest, QueryField, RequestError, ScoreRequest
 
 
 class Limits(BaseModel):
@@ -27,8 +27,8 @@ def normalise_text(text: str) -> str:
 class Catalog:
     """Validates ids against the dataset's tables and maps query text to a query id (exact match after normalising)."""
 
-    def __init__(self, num_items: int, num_queries: int, query_text: dict[str, int], limits: Limits | None = None):
-        self.num_items, self.num_queries, self.limits = num_items, num_queries, limits or Limits()
+    def __init__(self, num_queries: int, num_items: int, query_text: dict[str, int], limits: Limits | None = None):
+        self.num_queries, self.num_items, self.limits = num_queries, num_items, limits or Limits()
         self.query_text = query_text
 
     @classmethod
@@ -36,7 +36,7 @@ class Catalog:
         meta = DatasetMeta.load(data_dir)
         queries = read_table(data_dir, "queries", ["query_id", "text"]).to_pydict()
         text = {normalise_text(t): int(q) for q, t in zip(queries["query_id"], queries["text"]) if t}
-        return cls(meta.num_items, meta.num_queries, text, limits)
+        return cls(meta.num_queries, meta.num_items, text, limits)
 
     def resolve_query(self, query: QueryField) -> tuple[int, str | None]:
         """(query id, note): an id is checked, a known text maps to its id, an unknown text to the empty query."""
@@ -64,3 +64,15 @@ class Catalog:
         if len(candidates) > self.limits.max_candidates:
             raise RequestError(f"{len(candidates)} candidates, the limit is {self.limits.max_candidates}")
         return self.check_items(candidates)
+
+    def check_score(self, req: ScoreRequest) -> tuple[int, str | None, np.ndarray]:
+        """(query id, note, candidate ids) of a score request; RequestError for one the service refuses."""
+        query_id, note = self.resolve_query(req.query)
+        return query_id, note, self.validate_candidates(req.candidates)
+
+    def check_events(self, req: EventsRequest) -> tuple[list[int], list[int]]:
+        """(query ids, item ids) of an events request; RequestError for one the service refuses."""
+        if len(req.events) > self.limits.max_events:
+            raise RequestError(f"{len(req.events)} events, the limit is {self.limits.max_events}")
+        items = self.check_items([e.item_id for e in req.events], what="event").tolist()
+        return [self.resolve_query(e.query)[0] for e in req.events], items

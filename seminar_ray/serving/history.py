@@ -30,7 +30,7 @@ class HistoryStore(ABC):
     """
 
     @abstractmethod
-    def append(self, user_id: int, item_ids: list[int], query_ids: list[int], timestamps: list[int]) -> int:
+    def append(self, user_id: int, query_ids: list[int], item_ids: list[int], timestamps: list[int]) -> int:
         """Append behaviours to the end of a user's history; durable on return; returns the append's seq."""
 
     @abstractmethod
@@ -82,13 +82,13 @@ class LogHistoryStore(HistoryStore):
                 f.flush()
                 os.fsync(f.fileno())
 
-    def append(self, user_id: int, item_ids: list[int], query_ids: list[int], timestamps: list[int]) -> int:
+    def append(self, user_id: int, query_ids: list[int], item_ids: list[int], timestamps: list[int]) -> int:
         if self._fd is None:
             raise PermissionError(f"{self.path}: this store was opened read-only (writer=False)")
-        if not len(item_ids) == len(query_ids) == len(timestamps) or not item_ids:
+        if not len(query_ids) == len(item_ids) == len(timestamps) or not item_ids:
             raise ValueError(
-                f"append needs equal, non-empty item/query/timestamp lists, got "
-                f"{len(item_ids)}/{len(query_ids)}/{len(timestamps)}"
+                f"append needs equal, non-empty query/item/timestamp lists, got "
+                f"{len(query_ids)}/{len(item_ids)}/{len(timestamps)}"
             )
         with self._lock:
             self.refresh()

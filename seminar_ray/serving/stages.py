@@ -24,15 +24,16 @@ from seminar_ray.retrieval.retrievers import ExactRetriever, Retriever, ServingR
 from seminar_ray.train.checkpoints import CHECKPOINT_FILE, resolve_checkpoint
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ScoreJob:
     """What the scorer needs for one request: compact history [Lc], top-K positions into it [C, K] (-1 = none).
 
-    Arrays travel between replicas, so they are compact: int32 ids, int16/int32 positions.
+    Arrays travel between replicas, so they are compact: int32 ids, int16/int32 positions. Keyword-only: the
+    history's query and item ids are arrays of one dtype, so a swap would raise nothing.
     """
 
-    hist_items: np.ndarray
     hist_queries: np.ndarray
+    hist_items: np.ndarray
     topk: np.ndarray
     candidates: np.ndarray
     query_id: int
@@ -44,8 +45,8 @@ class ScoreJob:
         """The job as the Scorer receives it: raw buffers, ints and a string, which Ray's serializer packs with
         msgpack directly, where a dataclass of numpy arrays goes through pickle (measured in serve_app/README.md)."""
         return (
-            self.hist_items.astype(np.int32, copy=False).tobytes(),
             self.hist_queries.astype(np.int32, copy=False).tobytes(),
+            self.hist_items.astype(np.int32, copy=False).tobytes(),
             self.topk.tobytes(),
             self.topk.shape[1],
             self.topk.dtype.str,
@@ -57,16 +58,16 @@ class ScoreJob:
 
     @classmethod
     def from_wire(cls, wire: tuple | list) -> ScoreJob:
-        items, queries, topk, k, pos_dtype, candidates, query_id, history_len, index_version = wire
+        queries, items, topk, k, pos_dtype, candidates, query_id, history_len, index_version = wire
         cands = np.frombuffer(candidates, np.int64)
         return cls(
-            np.frombuffer(items, np.int32),
-            np.frombuffer(queries, np.int32),
-            np.frombuffer(topk, np.dtype(pos_dtype)).reshape(len(cands), k),
-            cands,
-            query_id,
-            history_len,
-            index_version,
+            hist_queries=np.frombuffer(queries, np.int32),
+            hist_items=np.frombuffer(items, np.int32),
+            topk=np.frombuffer(topk, np.dtype(pos_dtype)).reshape(len(cands), k),
+            candidates=cands,
+            query_id=query_id,
+            history_len=history_len,
+            index_version=index_version,
         )
 
 
@@ -109,7 +110,7 @@ def make_retriever(index: PQIndex, method: str, rerank_factor: int = 8) -> Retri
     "sketch": int8 key-sketch shortlist + exact re-rank (needs an index built with a sketch).
     """
     if method == "exact":
-        return ExactRetriever(index.item_exact, index.query_exact)
+        return ExactRetriever(index.query_exact, index.item_exact)
     if method == "pq":
         return ServingRetriever(index, rerank_factor=rerank_factor)
     if method == "sketch":
@@ -132,7 +133,7 @@ class RetrievalStage:
         self.model, self.index = model, index
         self.retriever = make_retriever(index, method, rerank_factor)
         self.K, self.max_len, self.recent = model.cfg.K, model.cfg.max_len, model.cfg.recent_len
-        self.u_items, self.u_queries = gsu_target_tables(model)  # u per candidate: two row gathers, no model pass
+        self.u_queries, self.u_items = gsu_target_tables(model)  # u per candidate: two row gathers, no model pass
 
     def prepare(
         self,
@@ -142,11 +143,18 @@ class RetrievalStage:
         keep_full_topk: bool = False,
     ) -> ScoreJob:
         hq, hi = (np.asarray(a, dtype=np.int64)[-self.max_len :] for a in history)
-        u = self.u_items[candidates] + self.u_queries[query_id]
+        u = self.u_queries[query_id] + self.u_items[candidates]
         topk = self.retriever.topk(hq, hi, u, self.K)
         cq, ci, ctopk = compact_history(hq, hi, topk, self.recent)
         return ScoreJob(
-            ci, cq, ctopk, candidates, query_id, len(hi), self.index.version, topk if keep_full_topk else None
+            hist_queries=cq,
+            hist_items=ci,
+            topk=ctopk,
+            candidates=candidates,
+            query_id=query_id,
+            history_len=len(hi),
+            index_version=self.index.version,
+            full_topk=topk if keep_full_topk else None,
         )
 
 
@@ -162,16 +170,20 @@ class ScoringStage:
         L = max(1, max(len(j.hist_items) for j in jobs))
         C = max(len(j.candidates) for j in jobs)
         K = max(1, max(j.topk.shape[1] for j in jobs))
-        hist_items, hist_queries = np.zeros((B, L), np.int64), np.zeros((B, L), np.int64)
+        hist_queries, hist_items = np.zeros((B, L), np.int64), np.zeros((B, L), np.int64)
         topk = np.full((B, C, K), -1, np.int64)
-        targets, target_queries = np.zeros((B, C), np.int64), np.zeros((B, C), np.int64)
+        target_queries, target_items = np.zeros((B, C), np.int64), np.zeros((B, C), np.int64)
         for b, j in enumerate(jobs):
             n, c, k = len(j.hist_items), len(j.candidates), j.topk.shape[1]
-            hist_items[b, L - n :], hist_queries[b, L - n :] = j.hist_items, j.hist_queries
+            hist_queries[b, L - n :], hist_items[b, L - n :] = j.hist_queries, j.hist_items
             topk[b, :c, :k] = np.where(j.topk >= 0, j.topk.astype(np.int64) + (L - n), -1)  # left padding shifts
-            targets[b, :c], target_queries[b, :c] = j.candidates, j.query_id
+            target_queries[b, :c], target_items[b, :c] = j.query_id, j.candidates
         logits = self.model.score_with_topk(
-            *(torch.from_numpy(a) for a in (hist_items, hist_queries, topk, targets, target_queries))
+            hist_queries=torch.from_numpy(hist_queries),
+            hist_items=torch.from_numpy(hist_items),
+            topk_idx=torch.from_numpy(topk),
+            target_queries=torch.from_numpy(target_queries),
+            target_items=torch.from_numpy(target_items),
         )
         scores = torch.sigmoid(logits).numpy()
         return [scores[b, : len(j.candidates)].astype(np.float64) for b, j in enumerate(jobs)]

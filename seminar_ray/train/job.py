@@ -252,7 +252,8 @@ def _node_capacities() -> tuple[list[tuple[dict, int]], str]:
     import ray
 
     # Ray 2.60 has no public API for the autoscaler's node types (ray.util.state and ray.autoscaler.sdk list live
-    # nodes and demands only; Ray Data reads them the same way), so this one private call stays, here alone.
+    # nodes and demands only; Ray Data reads them the same way), so this private call stays: the training job's
+    # only one.
     from ray._private.state import state
 
     from seminar_ray.autoscaling import published_node_types

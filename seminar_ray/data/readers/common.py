@@ -282,7 +282,7 @@ def assemble(
     user_keys, user_ids = _dense(behaviours.user.take(take))
     item_keys, item_ids = _dense(behaviours.item.take(take))
     queries, query_ids, token_keys = _queries(behaviours.query.take(take), behaviours.query_has_text)
-    sequences = _sequences(user_ids, item_ids, query_ids, behaviours.timestamp[order])
+    sequences = _sequences(user_ids, query_ids, item_ids, behaviours.timestamp[order])
     items_table, attr_keys = _items(item_keys, items)
     meta = DatasetMeta(
         source=source,
@@ -345,7 +345,7 @@ def _queries(keys: pa.Array, has_text: bool) -> tuple[pa.Table, np.ndarray, pa.A
     return queries, query_ids, token_keys
 
 
-def _sequences(user_ids: np.ndarray, item_ids: np.ndarray, query_ids: np.ndarray, ts: np.ndarray) -> pa.Table:
+def _sequences(user_ids: np.ndarray, query_ids: np.ndarray, item_ids: np.ndarray, ts: np.ndarray) -> pa.Table:
     """Behaviours already sorted by (user, time) → one row per user with list columns."""
     starts = np.r_[0, np.flatnonzero(np.diff(user_ids)) + 1]
     offsets = pa.array(np.r_[starts, len(user_ids)].astype(np.int32))

@@ -1,7 +1,9 @@
-"""Training throughput of PSU and the SEMINAR CTR model at B = 256, L = 2,000, d = 64, against DIN in the same run,
-plus the chunked alignment loss's memory for N_ch = 1, 2, 4, 8 (paper §3.3.1: O(L²/N_ch)).
+"""Training throughput of PSU and the SEMINAR CTR model at B = 256, L = 2,000, d = 64, against DIN in the same run;
+the PSU against its reference implementation (bench/psu_reference.py) on the same batches; a torch.profiler roofline
+of one PSU step and one CTR step against this machine's GEMM FLOP/s and memory bandwidth measured in the same
+process; and the chunked alignment loss's memory for N_ch = 1, 2, 4, 8 (paper §3.3.1: O(L²/N_ch)).
 
-Each measurement runs in its own subprocess so that its peak RSS is its own.
+Each measurement runs in its own subprocess so that its peak RSS is its own. The load average is recorded.
     .venv/bin/python bench/model_speed.py --out bench/out/model.json [--quick]
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,9 @@ from seminar_ray.data.entities import EntityTables
 from seminar_ray.data.schema import DatasetMeta
 from seminar_ray.models import ModelConfig, build_model
 from seminar_ray.models.psu import alignment_loss
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run by path: the reference sits beside this file
+from psu_reference import ReferencePSU  # noqa: E402
 
 N_ITEMS, N_QUERIES, N_ATTRS, N_TOKENS = 20_000, 5_000, 500, 2_000
 
@@ -100,6 +106,94 @@ def align_worker(batch: int, length: int, n_chunks: int, d: int) -> dict:
             "peak_rss_delta_mb": peak_rss_mb() - base, "seconds": time.perf_counter() - t0}
 
 
+def step_fn(model: torch.nn.Module, batch: dict) -> Callable[[], dict]:
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step() -> dict:
+        opt.zero_grad(set_to_none=True)
+        loss, parts = model.loss(batch)
+        loss.backward()
+        opt.step()
+        return parts
+
+    return step
+
+
+def reference_worker(batch: int, length: int, steps: int, warmup: int) -> dict:
+    """PSU and ReferencePSU from the same weights on the same batches, steps interleaved: median samples/s of each."""
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("paper", batch=batch, max_len=length)
+    tables = synthetic_tables()
+    psu = build_model("psu", cfg, tables)
+    ref = ReferencePSU(cfg, tables)
+    ref.load_state_dict(psu.state_dict())
+    data = synthetic_batch(batch, length, 1 + cfg.n_neg, 0)
+    steps_of = {"psu": step_fn(psu, data), "reference": step_fn(ref, data)}
+    times: dict[str, list[float]] = {"psu": [], "reference": []}
+    losses: dict[str, list[float]] = {"psu": [], "reference": []}
+    for i in range(warmup + steps):
+        for name, step in steps_of.items():
+            torch.manual_seed(i)  # the relevance task's derangement: the same draw for both
+            t0 = time.perf_counter()
+            parts = step()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+                losses[name].append(parts["loss"])
+    rate = {k: batch / float(np.median(v)) for k, v in times.items()}
+    return {"psu_samples_per_s": rate["psu"], "reference_samples_per_s": rate["reference"],
+            "psu_speedup_vs_reference": rate["psu"] / rate["reference"], "step_s": times, "losses": losses}
+
+
+def machine_peaks(threads: int) -> dict:
+    """This process's GEMM FLOP/s (float32 2048² matmul) and memory bandwidth (a 256 MB copy: read + write)."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    src, dst = torch.randn(64 << 20), torch.empty(64 << 20)
+
+    def best(fn, reps: int = 5) -> float:
+        fn()
+        out = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+        return min(out)
+
+    gemm_s = best(lambda: torch.mm(a, b))
+    copy_s = best(lambda: dst.copy_(src))
+    return {"gemm_gflops": 2 * 2048**3 / gemm_s / 1e9, "mem_gbps": 2 * src.numel() * 4 / copy_s / 1e9,
+            "threads": threads}
+
+
+def profile_worker(kind: str, batch: int, length: int) -> dict:
+    """torch.profiler over one training step (after a warm-up): achieved GFLOP/s (matmul FLOPs the profiler counts)
+    and GB/s (bytes of every op's inputs plus what it allocated: an estimate), against the machine's peaks."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("paper", batch=batch, max_len=length)
+    step = step_fn(build_model(kind, cfg, synthetic_tables()), synthetic_batch(batch, length, 1 + cfg.n_neg, 0))
+    step()
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True, profile_memory=True) as prof:
+        t0 = time.perf_counter()
+        step()
+        seconds = time.perf_counter() - t0
+    events = prof.key_averages(group_by_input_shape=True)
+    flops = sum(e.flops for e in events)
+    read = sum(4 * e.count * sum(math.prod(s) for s in e.input_shapes if s) for e in events if e.input_shapes)
+    written = sum(max(e.self_cpu_memory_usage, 0) for e in events)
+    top = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
+    peaks = machine_peaks(torch.get_num_threads())
+    achieved = {"gflops": flops / seconds / 1e9, "gbps": (read + written) / seconds / 1e9}
+    return {
+        "kind": kind, "step_s": seconds, "gflop": flops / 1e9, "gbytes_estimate": (read + written) / 1e9,
+        **achieved, "arithmetic_intensity_flop_per_byte": flops / max(read + written, 1), "machine": peaks,
+        "share_of_gemm_peak": achieved["gflops"] / peaks["gemm_gflops"],
+        "share_of_mem_bandwidth": achieved["gbps"] / peaks["mem_gbps"],
+        "top_ops_self_cpu_s": {e.key: round(e.self_cpu_time_total / 1e6, 3) for e in top},
+    }
+
+
 def run_worker(args: list[str]) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     out = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True, env=env)
@@ -119,12 +213,22 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         name, *rest = args.worker
-        result = train_worker(name, *map(int, rest)) if name != "align" else align_worker(*map(int, rest))
+        if name == "align":
+            result = align_worker(*map(int, rest))
+        elif name == "reference":
+            result = reference_worker(*map(int, rest))
+        elif name == "profile":
+            result = profile_worker(rest[0], *map(int, rest[1:]))
+        else:
+            result = train_worker(name, *map(int, rest))
         print(json.dumps(result))
         return
+    load0 = os.getloadavg()
     steps, warmup = (2, 1) if args.quick else (5, 1)
     shape = [str(args.batch), str(args.length), str(steps), str(warmup)]
     runs = {kind: run_worker([kind, *shape]) for kind in ("psu", "seminar", "din")}
+    reference = run_worker(["reference", *shape])
+    roofline = {kind: run_worker(["profile", kind, str(args.batch), str(args.length)]) for kind in ("psu", "seminar")}
     align = [run_worker(["align", str(args.align_batch), str(args.length), str(n), "64"]) for n in (1, 2, 4, 8)]
     base_bytes = align[0]["logits_bytes"]
     result = {
@@ -135,6 +239,8 @@ def main() -> None:
         "ctr_vs_din": runs["seminar"]["samples_per_s"] / runs["din"]["samples_per_s"],
         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs.values() if r["kind"] != "din"),
         "peak_rss_mb_by_model": {k: r["peak_rss_mb"] for k, r in runs.items()},
+        "psu_speedup_vs_reference": reference["psu_speedup_vs_reference"], "reference": reference,
+        "roofline": roofline, "load_avg_1m": [load0[0], os.getloadavg()[0]],
         "L": args.length, "batch": args.batch, "d": 64, "heads": 4, "K": 200, "candidates": 5,
         "steps": steps, "warmup": warmup, "runs": runs,
         "alignment_memory": {
@@ -150,7 +256,11 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: v for k, v in result.items() if k not in ("runs", "alignment_memory")}, indent=2))
+    skip = ("runs", "alignment_memory", "reference", "roofline")
+    print(json.dumps({k: v for k, v in result.items() if k not in skip}, indent=2))
+    for kind, r in roofline.items():
+        print(f"{kind}: {r['gflops']:.1f} GFLOP/s ({r['share_of_gemm_peak']:.0%} of GEMM peak), "
+              f"{r['gbps']:.1f} GB/s ({r['share_of_mem_bandwidth']:.0%} of copy bandwidth), top ops {r['top_ops_self_cpu_s']}")
 
 
 if __name__ == "__main__":

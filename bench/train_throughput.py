@@ -1,24 +1,31 @@
-"""Training samples/s with 1 and 2 Ray Train workers against a plain single-process PyTorch loop.
+"""Ray Train (1 and 2 workers) against a plain single-process PyTorch loop, at two shapes, over several epochs.
 
-All three train the same model (SEMINAR CTR, configs/model_small.yaml) for one epoch on the same data
-with one torch thread per process; the plain loop reads Parquet with pyarrow and samples in-process.
-The ratios are the figures. `data_wait_share` is the share of a worker's epoch spent waiting for batches.
-Ray's rate is rank 0's samples/s × world size (the shards are equal to within one batch).
+Every run trains the same model (SEMINAR CTR) on the same synthetic data with the same sampling (TrainCollate draws
+epoch e's targets in both paths) and one torch thread per process:
+- `small`: configs/model_small.yaml on the `small` preset (L ≤ 200, the shape of `make run`);
+- the top level: configs/model_paper.yaml (d = 64, K = 200, batch 256) on the `long` preset at L = 2,000.
+The plain loop reads Parquet with pyarrow and collates between steps in its one thread, as a hand-written loop
+would. Ray Train reads the sequences once with Ray Data (materialised into the object store) and iterates them
+every epoch.
+The plain loop runs before and after Ray Train, and its figure is the mean of the two (the load drifts).
+Figures: samples/s = samples / training seconds over all epochs (validation and start-up excluded, the first
+batch's wait included), `data_wait_share` = time waiting for batches / training time, `epoch2_first_batch_s` =
+epoch 2's wait for its first batch. The ratios are the figures; the load average is recorded beside them.
 
-    python bench/train_throughput.py --out bench/out/train.json
+    python bench/train_throughput.py [--quick] [--out bench/out/train.json]
 """
+
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
-
 
 from seminar_ray.data.entities import EntityTables
 from seminar_ray.data.pipeline import TrainCollate, sample_config
@@ -29,59 +36,100 @@ from seminar_ray.runtime import init_ray
 from seminar_ray.train.job import TrainJob, run_training
 from seminar_ray.train.loop import WithLoss, train_one_epoch
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "model_small.yaml"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# shape → (synthetic preset, model config, users full/quick, samples per user)
+SHAPES = {
+    "small": ("small", "model_small.yaml", (1500, 600), 8),
+    "paper": ("long", "model_paper.yaml", (512, 256), 8),
+}
 
 
-def plain_torch(data: Path, cfg: ModelConfig, samples_per_user: int) -> dict:
+def totals(epochs: list[dict]) -> dict:
+    """Samples/s and data-wait share over all epochs, epoch 2's first-batch wait and the per-epoch rows."""
+    seconds = sum(e["seconds"] for e in epochs)
+    return {
+        "samples_per_s": sum(e["samples"] for e in epochs) / seconds,
+        "data_wait_share": sum(e["data_wait_share"] * e["seconds"] for e in epochs) / seconds,
+        "epoch2_first_batch_s": epochs[1]["first_batch_s"],
+        "epochs": [{k: round(e[k], 4) for k in ("samples_per_s", "data_wait_share", "first_batch_s")} for e in epochs],
+    }
+
+
+def plain_torch(data: Path, cfg: ModelConfig, epochs: int, samples_per_user: int) -> dict:
     torch.set_num_threads(1)
     net = WithLoss(build_model("seminar", cfg, EntityTables.load(data)))
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     scfg = sample_config(data, max_len=cfg.max_len, num_neg=cfg.n_neg, samples_per_user=samples_per_user)
-    collate = TrainCollate(scfg, epoch=0)
     users_per_batch = max(1, cfg.batch // samples_per_user)
-    batches = (collate(b) for b in pq.ParquetFile(table_path(data, "sequences")).iter_batches(batch_size=users_per_batch))
-    stats = train_one_epoch(net, batches, opt)
-    return {"samples_per_s": stats["samples_per_s"], "data_wait_share": stats["data_wait_share"],
-            "samples": stats["samples"]}
+    rows = []
+    for epoch in range(epochs):
+        collate = TrainCollate(scfg, epoch=epoch)
+        parquet = pq.ParquetFile(table_path(data, "sequences"))
+        batches = (collate(b) for b in parquet.iter_batches(batch_size=users_per_batch))
+        rows.append(train_one_epoch(net, batches, opt))
+    return totals(rows)
 
 
-def ray_train(data: Path, cfg: ModelConfig, workers: int, samples_per_user: int, storage: Path) -> dict:
+def ray_train(data: Path, cfg: ModelConfig, epochs: int, workers: int, samples_per_user: int, storage: Path) -> dict:
     job = TrainJob(kind="seminar", data=str(data), storage_path=str(storage), run_name=f"bench_{workers}w",
-                   model=cfg.to_dict(), epochs=1, num_workers=workers, cpus_per_worker=0.5,
+                   model=cfg.to_dict(), epochs=epochs, num_workers=workers, cpus_per_worker=0.5,
                    samples_per_user=samples_per_user, eval_users=50)
     t0 = time.time()
-    h = run_training(job)["history"][0]
-    return {"samples_per_s": h["train_samples_per_s"] * workers, "rank0_samples_per_s": h["train_samples_per_s"],
-            "data_wait_share": h["train_data_wait_share"], "samples_rank0": h["train_samples"],
-            "wall_s_including_startup": time.time() - t0}
+    history = run_training(job)["history"]
+    rows = [{k.removeprefix("train_"): v for k, v in h.items() if k.startswith("train_")} for h in history]
+    out = totals(rows)  # rank 0's figures; the shards are equal to within one batch, so × world size
+    out["samples_per_s"] *= workers
+    out["wall_s_including_startup_and_validation"] = time.time() - t0
+    return out
+
+
+def measure(shape: str, quick: bool, epochs: int, two_workers: bool, tmp: Path) -> dict:
+    preset, config, (users_full, users_quick), spu = SHAPES[shape]
+    users = users_quick if quick else users_full
+    cfg = ModelConfig.from_yaml(CONFIGS / config, pretrained=False)
+    data = generate_to_dir(SyntheticConfig.preset(preset, num_users=users), tmp / f"data_{shape}")
+    load0 = os.getloadavg()[0]
+    # the plain loop runs before and after Ray Train and counts as their mean: on a shared machine the load drifts
+    before = plain_torch(data, cfg, epochs, spu)
+    one = ray_train(data, cfg, epochs, 1, spu, tmp / f"runs_{shape}")
+    after = plain_torch(data, cfg, epochs, spu)
+    plain = {k: (before[k] + after[k]) / 2 for k in ("samples_per_s", "data_wait_share")}
+    out = {
+        "L": cfg.max_len, "batch": cfg.batch, "users": users, "samples_per_user": spu, "epochs": epochs,
+        "ratio_ray1_over_plain": one["samples_per_s"] / plain["samples_per_s"],
+        "data_wait_share": one["data_wait_share"], "epoch2_first_batch_s": one["epoch2_first_batch_s"],
+        "data_wait_share_plain": plain["data_wait_share"],
+        "ray_1_worker_samples_per_s": one["samples_per_s"], "plain_torch_samples_per_s": plain["samples_per_s"],
+        "details": {"plain_before": before, "plain_after": after, "ray_1": one},
+    }
+    if two_workers:
+        two = ray_train(data, cfg, epochs, 2, spu, tmp / f"runs_{shape}")
+        out.update(ray_2_workers_samples_per_s=two["samples_per_s"], ratio_ray2_over_ray1=two["samples_per_s"]
+                   / one["samples_per_s"], data_wait_share_2_workers=two["data_wait_share"])
+        out["details"]["ray_2"] = two
+    out["load_avg_1m"] = [load0, os.getloadavg()[0]]
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("bench/out/train.json"))
-    p.add_argument("--users", type=int, default=600)
-    p.add_argument("--samples-per-user", type=int, default=8)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--quick", action="store_true", help="fewer users (both shapes still measured, L = 2,000 included)")
+    p.add_argument("--epochs", type=int, default=3)
     args = p.parse_args()
+    out_path = args.out or Path("bench/out") / ("train_quick.json" if args.quick else "train.json")
     init_ray()
-    cfg = ModelConfig.from_yaml(CONFIG, pretrained=False)
+    t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        data = generate_to_dir(replace(SyntheticConfig.preset("small", num_users=args.users)), Path(tmp) / "data")
-        plain = plain_torch(data, cfg, args.samples_per_user)
-        one = ray_train(data, cfg, 1, args.samples_per_user, Path(tmp) / "runs")
-        two = ray_train(data, cfg, 2, args.samples_per_user, Path(tmp) / "runs")
-    out = {
-        "ray_1_worker_samples_per_s": one["samples_per_s"], "ray_2_workers_samples_per_s": two["samples_per_s"],
-        "plain_torch_samples_per_s": plain["samples_per_s"],
-        "data_wait_share": one["data_wait_share"], "data_wait_share_2_workers": two["data_wait_share"],
-        "data_wait_share_plain": plain["data_wait_share"],
-        "ratio_ray1_over_plain": one["samples_per_s"] / plain["samples_per_s"],
-        "ratio_ray2_over_ray1": two["samples_per_s"] / one["samples_per_s"],
-        "model": "seminar", "config": cfg.to_dict(), "users": args.users, "samples_per_user": args.samples_per_user,
-        "details": {"plain": plain, "ray_1": one, "ray_2": two},
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1))
-    print(json.dumps({k: v for k, v in out.items() if k not in ("config", "details")}, indent=1))
+        small = measure("small", args.quick, args.epochs, two_workers=True, tmp=Path(tmp))
+        paper = measure("paper", args.quick, args.epochs, two_workers=False, tmp=Path(tmp))
+    out = {**paper, "small": small, "model": "seminar", "quick": args.quick, "wall_s": time.time() - t0,
+           "note": "2 workers on a 2-core machine share the cores with each other and with Ray: no scaling expected"}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(out, indent=1))
+    keys = ("L", "ratio_ray1_over_plain", "data_wait_share", "epoch2_first_batch_s", "data_wait_share_plain",
+            "ratio_ray2_over_ray1", "load_avg_1m")
+    print(json.dumps({"paper": {k: paper.get(k) for k in keys}, "small": {k: small.get(k) for k in keys}}, indent=1))
 
 
 if __name__ == "__main__":

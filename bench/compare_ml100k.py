@@ -49,7 +49,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "ml100k")
     p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--config", type=Path, default=ROOT / "configs" / "model_ml100k.yaml",
+                   help="model config (default: the small sizes with the paper's L = 100, K = 50 for short histories)")
     p.add_argument("--pretrain-epochs", type=int, default=2)
     p.add_argument("--modes", default="none,derived")
     p.add_argument("--variants", default=VARIANTS)
@@ -70,7 +72,7 @@ def main() -> int:
             run("-m", "jobs.prepare_data", "--source", "recbole", "--input", str(raw), "--out", str(data), "--queries", mode)
         run("-m", "jobs.compare", "--data", str(data), "--out", str(runs), "--seeds", str(args.seeds),
             "--epochs", str(args.epochs), "--pretrain-epochs", str(args.pretrain_epochs), "--samples-per-user", "0",
-            "--eval-users", "0", "--variants", args.variants, *(["--report-only"] if args.report_only else []))
+            "--eval-users", "0", "--config", str(args.config), "--variants", args.variants, *(["--report-only"] if args.report_only else []))
         results[mode] = json.loads((runs / "compare.json").read_text())
         texts.append(f"## --queries {mode}\n\n" + (runs / "compare.md").read_text().split("\n", 2)[2])
     seconds = time.time() - t0

@@ -69,7 +69,7 @@ def watch(types, record_property):  # request it after the cluster fixture: it p
 
 def _pretrain(cluster, tiny_data, out: Path, *flags: str, timeout_s: float = 420) -> subprocess.CompletedProcess:
     """jobs/pretrain.py as `ray job submit` runs it: a driver joining the cluster through RAY_ADDRESS."""
-    cmd = [sys.executable, str(ROOT / "jobs" / "pretrain.py"), "--data", str(tiny_data), "--out", str(out),
+    cmd = [sys.executable, "-m", "jobs.pretrain", "--data", str(tiny_data), "--out", str(out),
            "--epochs", "1", "--num-workers", "1", "--cpus-per-worker", "0.5", "--samples-per-user", "1",
            "--eval-users", "16", "--set", "max_len=16", *flags]
     env = {**os.environ, "RAY_ADDRESS": cluster.address}

@@ -67,12 +67,12 @@ def scale_cycle(watch: NodeWatcher, timeout_s: float = 300) -> dict:
 def pretrain_job(cluster: LocalAutoscalingCluster, watch: NodeWatcher, data: Path, out: Path) -> dict:
     watch.wait_for(lambda w: w.alive() == 0, 300, "no worker node before the job")
     t_start = watch.now()
-    cmd = [sys.executable, str(ROOT / "jobs" / "pretrain.py"), "--data", str(data), "--out", str(out),
+    cmd = [sys.executable, "-m", "jobs.pretrain", "--data", str(data), "--out", str(out),
            "--epochs", "1", "--num-workers", "1", "--cpus-per-worker", "0.5", "--samples-per-user", "1",
            "--eval-users", "32", "--set", "max_len=32", "--worker-resources", '{"gpu_trainer": 0.01}']
     t0 = time.time()
     proc = subprocess.run(cmd, env={**os.environ, "RAY_ADDRESS": cluster.address}, capture_output=True, text=True,
-                          timeout=900)
+                          timeout=900, cwd=ROOT)  # -m: jobs is a package
     job_s = time.time() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"pretrain failed ({proc.returncode}): {proc.stderr[-3000:]}")
@@ -100,12 +100,18 @@ def main(argv: list[str] | None = None) -> int:
         generate_to_dir(SyntheticConfig.preset("tiny"), work / "data")
         with LocalAutoscalingCluster(types, head_resources=dict(HEAD), idle_timeout_minutes=IDLE_MINUTES) as cluster:
             cluster.connect(log_to_driver=False, configure_logging=False)
-            with NodeWatcher(types) as watch:
-                cycles = [scale_cycle(watch) for _ in range(1 if args.quick else 3)]
-                job = pretrain_job(cluster, watch, work / "data", work / "runs")
-                watch.wait_for(lambda w: w.alive() == 0, 300, "every worker node terminated after the job")
-                timeline = watch.summary()
-            ray.shutdown()
+            try:
+                with NodeWatcher(types) as watch:
+                    cycles = [scale_cycle(watch) for _ in range(1 if args.quick else 3)]
+                    job = pretrain_job(cluster, watch, work / "data", work / "runs")
+                    watch.wait_for(lambda w: w.alive() == 0, 300, "every worker node terminated after the job")
+                    timeline = watch.summary()
+            except BaseException:
+                # the head's own log says why when it is the head that went (it exits under heavy load)
+                print(f"bench failed; the head's log ends:\n{cluster.log_tail()}", file=sys.stderr)
+                raise
+            finally:
+                ray.shutdown()  # before the cluster goes: a driver left connected to a dead GCS aborts after 60 s
     finally:
         shutil.rmtree(work, ignore_errors=True)
     load_end = os.getloadavg()

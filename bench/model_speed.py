@@ -130,18 +130,23 @@ def reference_worker(batch: int, length: int, steps: int, warmup: int) -> dict:
     data = synthetic_batch(batch, length, 1 + cfg.n_neg, 0)
     steps_of = {"psu": step_fn(psu, data), "reference": step_fn(ref, data)}
     times: dict[str, list[float]] = {"psu": [], "reference": []}
+    cpu: dict[str, list[float]] = {"psu": [], "reference": []}
     losses: dict[str, list[float]] = {"psu": [], "reference": []}
     for i in range(warmup + steps):
         for name, step in steps_of.items():
             torch.manual_seed(i)  # the relevance task's derangement: the same draw for both
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             parts = step()
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
                 losses[name].append(parts["loss"])
     rate = {k: batch / float(np.median(v)) for k, v in times.items()}
+    # CPU seconds per step: what the step costs whatever else the shared machine runs meanwhile
+    cpu_ratio = float(np.median(cpu["reference"]) / np.median(cpu["psu"]))
     return {"psu_samples_per_s": rate["psu"], "reference_samples_per_s": rate["reference"],
-            "psu_speedup_vs_reference": rate["psu"] / rate["reference"], "step_s": times, "losses": losses}
+            "psu_speedup_vs_reference": rate["psu"] / rate["reference"], "psu_speedup_cpu_time": cpu_ratio,
+            "step_s": times, "step_cpu_s": cpu, "losses": losses}
 
 
 def machine_peaks(threads: int) -> dict:
@@ -227,7 +232,7 @@ def main() -> None:
     steps, warmup = (2, 1) if args.quick else (5, 1)
     shape = [str(args.batch), str(args.length), str(steps), str(warmup)]
     runs = {kind: run_worker([kind, *shape]) for kind in ("psu", "seminar", "din")}
-    reference = run_worker(["reference", *shape])
+    reference = run_worker(["reference", str(args.batch), str(args.length), str(max(steps, 4)), str(warmup)])
     roofline = {kind: run_worker(["profile", kind, str(args.batch), str(args.length)]) for kind in ("psu", "seminar")}
     align = [run_worker(["align", str(args.align_batch), str(args.length), str(n), "64"]) for n in (1, 2, 4, 8)]
     base_bytes = align[0]["logits_bytes"]
@@ -239,7 +244,8 @@ def main() -> None:
         "ctr_vs_din": runs["seminar"]["samples_per_s"] / runs["din"]["samples_per_s"],
         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs.values() if r["kind"] != "din"),
         "peak_rss_mb_by_model": {k: r["peak_rss_mb"] for k, r in runs.items()},
-        "psu_speedup_vs_reference": reference["psu_speedup_vs_reference"], "reference": reference,
+        "psu_speedup_vs_reference": reference["psu_speedup_vs_reference"],
+        "psu_speedup_cpu_time": reference["psu_speedup_cpu_time"], "reference": reference,
         "roofline": roofline, "load_avg_1m": [load0[0], os.getloadavg()[0]],
         "L": args.length, "batch": args.batch, "d": 64, "heads": 4, "K": 200, "candidates": 5,
         "steps": steps, "warmup": warmup, "runs": runs,

@@ -37,6 +37,13 @@ def run_checkpoints(run_dir: str | Path) -> list[tuple[str | Path, dict]]:
     return sorted(found, key=lambda pm: pm[1].get("epoch", 0))
 
 
+def is_complete_checkpoint(path: str | Path) -> bool:
+    """Whether a checkpoint directory holds every file a resume reads (a copy cut short holds only some)."""
+    return all(
+        storage.exists(storage.join(path, f)) for f in (CHECKPOINT_FILE, TRAIN_STATE_FILE, HISTORY_FILE, METRICS_FILE)
+    )
+
+
 def best_checkpoint(found: list[tuple[str | Path, dict]], metric: str = SELECT_KEY) -> tuple[str | Path, dict]:
     """The (checkpoint, metrics) with the highest `metric` (the selection score); the later epoch wins a tie."""
     return max(found, key=lambda pm: (pm[1].get(metric, float("-inf")), pm[1].get("epoch", 0)))

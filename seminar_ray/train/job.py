@@ -27,6 +27,7 @@ from seminar_ray.train.checkpoints import (
     METRICS_FILE,
     SELECT_KEY,
     TRAIN_STATE_FILE,
+    is_complete_checkpoint,
     resolve_checkpoint,
     run_checkpoints,
     selection_score,
@@ -109,18 +110,24 @@ def _sample_cfg(job: TrainJob):
 
 
 def _load_state(net, optimizer, job: TrainJob) -> tuple[int, list[dict]]:
-    """Resume from the checkpoint Ray Train hands back after a failure or a re-run with the same name.
+    """Resume from the newest complete checkpoint: the one Ray Train hands back after a failure or a re-run with the
+    same name, or a newer one in the run directory.
 
-    Ray Train's local mode (num_workers=0) keeps no checkpoints, so there we resume from the run directory.
+    Ray Train registers a reported checkpoint asynchronously, so a worker killed just after `report` restarts with
+    the previous checkpoint (or none) although the newer one was written in full; Ray Train's local mode
+    (num_workers=0) keeps no checkpoints at all. Both cases resume from the run directory.
     """
     import ray.train
 
+    on_disk = [(d, m) for d, m in run_checkpoints(job.run_dir) if is_complete_checkpoint(d)]
+    newest = on_disk[-1] if on_disk else None
     ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        found = run_checkpoints(job.run_dir) if job.num_workers == 0 else []
-        return _restore(net, optimizer, storage.local_dir(found[-1][0])) if found else (0, [])
-    with ckpt.as_directory() as d:
-        return _restore(net, optimizer, Path(d))
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            ray_epoch = json.loads((Path(d) / METRICS_FILE).read_text()).get("epoch", 0)
+            if newest is None or newest[1].get("epoch", 0) <= ray_epoch:
+                return _restore(net, optimizer, Path(d))
+    return _restore(net, optimizer, storage.local_dir(newest[0])) if newest else (0, [])
 
 
 def _restore(net, optimizer, d: Path) -> tuple[int, list[dict]]:

@@ -70,21 +70,31 @@ def synthetic_batch(b: int, length: int, c: int, seed: int) -> dict[str, torch.T
             "target_queries": torch.randint(0, N_QUERIES + 1, (b, c), generator=g), "labels": labels}
 
 
+def step_fn(model: torch.nn.Module) -> Callable[[dict], dict]:
+    """One training step of `model` (Adam at its config's lr) on a batch; returns the loss parts."""
+    opt = torch.optim.Adam(model.parameters(), lr=model.cfg.lr)
+
+    def step(batch: dict) -> dict:
+        opt.zero_grad(set_to_none=True)
+        loss, parts = model.loss(batch)
+        loss.backward()
+        opt.step()
+        return parts
+
+    return step
+
+
 def train_worker(kind: str, batch: int, length: int, steps: int, warmup: int) -> dict:
     torch.manual_seed(0)
     cfg = ModelConfig.preset("paper", batch=batch, max_len=length)
-    model = build_model(kind, cfg, synthetic_tables())
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    step = step_fn(build_model(kind, cfg, synthetic_tables()))
     batches = [synthetic_batch(batch, length, 1 + cfg.n_neg, seed) for seed in range(2)]
     rss_before = peak_rss_mb()
     times = []
-    for step in range(warmup + steps):
+    for i in range(warmup + steps):
         t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss, parts = model.loss(batches[step % 2])
-        loss.backward()
-        opt.step()
-        if step >= warmup:
+        parts = step(batches[i % 2])
+        if i >= warmup:
             times.append(time.perf_counter() - t0)
     # the median step: the machine is shared, and one descheduled step should not move the figure
     return {"kind": kind, "samples_per_s": batch / float(np.median(times)),
@@ -106,19 +116,6 @@ def align_worker(batch: int, length: int, n_chunks: int, d: int) -> dict:
             "peak_rss_delta_mb": peak_rss_mb() - base, "seconds": time.perf_counter() - t0}
 
 
-def step_fn(model: torch.nn.Module, batch: dict) -> Callable[[], dict]:
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-    def step() -> dict:
-        opt.zero_grad(set_to_none=True)
-        loss, parts = model.loss(batch)
-        loss.backward()
-        opt.step()
-        return parts
-
-    return step
-
-
 def reference_worker(batch: int, length: int, steps: int, warmup: int) -> dict:
     """PSU and ReferencePSU from the same weights on the same batches, steps interleaved: median samples/s of each."""
     torch.manual_seed(0)
@@ -128,7 +125,7 @@ def reference_worker(batch: int, length: int, steps: int, warmup: int) -> dict:
     ref = ReferencePSU(cfg, tables)
     ref.load_state_dict(psu.state_dict())
     data = synthetic_batch(batch, length, 1 + cfg.n_neg, 0)
-    steps_of = {"psu": step_fn(psu, data), "reference": step_fn(ref, data)}
+    steps_of = {"psu": step_fn(psu), "reference": step_fn(ref)}
     times: dict[str, list[float]] = {"psu": [], "reference": []}
     cpu: dict[str, list[float]] = {"psu": [], "reference": []}
     losses: dict[str, list[float]] = {"psu": [], "reference": []}
@@ -136,7 +133,7 @@ def reference_worker(batch: int, length: int, steps: int, warmup: int) -> dict:
         for name, step in steps_of.items():
             torch.manual_seed(i)  # the relevance task's derangement: the same draw for both
             t0, c0 = time.perf_counter(), time.process_time()
-            parts = step()
+            parts = step(data)
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
                 cpu[name].append(time.process_time() - c0)
@@ -177,11 +174,12 @@ def profile_worker(kind: str, batch: int, length: int) -> dict:
 
     torch.manual_seed(0)
     cfg = ModelConfig.preset("paper", batch=batch, max_len=length)
-    step = step_fn(build_model(kind, cfg, synthetic_tables()), synthetic_batch(batch, length, 1 + cfg.n_neg, 0))
-    step()
+    step = step_fn(build_model(kind, cfg, synthetic_tables()))
+    data = synthetic_batch(batch, length, 1 + cfg.n_neg, 0)
+    step(data)
     with profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True, profile_memory=True) as prof:
         t0 = time.perf_counter()
-        step()
+        step(data)
         seconds = time.perf_counter() - t0
     events = prof.key_averages(group_by_input_shape=True)
     flops = sum(e.flops for e in events)

@@ -6,6 +6,7 @@ force the workers onto distinct nodes; Serve's max_replicas_per_node does the sa
 """
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from pathlib import Path
@@ -124,13 +125,35 @@ def test_serve_replicas_spread_over_cpu_worker_nodes(cluster, tmp_path):
         serve.shutdown()
 
 
+NODE_REMOVED = ".node-removed"  # written into the run's storage once the victim node is gone
+
+
+def _hold_epoch_2_until_the_node_is_removed(job, rank: int, epoch: int):
+    """A TrainJob step hook: epoch 2's steps wait for the test to remove a node, so the removal always lands
+    mid-epoch 2 however fast the epochs run (the restarted group finds the marker and trains on)."""
+    if epoch != 1:
+        return None
+    marker = Path(job.storage_path) / NODE_REMOVED
+
+    def on_step(_n: int, _loss: float) -> None:
+        deadline = time.time() + 300
+        while not marker.exists() and time.time() < deadline:
+            time.sleep(0.2)
+
+    return on_step
+
+
 @pytest.fixture(scope="module")
 def preempted_run(cluster, tiny_data, tmp_path_factory) -> dict:
     """One 2-worker run of 2 epochs; after epoch 1's checkpoint a fresh node joins and a worker's node is removed
     (a reclaimed spot node). Returns the summary and which nodes were removed and added."""
     from seminar_ray.train.job import run_training
 
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the hook travels to the workers by value
     job = _job(tiny_data, tmp_path_factory.mktemp("runs"), "preempted", epochs=2)
+    job.step_hook = _hold_epoch_2_until_the_node_is_removed
     trainers = _alive_nodes("gpu_trainer")
     result: dict = {}
 
@@ -149,6 +172,7 @@ def preempted_run(cluster, tiny_data, tmp_path_factory) -> dict:
     victim = next(n for n in cluster.worker_nodes if n.node_id in trainers)
     fresh = cluster.add_node(**NODE, resources=STEER)
     cluster.remove_node(victim)
+    (Path(job.storage_path) / NODE_REMOVED).write_text(victim.node_id)
     thread.join(timeout=600)
     assert not thread.is_alive() and "summary" in result, f"the run did not finish after the node was removed: " \
                                                           f"{result.get('error')!r}"

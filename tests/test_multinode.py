@@ -134,9 +134,9 @@ def _hold_epoch_2_until_the_node_is_removed(job, rank: int, epoch: int):
     if epoch != 1:
         return None
     marker = Path(job.storage_path) / NODE_REMOVED
+    deadline = time.time() + 300  # one wait for the whole epoch: a missing marker costs 300 s, not 300 s a step
 
     def on_step(_n: int, _loss: float) -> None:
-        deadline = time.time() + 300
         while not marker.exists() and time.time() < deadline:
             time.sleep(0.2)
 

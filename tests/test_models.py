@@ -408,13 +408,14 @@ def test_cached_entities_score_like_projected_ones_and_training_drops_the_cache(
         model.embedding.cache_entities(chunk=37)  # several chunks, one ragged
         cached = model(batch)
     assert model.embedding._entity_cache is not None
+    assert len(model.embedding._table_cache) == 1  # the cached model gathered rows from one full-entity table
     torch.testing.assert_close(cached, plain, rtol=1e-5, atol=1e-6)
     if exported is not None:  # the export reads the cache and gets the same tables
         again = export_gsu_tables(model)
         for name in ("item_channels", "item_gamma", "query_channel"):
             np.testing.assert_array_equal(getattr(again, name), getattr(exported, name))
     model.train()
-    assert model.embedding._entity_cache is None
+    assert model.embedding._entity_cache is None and not model.embedding._table_cache
     loss = model.loss(batch)[0]
     loss.backward()
     assert model.embedding.W_t.weight.grad is not None  # gradients reach the projections again

@@ -139,6 +139,7 @@ class MultiModalEmbedding(nn.Module):
             with torch.no_grad():
                 emb.weight[0].zero_()
         self._entity_cache: tuple[Tensor, Tensor, Tensor] | None = None  # cache_entities()
+        self._table_cache: dict[int, PairTable] = {}  # id(projection) → PairTable over every entity (inference)
 
     def query_channel(self, query_ids: Tensor) -> Tensor:
         """[..., d]: Q channel of each query id."""
@@ -193,10 +194,12 @@ class MultiModalEmbedding(nn.Module):
         q_all = rows(self.query_channel, self.query_tokens.shape[0])
         items_all = rows(self.item_channels, self.item_text.shape[0])
         self._entity_cache = (q_all, items_all, self.item_weights(items_all))
+        self._table_cache = {}
 
     def train(self, mode: bool = True) -> MultiModalEmbedding:
         if mode:
             self._entity_cache = None
+            self._table_cache = {}
         return super().train(mode)
 
     def table(
@@ -207,13 +210,26 @@ class MultiModalEmbedding(nn.Module):
         `project` (GSU's G_j) maps the channels after the gate has read them, so w stays the item's own
         (docs/design.md, Model contracts).
         """
+        if self._entity_cache is not None:  # inference: a table over every entity, its rows are the ids
+            return self._full_table(project), list(query_ids), list(item_ids)
         uq, inv_q = torch.unique(torch.cat([q.reshape(-1) for q in query_ids]), return_inverse=True)
         ui, inv_i = torch.unique(torch.cat([i.reshape(-1) for i in item_ids]), return_inverse=True)
-        q, items, w = self.entity_channels(uq, ui)
+        table = self._pair_table(*self.entity_channels(uq, ui), project)
+        return table, _split_like(inv_q, query_ids), _split_like(inv_i, item_ids)
+
+    def _pair_table(self, q: Tensor, items: Tensor, w: Tensor, project: ChannelProjection | None) -> PairTable:
         if project is not None:
             q, items = project(q.unsqueeze(-2), slice(0, 1)).squeeze(-2), project(items, slice(1, None))
-        table = PairTable(query=q, items=items, gamma=self.gamma(w), lam=self.lam)
-        return table, _split_like(inv_q, query_ids), _split_like(inv_i, item_ids)
+        return PairTable(query=q, items=items, gamma=self.gamma(w), lam=self.lam)
+
+    @torch.no_grad()
+    def _full_table(self, project: ChannelProjection | None) -> PairTable:
+        """The PairTable of every query and item, built once per projection from the entity cache: a serving
+        forward pass then gathers rows by id, with no per-batch unique, projection or γ."""
+        key = id(project)
+        if key not in self._table_cache:
+            self._table_cache[key] = self._pair_table(*self._entity_cache, project)
+        return self._table_cache[key]
 
 
 class EmbeddingModel(nn.Module):

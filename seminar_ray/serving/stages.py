@@ -93,9 +93,14 @@ def compact_history(hq: np.ndarray, hi: np.ndarray, topk: np.ndarray, recent: in
     Compact dtypes for the hop to the scorer: int32 ids, int16 positions (a compact history has ≤ C·K + recent rows).
     """
     L = len(hi)
-    keep = np.unique(np.concatenate([topk[topk >= 0], np.arange(max(L - recent, 0), L)]))
+    kept = np.zeros(L + 1, dtype=bool)  # one spare slot that the -1 entries mark and nothing reads
+    kept[topk] = True
+    kept[max(L - recent, 0) : L] = True
+    kept[L] = False
+    keep = np.flatnonzero(kept)
     pos_dtype = np.int16 if len(keep) < np.iinfo(np.int16).max else np.int32
-    remapped = np.where(topk >= 0, np.searchsorted(keep, np.maximum(topk, 0)), -1).astype(pos_dtype)
+    new_pos = np.cumsum(kept, dtype=np.int64) - 1  # position of each kept behaviour in the compact history
+    remapped = np.where(topk >= 0, new_pos[topk], -1).astype(pos_dtype)
     return hq[keep].astype(np.int32), hi[keep].astype(np.int32), remapped
 
 

@@ -211,7 +211,7 @@ class MultiModalEmbedding(nn.Module):
         (docs/design.md, Model contracts).
         """
         if self._entity_cache is not None:  # inference: a table over every entity, its rows are the ids
-            return self._full_table(project), list(query_ids), list(item_ids)
+            return self._full_table(self._entity_cache, project), list(query_ids), list(item_ids)
         uq, inv_q = torch.unique(torch.cat([q.reshape(-1) for q in query_ids]), return_inverse=True)
         ui, inv_i = torch.unique(torch.cat([i.reshape(-1) for i in item_ids]), return_inverse=True)
         table = self._pair_table(*self.entity_channels(uq, ui), project)
@@ -223,12 +223,12 @@ class MultiModalEmbedding(nn.Module):
         return PairTable(query=q, items=items, gamma=self.gamma(w), lam=self.lam)
 
     @torch.no_grad()
-    def _full_table(self, project: ChannelProjection | None) -> PairTable:
+    def _full_table(self, cache: tuple[Tensor, Tensor, Tensor], project: ChannelProjection | None) -> PairTable:
         """The PairTable of every query and item, built once per projection from the entity cache: a serving
         forward pass then gathers rows by id, with no per-batch unique, projection or γ."""
         key = id(project)
         if key not in self._table_cache:
-            self._table_cache[key] = self._pair_table(*self._entity_cache, project)
+            self._table_cache[key] = self._pair_table(*cache, project)
         return self._table_cache[key]
 
 

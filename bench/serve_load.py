@@ -30,11 +30,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
+# Before numpy loads OpenBLAS: the in-process reference computes with one BLAS thread, as the replicas do (Ray sets
+# OMP_NUM_THREADS=1 in its workers); a second thread had made the reference's GEMM cheaper than the replicas' one.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from bench.serve_variants import floor_app, split_app  # noqa: E402
 from serve_app.app import compose  # noqa: E402
@@ -216,15 +219,12 @@ def warm(urls: list[str], reqs: Requests, n: int) -> None:
 
 def in_process(art, reqs: Requests, n: int, method: str) -> dict:
     """The same retrieval + scoring called directly in this process, one request at a time (no HTTP, no Serve)."""
-    import faiss
-    import torch
-
     from seminar_ray.data.entities import EntityTables
     from seminar_ray.retrieval.index import PQIndex
     from seminar_ray.serving import Catalog, LogHistoryStore, RetrievalStage, ScoringStage, load_serving_model
+    from seminar_ray.serving.process import setup_serving_process
 
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
+    setup_serving_process()  # the replicas' settings
     model, _ = load_serving_model(art["checkpoint"], EntityTables.load(art["data"]))
     retrieval = RetrievalStage(model, PQIndex.load(art["index"], mmap=True), method=method)
     scoring = ScoringStage(model)

@@ -21,7 +21,8 @@ from ray.serve.handle import DeploymentHandle
 from seminar_ray.serving import (Catalog, Limits, LogHistoryStore, RetrievalStage, ScoreJob, ScoreRequest,
                                  ScoreResponse, ScoringStage)
 from seminar_ray.serving.api import http_errors
-from serve_app.app import QUIET, AppArgs, load_model, one_compute_thread, retry_once, strict_json_errors
+from seminar_ray.serving.process import setup_serving_process
+from serve_app.app import QUIET, AppArgs, load_model, retry_once, strict_json_errors
 
 FLOOR_VERSION = "zero-work"
 CPU = {"ray_actor_options": {"num_cpus": 0.25}}
@@ -37,6 +38,9 @@ def busy_ms(ms: float) -> None:
 # ---------------------------------------------------------------------------------------------------- floor
 @serve.deployment(name="Scorer", logging_config=QUIET, max_ongoing_requests=32, **CPU)
 class FloorScorer:
+    def __init__(self):
+        setup_serving_process()  # the app's process settings: the floor differs from it only by the work
+
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def score(self, jobs: list[tuple]) -> list[tuple[list[float], str]]:
         return [([0.0] * len(ScoreJob.from_wire(j).candidates), FLOOR_VERSION) for j in jobs]
@@ -50,6 +54,7 @@ EMPTY = np.zeros(0, np.int32)
 @serve.ingress(floor_api)
 class FloorRetriever:
     def __init__(self, scorer: DeploymentHandle):
+        setup_serving_process()
         self.scorer = scorer
 
     @floor_api.post("/v1/score", response_model=ScoreResponse)
@@ -72,7 +77,7 @@ def floor_app(options: dict[str, dict] | None = None) -> serve.Application:
 @serve.deployment(name="Scorer", logging_config=QUIET, max_ongoing_requests=32, **CPU)
 class BusyScorer:
     def __init__(self, args: dict, extra_cpu_ms: float):
-        one_compute_thread()
+        setup_serving_process()
         self.stage, self.extra_ms = ScoringStage(load_model(args)[0]), extra_cpu_ms
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
@@ -86,7 +91,7 @@ class BusyRetriever:
     def __init__(self, args: dict, extra_cpu_ms: float):
         from seminar_ray.retrieval.index import PQIndex
 
-        one_compute_thread()
+        setup_serving_process()
         self.stage = RetrievalStage(load_model(args)[0], PQIndex.load(args["index"], mmap=True), method=args["retrieval"])
         self.history = LogHistoryStore(args["store"], args["data"])
         self.extra_ms = extra_cpu_ms

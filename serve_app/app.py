@@ -25,6 +25,7 @@ from seminar_ray.serving import (Catalog, EventsRequest, EventsResponse, HealthR
                                  RetrievalStage, ScoreJob, ScoreRequest, ScoreResponse, ScoringStage,
                                  load_serving_model)
 from seminar_ray.serving.api import http_errors, json_safe
+from seminar_ray.serving.process import setup_serving_process
 
 
 class AppArgs(BaseModel):
@@ -45,15 +46,6 @@ QUIET = {"enable_access_log": False}  # a log line per request is real CPU on a 
 # replica a minute: Serve's default stops first, which left the single Scorer replica gone while its successor
 # loaded, and cut requests held by a draining retriever (500s). The single HistoryWriter keeps stop-then-start.
 ROLL = {"max_surge_percent": 100, "graceful_shutdown_timeout_s": 60}
-
-
-def one_compute_thread() -> None:
-    """Replicas are the unit of parallelism (fractional CPUs, autoscaling): no thread pools inside one."""
-    import faiss
-    import torch
-
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
 
 
 def load_model(config: dict):
@@ -97,7 +89,7 @@ class Scorer:
     """ESU + MLP over the retrieved K, batched across requests. user_config: checkpoint, data."""
 
     def __init__(self):
-        one_compute_thread()
+        setup_serving_process()
 
     def reconfigure(self, config: dict) -> None:
         model, version = load_model(config)  # load first, then swap: requests in flight keep the model they began
@@ -148,7 +140,7 @@ class Retriever:
     """
 
     def __init__(self, scorer: DeploymentHandle, writer: DeploymentHandle, data: str, limits: dict):
-        one_compute_thread()
+        setup_serving_process()
         self.catalog = Catalog.load(data, Limits(**limits))
         self.scorer, self.writer = scorer, writer
         self.history: LogHistoryStore | None = None

@@ -39,10 +39,14 @@ IDLE_S = 5.0
 TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 
 
-def cpu_s(pid: int) -> float:
-    """CPU seconds (user + system, all threads) a process has used: /proc/PID/stat fields 14 and 15."""
+def proc_stat(pid: int) -> tuple[float, int]:
+    """(CPU seconds, user + system, all threads; minor page faults) of a process: /proc/PID/stat fields 14 + 15, 10."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) * TICK_S
+    return (int(fields[11]) + int(fields[12])) * TICK_S, int(fields[7])
+
+
+def cpu_s(pid: int) -> float:
+    return proc_stat(pid)[0]
 
 
 def replica_pids(app: str) -> dict[str, int]:
@@ -108,10 +112,12 @@ def profile_side(label: str, app: str, urls: list[str], reqs: Requests, seconds:
     time.sleep(IDLE_S)
     idle_rate = {d: (cpu_s(pid) - idle_start[d]) / (time.perf_counter() - t_idle) for d, pid in pids.items()}
     load_start = os.getloadavg()
-    cpu_start, t0 = {d: cpu_s(pid) for d, pid in pids.items()}, time.perf_counter()
+    start, t0 = {d: proc_stat(pid) for d, pid in pids.items()}, time.perf_counter()
     run = asyncio.run(closed_loop(urls, reqs, 1, 10**9, seconds))
     busy_s = time.perf_counter() - t0
-    cpu_used = {d: cpu_s(pid) - cpu_start[d] - idle_rate[d] * busy_s for d, pid in pids.items()}
+    end = {d: proc_stat(pid) for d, pid in pids.items()}
+    cpu_used = {d: end[d][0] - start[d][0] - idle_rate[d] * busy_s for d in pids}
+    faults = {d: end[d][1] - start[d][1] for d in pids}
     run.pop("_lat")
     result = {"closed_c1": run, "processes": {}, "load_avg_start": load_start, "load_avg_end": os.getloadavg()}
     for deployment, (proc, path) in procs.items():
@@ -122,6 +128,7 @@ def profile_side(label: str, app: str, urls: list[str], reqs: Requests, seconds:
             # CPU time from the kernel: unlike sampled wall time, a loaded machine does not inflate it
             "cpu_ms_per_request": 1e3 * cpu_used[deployment] / max(run["requests"], 1),
             "idle_cpu_ms_per_s": 1e3 * idle_rate[deployment],
+            "minor_faults_per_request": faults[deployment] / max(run["requests"], 1),
             **summarise(parse_raw(path.read_text()), run["requests"])}
     return result
 
@@ -177,11 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     result["c1_p50_ms"] = {"floor": f["closed_c1"]["p50_ms"], "app": a["closed_c1"]["p50_ms"]}
     result["cpu_ms_per_request"] = {side: {d: p["cpu_ms_per_request"] for d, p in r["processes"].items()}
                                     for side, r in result["sides"].items()}
+    result["minor_faults_per_request"] = {side: {d: p["minor_faults_per_request"] for d, p in r["processes"].items()}
+                                          for side, r in result["sides"].items()}
     result["load_avg_after"] = os.getloadavg()
     result["wall_s"] = time.time() - t0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: result[k] for k in ("c1_p50_ms", "cpu_ms_per_request", "load_avg_before",
+    print(json.dumps({k: result[k] for k in ("c1_p50_ms", "cpu_ms_per_request", "minor_faults_per_request", "load_avg_before",
                                              "load_avg_after")} | {"inprocess_p50_ms": result["inprocess"]["p50_ms"]},
                      indent=1))
     return 0

@@ -24,11 +24,11 @@ def keep_freed_memory(trim_mb: int = 64, mmap_mb: int = 32) -> bool:
     """glibc: keep up to `trim_mb` of freed memory at the top of each malloc arena, and serve allocations below
     `mmap_mb` from the arenas rather than from fresh mappings. False (and nothing changed) on other C libraries.
 
-    A request allocates and frees a few MB of arrays (GSU scores [C, L] fp32, their argpartition [C, L] int64). With
-    glibc's defaults the arena of the thread Serve runs user code on returned those pages after every request and
-    took them back, zero-filled, on the next: hundreds of page faults per request, a large share of the work's time
-    (measured in serve_app/README.md, "Where the time goes at c = 1"). Setting the thresholds also stops glibc from
-    moving them.
+    A request allocates and frees a few MB of arrays (GSU scores [C, L] fp32, their argpartition [C, L] int64; a
+    batched top-K [B, C, K] int64). With glibc's defaults the malloc arena of a thread can hand those pages back after
+    every request and take them again, zero-filled, on the next: a replica running the work in a method called
+    through a handle faulted hundreds of times per request (serve_app/README.md, "Removed since the earlier runs").
+    Setting the thresholds also stops glibc from moving them.
     """
     if platform.libc_ver()[0] != "glibc":
         logger.info("C library is not glibc (%s): malloc thresholds left as they are", platform.libc_ver()[0] or "?")

@@ -104,7 +104,7 @@ def test_bad_bodies_and_events_get_4xx(service):
 
 
 class Load:
-    """Closed-loop background load; records (time, status) of every request."""
+    """Closed-loop background load; records (answered at, status, model version or error, sent at) of every request."""
 
     def __init__(self, client_url: str, workers: int = 3):
         self.url, self.results, self.stop = client_url, [], threading.Event()
@@ -113,12 +113,13 @@ class Load:
     def _run(self, w: int) -> None:
         with httpx.Client(base_url=self.url, timeout=60) as client:
             while not self.stop.is_set():
+                sent = time.time()
                 try:
                     r = score(client, user_id=w, candidates=range(1, 11))
                     self.results.append((time.time(), r.status_code, r.json().get("model_version")
-                                         if r.status_code == 200 else r.text))
+                                         if r.status_code == 200 else r.text, sent))
                 except httpx.HTTPError as e:
-                    self.results.append((time.time(), -1, repr(e)))
+                    self.results.append((time.time(), -1, repr(e), sent))
 
     def since(self, t: float) -> list[tuple]:
         """The results of the requests answered after time `t` (time.time())."""
@@ -183,9 +184,13 @@ def test_retriever_replica_killed_under_load_recovers(service):
         wait_until(lambda: replaced(before.keys()), 180, "Serve to replace the killed Retriever replica", every_s=0.5)
         replaced_at = time.time()
         wait_until(lambda: len(load.since(replaced_at)) >= 20, 60, "20 answers after the replacement")
-    after = [r for r in load.results if r[0] > killed_at + 1]
-    assert after and all(r[1] == 200 for r in after[-20:]), after[-5:]
-    assert sum(r[1] == 200 for r in load.results) > 0.8 * len(load.results)
+    # Requests in flight at the kill may fail (one once hung until the client's 60 s timeout); every request sent
+    # once the replacement runs must succeed.
+    after = [r for r in load.results if r[3] > replaced_at]
+    assert after and all(r[1] == 200 for r in after), [r for r in after if r[1] != 200][:3]
+    failed = [r for r in load.results if r[1] != 200]
+    assert all(r[0] > killed_at and r[3] < replaced_at for r in failed), failed[:3]  # only casualties of the kill
+    assert len(failed) < 0.2 * len(load.results), failed[:3]
 
 
 def test_history_writer_sigkill_keeps_every_acknowledged_event(service):

@@ -30,7 +30,8 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.serve_load import Requests, build_default_artefacts  # noqa: E402
+from bench.serve_load import InProcessWork, Requests, build_default_artefacts  # noqa: E402
+from seminar_ray.serving import ScoreJob  # noqa: E402
 
 MODES = ("hot", "idle", "switch", "serve_like")
 
@@ -51,33 +52,7 @@ def partner(mode: str, gap_s: float, go: int, done: int) -> None:
         os.write(done, b"k")
 
 
-class Work:
-    """One request's work as the Retriever and the Scorer replicas run it."""
-
-    def __init__(self, art: dict):
-        from seminar_ray.data.entities import EntityTables
-        from seminar_ray.retrieval.index import PQIndex
-        from seminar_ray.serving import (Catalog, LogHistoryStore, RetrievalStage, ScoreJob, ScoringStage,
-                                         load_serving_model)
-        from seminar_ray.serving.process import setup_serving_process
-
-        setup_serving_process()  # the replicas' settings
-        model, _ = load_serving_model(art["checkpoint"], EntityTables.load(art["data"]))
-        self.retrieval = RetrievalStage(model, PQIndex.load(art["index"], mmap=True), method="exact")
-        self.scoring, self.job_type = ScoringStage(model), ScoreJob
-        self.store, self.catalog = LogHistoryStore(art["store"], art["data"]), Catalog.load(art["data"])
-
-    def retrieve(self, body: dict) -> tuple:
-        query_id, _ = self.catalog.resolve_query(body["query"])
-        self.store.refresh()
-        history = self.store.history(body["user_id"], self.retrieval.max_len)
-        return self.retrieval.prepare(history, query_id, self.catalog.validate_candidates(body["candidates"])).to_wire()
-
-    def score(self, wire: tuple) -> None:
-        self.scoring.score_batch([self.job_type.from_wire(wire)])
-
-
-def measure(work: Work, reqs: Requests, mode: str, n: int, gap_s: float) -> dict[str, list[float]]:
+def measure(work: InProcessWork, reqs: Requests, mode: str, n: int, gap_s: float) -> dict[str, list[float]]:
     """Thread CPU seconds of each stage of n requests, with `mode`'s partner taking the core before each stage."""
     go_r, go_w = os.pipe()
     done_r, done_w = os.pipe()
@@ -95,11 +70,11 @@ def measure(work: Work, reqs: Requests, mode: str, n: int, gap_s: float) -> dict
     for i in range(n):
         hand_off()
         c0 = time.thread_time()
-        wire = work.retrieve(reqs[i])
+        wire = work.retrieve(reqs[i]).to_wire()  # the job crosses replicas as this
         c1 = time.thread_time()
         hand_off()
         c2 = time.thread_time()
-        work.score(wire)
+        work.score(ScoreJob.from_wire(wire))
         cpu["retrieve"].append(c1 - c0)
         cpu["score"].append(time.thread_time() - c2)
     if pid:
@@ -125,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     art = build_default_artefacts(Path(tempfile.mkdtemp(prefix="cold_work_")), users=24)
     meta = DatasetMeta.load(art["data"])
     users = read_table(art["data"], "sequences", ["user_id"]).column("user_id").to_pylist()
-    work = Work(art)
+    work = InProcessWork(art, "exact")
     reqs = Requests(users, meta.num_queries, meta.num_items)
     measure(work, reqs, "hot", 30, 0.0)  # warm-up
     cpu = {m: {"retrieve": [], "score": []} for m in MODES}

@@ -217,29 +217,44 @@ def warm(urls: list[str], reqs: Requests, n: int) -> None:
     asyncio.run(closed_loop(urls, reqs, 2, n, 60)).pop("_lat")
 
 
+class InProcessWork:
+    """One request's work as the Retriever and Scorer replicas run it, called directly in this process, with the
+    replicas' process settings (no HTTP, no Serve)."""
+
+    def __init__(self, art: dict, method: str):
+        from seminar_ray.data.entities import EntityTables
+        from seminar_ray.retrieval.index import PQIndex
+        from seminar_ray.serving import Catalog, LogHistoryStore, RetrievalStage, ScoringStage, load_serving_model
+        from seminar_ray.serving.process import setup_serving_process
+
+        setup_serving_process()
+        model, _ = load_serving_model(art["checkpoint"], EntityTables.load(art["data"]))
+        self.retrieval = RetrievalStage(model, PQIndex.load(art["index"], mmap=True), method=method)
+        self.scoring = ScoringStage(model)
+        self.store, self.catalog = LogHistoryStore(art["store"], art["data"]), Catalog.load(art["data"])
+
+    def retrieve(self, body: dict):
+        """The Retriever's part: query, history (read-your-writes), top-K → ScoreJob."""
+        query_id, _ = self.catalog.resolve_query(body["query"])
+        self.store.refresh()
+        history = self.store.history(body["user_id"], self.retrieval.max_len)
+        return self.retrieval.prepare(history, query_id, self.catalog.validate_candidates(body["candidates"]))
+
+    def score(self, job) -> None:
+        """The Scorer's part for one job."""
+        self.scoring.score_batch([job])
+
+
 def in_process(art, reqs: Requests, n: int, method: str) -> dict:
     """The same retrieval + scoring called directly in this process, one request at a time (no HTTP, no Serve)."""
-    from seminar_ray.data.entities import EntityTables
-    from seminar_ray.retrieval.index import PQIndex
-    from seminar_ray.serving import Catalog, LogHistoryStore, RetrievalStage, ScoringStage, load_serving_model
-    from seminar_ray.serving.process import setup_serving_process
-
-    setup_serving_process()  # the replicas' settings
-    model, _ = load_serving_model(art["checkpoint"], EntityTables.load(art["data"]))
-    retrieval = RetrievalStage(model, PQIndex.load(art["index"], mmap=True), method=method)
-    scoring = ScoringStage(model)
-    store, catalog = LogHistoryStore(art["store"], art["data"]), Catalog.load(art["data"])
+    work = InProcessWork(art, method)
     lat, cpu, stage_s = [], [], {"retrieve": [], "score": []}
     load_start = os.getloadavg()
     for i in range(n + 5):
-        body = reqs[i]
         t0, c0 = time.perf_counter(), time.thread_time()
-        qid, _ = catalog.resolve_query(body["query"])
-        store.refresh()
-        job = retrieval.prepare(store.history(body["user_id"], model.cfg.max_len), qid,
-                                catalog.validate_candidates(body["candidates"]))
+        job = work.retrieve(reqs[i])
         t1 = time.perf_counter()
-        scoring.score_batch([job])
+        work.score(job)
         t2 = time.perf_counter()
         if i >= 5:
             lat.append(t2 - t0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from seminar_ray.models.psu import ALIGN_PAIRS, PSU, PairTable, chunk
+from seminar_ray.models.psu import ALIGN_PAIRS, PSU, PairTable, Sequences, chunk
 
 
 def reference_clip_loss(
@@ -50,9 +50,9 @@ def reference_alignment_loss(
 class ReferencePSU(PSU):
     """PSU with the reference alignment loss; parameters, batches and every other term are the PSU's own."""
 
-    def _alignment(self, table: PairTable, i_rows: Tensor, hist_items: Tensor) -> Tensor:
-        units, present = self._alignment_inputs(table, i_rows, hist_items)
+    def _alignment(self, table: PairTable, i_rows: Tensor, seq: Sequences) -> Tensor:
+        units, present = self._alignment_inputs(table, i_rows, seq)
         cfg = self.cfg
         return reference_alignment_loss(
-            units, present, hist_items, cfg.n_chunks, cfg.temperature, by_chance=cfg.loss_norm == "chance"
+            units, present, seq.items, cfg.n_chunks, cfg.temperature, by_chance=cfg.loss_norm == "chance"
         )

@@ -39,8 +39,13 @@ def add_train_flags(p: argparse.ArgumentParser, model_choices: tuple[str, ...] |
     p.add_argument(
         "--samples-per-user",
         type=int,
-        default=8,
-        help="training targets drawn per user per epoch (0 = every training position)",
+        default=0,
+        help="training targets drawn per user per epoch (0, the default: every training position)",
+    )
+    p.add_argument(
+        "--per-target",
+        action="store_true",
+        help="train on per-target batches (a copy of the history per target) instead of user-level ones",
     )
     p.add_argument("--max-failures", type=int, default=2, help="worker failures tolerated before the run fails")
     p.add_argument(
@@ -93,6 +98,7 @@ def job_from_args(args: argparse.Namespace, kind: str, pretrained: str | None = 
         use_gpu=args.use_gpu,
         worker_resources=args.worker_resources,
         samples_per_user=args.samples_per_user,
+        user_level=not args.per_target,
         max_failures=args.max_failures,
         pretrained=pretrained,
         eval_users=args.eval_users,

@@ -72,6 +72,7 @@ def train_variant(name: str, seed: int, args, base, psu_runs: dict) -> dict:
         storage_path=storage,
         num_workers=0,
         samples_per_user=args.samples_per_user,
+        user_level=not args.per_target,
         eval_users=args.eval_users,
         eval_seed=args.eval_seed,
     )
@@ -140,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--pretrain-epochs", type=int, default=2)
-    p.add_argument("--samples-per-user", type=int, default=8, help="training targets per user per epoch; 0 = all")
+    p.add_argument("--samples-per-user", type=int, default=0, help="training targets per user per epoch; 0 = all")
+    p.add_argument("--per-target", action="store_true", help="per-target batches instead of user-level ones")
     p.add_argument("--eval-users", type=int, default=500, help="validation users, a fixed set drawn by --eval-seed")
     p.add_argument("--eval-seed", type=int, default=EVAL_SEED, help="seed of the evaluation users and negatives")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields, e.g. lr=0.003")

@@ -1,9 +1,10 @@
 """The Ray Data pipeline: read_parquet of sequences → training / evaluation samples → torch batches.
 
 Rows stay sequences of ids: entity features are looked up by the model. Training targets are a
-function of (seed, epoch, user), so a Ray Data dataset is built once and each epoch's samples are
+function of (seed, epoch, user), so a Ray Data dataset is built once and each epoch's targets are
 drawn by `TrainCollate(epoch)` from the Arrow batch of user sequences that a Ray Train worker takes
-from its shard: `get_dataset_shard("train").iter_torch_batches(collate_fn=TrainCollate(...))`.
+from its shard: `get_dataset_shard("train").iter_torch_batches(collate_fn=TrainCollate(...))`. Training
+batches are user-level (each user's window once, every target of it scored in one pass; splits.user_batch).
 Evaluation samples are fixed, so they are drawn inside the dataset by `map_batches`.
 """
 
@@ -21,7 +22,7 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 from seminar_ray import storage
 from seminar_ray.data.errors import DataError
 from seminar_ray.data.schema import DatasetMeta, table_path
-from seminar_ray.data.splits import SampleConfig, SequenceBatch, eval_batch, eval_users, train_batch
+from seminar_ray.data.splits import SampleConfig, SequenceBatch, eval_batch, eval_users, train_batch, user_batch
 
 MAP_CPUS = 0.25  # fractional CPU for every map task: a 1-CPU task starves Train workers on 2 cores
 MAP_CONCURRENCY = 2  # ... and a cap, or 0.25-CPU tasks start 16 worker processes that each import torch
@@ -71,13 +72,18 @@ def to_torch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 
 class TrainCollate(ArrowBatchCollateFn):
-    """Arrow batch of user sequences → this epoch's training samples as torch tensors (batch contract)."""
+    """Arrow batch of user sequences → this epoch's training targets as torch tensors: a user-level batch (each
+    user's window once, `targets_per_row` targets per row) or, with targets_per_row 0, a per-target batch (each
+    target with its own copy of its history; models/__init__.py)."""
 
-    def __init__(self, cfg: SampleConfig, epoch: int, queries: np.ndarray | None = None):
-        self.cfg, self.epoch, self.queries = cfg, epoch, queries
+    def __init__(self, cfg: SampleConfig, epoch: int, queries: np.ndarray | None = None, targets_per_row: int = 0):
+        self.cfg, self.epoch, self.queries, self.targets_per_row = cfg, epoch, queries, targets_per_row
 
     def __call__(self, batch: pa.Table) -> dict[str, torch.Tensor]:  # type: ignore[override]  # Ray's alias is narrower
-        return to_torch(train_batch(SequenceBatch.from_arrow(batch), self.cfg, self.epoch, self.queries))
+        seqs = SequenceBatch.from_arrow(batch)
+        if self.targets_per_row > 0:
+            return to_torch(user_batch(seqs, self.cfg, self.epoch, self.targets_per_row, self.queries))
+        return to_torch(train_batch(seqs, self.cfg, self.epoch, self.queries))
 
 
 class _EvalSamples:
@@ -120,8 +126,22 @@ def train_batches(
     users_per_batch: int,
     queries: np.ndarray | None = None,
     prefetch_batches: int = 2,
+    targets_per_row: int = 0,
 ):
-    """Iterate one epoch of training samples from a Dataset or a DataIterator (a Train worker's shard)."""
+    """Iterate one epoch of training batches from a Dataset or a DataIterator (a Train worker's shard): user-level
+    when targets_per_row > 0, else per-target (TrainCollate)."""
     return ds.iter_torch_batches(
-        batch_size=users_per_batch, collate_fn=TrainCollate(cfg, epoch, queries), prefetch_batches=prefetch_batches
+        batch_size=users_per_batch,
+        collate_fn=TrainCollate(cfg, epoch, queries, targets_per_row),
+        prefetch_batches=prefetch_batches,
     )
+
+
+def users_per_step(data_dir: str | Path, samples_per_user: int, targets_per_step: int) -> int:
+    """Users per optimizer step so that a step trains about `targets_per_step` targets: each user gives
+    `samples_per_user` of its N - 3 training positions (all of them when 0), N averaged over the dataset."""
+    meta = DatasetMeta.load(data_dir)
+    per_user = max(meta.num_behaviours / max(meta.num_users, 1) - 3.0, 1.0)
+    if samples_per_user > 0:
+        per_user = min(per_user, float(samples_per_user))
+    return max(1, round(targets_per_step / per_user))

@@ -164,25 +164,125 @@ def train_positions(seqs: SequenceBatch, cfg: SampleConfig, epoch: int) -> tuple
     return np.concatenate(rows), np.concatenate(positions).astype(np.int64)
 
 
+def _user_negatives(
+    rng: np.random.Generator, num_items: int, user_items: np.ndarray, n_targets: int, k: int
+) -> np.ndarray:
+    """[n_targets, k] negatives, each row k distinct ids outside `user_items`, drawn for all of a user's targets at
+    once (a row that the first draw cannot fill is drawn again by `sample_negatives`)."""
+    if k == 0 or n_targets == 0:
+        return np.empty((n_targets, k), dtype=np.int64)
+    exclude = np.unique(user_items)
+    draw = rng.integers(1, num_items + 1, size=(n_targets, k + 4))
+    ok = ~np.isin(draw, exclude)
+    srt = np.sort(draw, axis=1)
+    bad = (ok.sum(1) < k) | (srt[:, 1:] == srt[:, :-1]).any(1)  # too few outside the history, or a repeat
+    first = np.argsort(~ok, axis=1, kind="stable")[:, :k]  # the first k draws outside the history, in draw order
+    out = np.take_along_axis(draw, first, axis=1)
+    for j in np.flatnonzero(bad):
+        out[j] = sample_negatives(rng, num_items, exclude, k)
+    return out
+
+
+def train_targets(
+    seqs: SequenceBatch,
+    cfg: SampleConfig,
+    epoch: int,
+    rows: np.ndarray,
+    pos: np.ndarray,
+    query_pool: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(target queries, target items) [n, C] of the training targets (rows, pos): the positive in column 0, then
+    num_neg negatives seeded by (seed, user, epoch); for the PSU half the negatives get a query from `query_pool`.
+
+    A function of the targets alone, so the per-target and the user-level batches of an epoch share candidates.
+    """
+    c = 1 + cfg.num_neg
+    t_items = np.empty((len(rows), c), dtype=np.int64)
+    absolute = seqs.offsets[rows] + pos
+    t_items[:, 0] = seqs.items[absolute]
+    t_queries = np.repeat(seqs.queries[absolute][:, None], c, axis=1).astype(np.int64)
+    psu_queries = cfg.task == "psu" and query_pool is not None and len(query_pool) > 0
+    half = cfg.num_neg // 2  # PSU: half the negatives keep the query (hard item negatives), half get a sampled one
+    for u in np.unique(rows):
+        mine = np.flatnonzero(rows == u)
+        mine = mine[np.argsort(pos[mine], kind="stable")]  # drawn in position order: independent of the batch's order
+        rng = _rng(cfg.seed, seqs.user_id[u], 2_000 + epoch)
+        t_items[mine, 1:] = _user_negatives(rng, cfg.num_items, seqs.user_items(int(u)), len(mine), cfg.num_neg)
+        if psu_queries:
+            assert query_pool is not None
+            t_queries[mine, 1 + half :] = query_pool[rng.integers(0, len(query_pool), size=(len(mine), c - 1 - half))]
+    return t_queries, t_items
+
+
 def train_batch(
     seqs: SequenceBatch, cfg: SampleConfig, epoch: int, query_pool: np.ndarray | None = None
 ) -> dict[str, np.ndarray]:
-    """Training samples of this epoch for every user of the batch (CTR or PSU negatives, see SampleConfig)."""
+    """The per-target batch of this epoch's training targets: each target with its own copy of its history [B, L]."""
     rows, pos = train_positions(seqs, cfg, epoch)
     hist_queries, hist_items = history_matrix(seqs, rows, pos, cfg.max_len)
-    c = 1 + cfg.num_neg
-    t_items = np.empty((len(rows), c), dtype=np.int64)
-    t_queries = np.empty((len(rows), c), dtype=np.int64)
-    absolute = seqs.offsets[rows] + pos
-    t_items[:, 0] = seqs.items[absolute]
-    t_queries[:] = seqs.queries[absolute][:, None]
-    for j, (u, p) in enumerate(zip(rows, pos)):
-        rng = _rng(cfg.seed, seqs.user_id[u], 2_000 + epoch, p)
-        t_items[j, 1:] = sample_negatives(rng, cfg.num_items, seqs.user_items(u), cfg.num_neg)
-        if cfg.task == "psu" and query_pool is not None and len(query_pool):
-            half = cfg.num_neg // 2  # half the negatives keep the query (hard item negatives), half get a sampled one
-            t_queries[j, 1 + half :] = query_pool[rng.integers(0, len(query_pool), size=cfg.num_neg - half)]
+    t_queries, t_items = train_targets(seqs, cfg, epoch, rows, pos, query_pool)
     return _batch(seqs.user_id[rows], hist_queries, hist_items, t_queries, t_items)
+
+
+def user_rows(rows: np.ndarray, pos: np.ndarray, targets_per_row: int) -> list[np.ndarray]:
+    """Indices into (rows, pos) grouped into user-level rows: each user's targets in position order, at most
+    `targets_per_row` per row (a row's window spans L before its first target to its last one)."""
+    order = np.lexsort((pos, rows))
+    starts = np.flatnonzero(np.r_[True, rows[order][1:] != rows[order][:-1]])
+    groups: list[np.ndarray] = []
+    for a, b in zip(starts, np.r_[starts[1:], len(order)]):
+        groups.extend(order[s : min(s + targets_per_row, b)] for s in range(a, b, targets_per_row))
+    return groups
+
+
+def user_batch(
+    seqs: SequenceBatch,
+    cfg: SampleConfig,
+    epoch: int,
+    targets_per_row: int,
+    query_pool: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """The user-level batch of this epoch's training targets (the same targets and candidates as `train_batch`).
+
+    Each row is one user's window of behaviours, left-padded, and up to `targets_per_row` of that user's targets:
+    seq_queries, seq_items [R, N]; target_pos [R, T], the target's column, whose history is the columns
+    [target_pos - L, target_pos), nothing at or after it; target_valid [R, T]; target_items, target_queries,
+    labels [R, T, C]. No history is copied per target: a target costs C ids, a row its window once.
+    """
+    rows, pos = train_positions(seqs, cfg, epoch)
+    t_queries, t_items = train_targets(seqs, cfg, epoch, rows, pos, query_pool)
+    groups = user_rows(rows, pos, max(1, targets_per_row))
+    n_rows, t = len(groups), max((len(g) for g in groups), default=0)
+    firsts = np.array([pos[g[0]] for g in groups], dtype=np.int64)
+    lasts = np.array([pos[g[-1]] for g in groups], dtype=np.int64)
+    width = int(max(lasts - np.maximum(firsts - cfg.max_len, 0), default=0))
+    user = np.array([rows[g[0]] for g in groups], dtype=np.int64)
+    seq_queries, seq_items = history_matrix(seqs, user, lasts, max(width, 1))
+    before_window = (
+        np.arange(seq_items.shape[1]) < (seq_items.shape[1] - (lasts - np.maximum(firsts - cfg.max_len, 0)))[:, None]
+    )
+    seq_queries[before_window], seq_items[before_window] = 0, 0  # older than every target's history: padding
+    c = 1 + cfg.num_neg
+    target_pos = np.zeros((n_rows, t), dtype=np.int64)
+    valid = np.zeros((n_rows, t), dtype=bool)
+    items = np.zeros((n_rows, t, c), dtype=np.int64)
+    queries = np.zeros((n_rows, t, c), dtype=np.int64)
+    for r, g in enumerate(groups):
+        target_pos[r, : len(g)] = seq_items.shape[1] - (lasts[r] - pos[g])  # the last target's column is N
+        valid[r, : len(g)] = True
+        items[r, : len(g)], queries[r, : len(g)] = t_items[g], t_queries[g]
+    labels = np.zeros(items.shape, dtype=np.float32)
+    labels[..., 0] = valid
+    return {
+        "user_id": seqs.user_id[user].astype(np.int64),
+        "seq_items": seq_items,
+        "seq_queries": seq_queries,
+        "target_pos": target_pos,
+        "target_valid": valid,
+        "target_items": items,
+        "target_queries": queries,
+        "labels": labels,
+    }
 
 
 def _batch(user_id, hist_queries, hist_items, t_queries, t_items) -> dict[str, np.ndarray]:

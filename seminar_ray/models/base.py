@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -16,28 +17,60 @@ from seminar_ray.models.layers import (
     EmbeddingModel,
     MultiHeadTargetAttention,
     gather_rows,
+    history_band,
+    is_user_level,
     masked_mean,
     masked_softmax,
     masked_topk,
+    per_candidate,
+    recent_positions,
 )
 
-PAIR_KEYS = ("hist_queries", "hist_items", "target_queries", "target_items")  # the batch's (query, item) id tensors
+PAIR_KEYS = ("hist_queries", "hist_items", "target_queries", "target_items")  # the per-target batch's id tensors
+USER_KEYS = ("seq_queries", "seq_items", "target_queries", "target_items")  # the user-level batch's id tensors
 
 
 @dataclass
 class Encoded:
-    """A batch's history encoded once (keys [B, L, d]) and its C targets ([B, C, d] and channels [B, C, 4, d])."""
+    """Behaviours encoded once, keys [B, N, d], and T targets of C candidates each, flattened to [B, T·C, ...].
 
-    keys: Tensor
-    mask: Tensor  # [B, L] True on real behaviours
-    target: Tensor
-    target_channels: Tensor
+    Per-target batch: a row is one target's own history (N = L columns, T = 1, pos = L). User-level batch: a row is
+    a window of one user's behaviours and T of that user's targets, target t's history the columns
+    [pos_t − L, pos_t) (`history_band`). Retrieval, ESU and MLP read the history only through `mask` and
+    `recent`, so one implementation serves both forms.
+    """
+
+    keys: Tensor  # [B, N, d]
+    real: Tensor  # [B, N] True on real behaviours
+    pos: Tensor  # [B, T] each target's column: its history ends just before it
+    max_len: int  # L
+    target: Tensor  # [B, T·C, d]
+    target_channels: Tensor  # [B, T·C, 4, d]
+
+    @property
+    def n_candidates(self) -> int:
+        return self.target.shape[1] // self.pos.shape[1]
+
+    @functools.cached_property
+    def mask(self) -> Tensor:
+        """[B, T·C, N]: True where a column is in the candidate's target's history."""
+        return per_candidate(history_band(self.real, self.pos, self.max_len), self.n_candidates)
+
+    def recent_positions(self, n: int) -> Tensor:
+        """[B, T·C, n] columns of the n most recent behaviours before each candidate's target; -1 for none."""
+        return per_candidate(recent_positions(self.real, self.pos, self.max_len, n), self.n_candidates)
+
+    def recent(self, n: int) -> Tensor:
+        """[B, T·C, d]: mean key of the n most recent behaviours before each target (the "other features")."""
+        idx = recent_positions(self.real, self.pos, self.max_len, n)  # [B, T, n]
+        return per_candidate(masked_mean(gather_rows(self.keys, idx), idx >= 0, dim=2), self.n_candidates)
 
 
 class LifelongCTR(EmbeddingModel):
     """Two-stage CTR model: `retrieve` picks top-K history positions per target, ESU attends over them, MLP scores.
 
-    Subclasses define `retrieve`; everything else (inputs, ESU, MLP, loss, serving entry) is shared.
+    Subclasses define `retrieve`; everything else (inputs, ESU, MLP, loss, serving entry) is shared. Both batch forms
+    (per-target and user-level, models/__init__.py) run through the same code: only `encode_batch` tells them apart.
     """
 
     kind = "ctr"
@@ -54,54 +87,70 @@ class LifelongCTR(EmbeddingModel):
         return None
 
     def encode(
-        self, *, hist_queries: Tensor, hist_items: Tensor, target_queries: Tensor, target_items: Tensor
+        self,
+        *,
+        hist_queries: Tensor,
+        hist_items: Tensor,
+        target_queries: Tensor,
+        target_items: Tensor,
+        target_pos: Tensor | None = None,
     ) -> Encoded:
-        """The history keys and the targets, each distinct entity's channels computed once. Keyword-only: the four
-        are id tensors of one dtype, so a swap would raise nothing."""
-        table, (hq, tq), (hi, ti) = self.embedding.table(
-            [hist_queries, target_queries], [hist_items, target_items], self.projection()
-        )
+        """The behaviours' keys and the targets, each distinct entity's channels computed once. Keyword-only: the four
+        are id tensors of one dtype, so a swap would raise nothing.
+
+        hist_* [B, N]: a per-target history (target_pos None: every target of the row sees all N columns) or a
+        user's window with target_pos [B, T]; target_* [B, C] or [B, T, C].
+        """
+        b, n = hist_items.shape
+        pos = hist_items.new_full((b, 1), n) if target_pos is None else target_pos
+        tq, ti = target_queries.reshape(b, -1), target_items.reshape(b, -1)
+        table, (hq, tq), (hi, ti) = self.embedding.table([hist_queries, tq], [hist_items, ti], self.projection())
         return Encoded(
             keys=table.keys(hq, hi),
-            mask=hist_items != 0,
+            real=hist_items != 0,
+            pos=pos,
+            max_len=self.cfg.max_len if target_pos is not None else n,
             target=table.keys(tq, ti),
             target_channels=table.channels(tq, ti).x,
         )
 
     def encode_batch(self, batch: dict[str, Tensor]) -> Encoded:
-        """`encode` of a batch in the batch contract (models/__init__.py)."""
+        """`encode` of a batch of either form (models/__init__.py)."""
+        if is_user_level(batch):
+            return self.encode(**dict(zip(PAIR_KEYS, (batch[k] for k in USER_KEYS))), target_pos=batch["target_pos"])
         return self.encode(**{key: batch[key] for key in PAIR_KEYS})
 
     def retrieve(self, enc: Encoded, with_aux: bool) -> tuple[Tensor, Tensor | None]:
-        """(top-K history positions [B, C, K] with -1 for "none", auxiliary logits [B, C] or None)."""
+        """(top-K columns [B, T·C, K] with -1 for "none", auxiliary logits [B, T·C] or None), each candidate's
+        columns within its target's history (`enc.mask`)."""
         raise NotImplementedError
 
     def head(self, enc: Encoded, topk_idx: Tensor) -> Tensor:
-        """ESU multi-head target attention over the selected behaviours, then the MLP → click logits [B, C]."""
+        """ESU multi-head target attention over the selected behaviours, then the MLP → click logits [B, T·C]."""
         selected = gather_rows(enc.keys, topk_idx)
         lifelong, _ = self.esu(enc.target, selected, topk_idx >= 0)
-        n = min(self.cfg.recent_len, enc.keys.shape[1])
-        recent = masked_mean(enc.keys[:, -n:], enc.mask[:, -n:], dim=1).unsqueeze(1).expand_as(enc.target)
+        recent = enc.recent(self.cfg.recent_len)
         features = torch.cat([lifelong, enc.target, recent, enc.target_channels.flatten(-2)], dim=-1)
         return self.mlp(features).squeeze(-1)
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        """Click logits [B, C]."""
+        """Click logits shaped like the batch's labels: [B, C], or [R, T, C] for a user-level batch."""
         enc = self.encode_batch(batch)
         idx, _ = self.retrieve(enc, with_aux=False)
-        return self.head(enc, idx)
+        return self.head(enc, idx).view_as(batch["target_items"])
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        """BCE over the [B, C] labels, plus β·L_GSU where the retrieval has an auxiliary loss (docs/design.md, Model
-        contracts)."""
+        """BCE over the labels of the batch's (valid) targets, plus β·L_GSU where the retrieval has an auxiliary loss
+        (docs/design.md, Model contracts). Both batch forms give the same mean over the same targets."""
         enc = self.encode_batch(batch)
         idx, aux = self.retrieve(enc, with_aux=True)
-        labels = batch["labels"].to(enc.keys.dtype)
-        ctr = F.binary_cross_entropy_with_logits(self.head(enc, idx), labels)
+        keep = _valid_candidates(batch)
+        labels = batch["labels"].to(enc.keys.dtype).reshape(keep.shape)[keep]
+        ctr = F.binary_cross_entropy_with_logits(self.head(enc, idx)[keep], labels)
         parts = {"ctr": float(ctr.detach())}
         total = ctr
         if aux is not None:
-            gsu = F.binary_cross_entropy_with_logits(aux, labels)
+            gsu = F.binary_cross_entropy_with_logits(aux[keep], labels)
             total = ctr + self.cfg.beta_gsu * gsu
             parts["gsu"] = float(gsu.detach())
         parts["loss"] = float(total.detach())
@@ -130,6 +179,14 @@ class LifelongCTR(EmbeddingModel):
         return self.head(enc, topk_idx)
 
 
+def _valid_candidates(batch: dict[str, Tensor]) -> Tensor:
+    """[B, T·C] True on the candidates of real targets (a user-level batch pads rows with invalid targets)."""
+    labels = batch["labels"]
+    if not is_user_level(batch):
+        return torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
+    return per_candidate(batch["target_valid"], labels.shape[-1])
+
+
 class SoftSearchGSU(nn.Module):
     """GSU by target attention: top-K by the mean over heads of α_h; learns through a soft-attention auxiliary loss.
 
@@ -144,11 +201,10 @@ class SoftSearchGSU(nn.Module):
         self.aux_head = MLP(3 * d, (hidden,))
 
     def forward(self, enc: Encoded, k: int, with_aux: bool) -> tuple[Tensor, Tensor | None]:
-        scores = self.attention.scores(enc.target, enc.keys)
-        mask = enc.mask.unsqueeze(1)
-        idx = masked_topk(scores.detach().mean(2), mask, k)
+        scores = self.attention.scores(enc.target, enc.keys)  # [B, T·C, H, N]
+        idx = masked_topk(scores.detach().mean(2), enc.mask, k)
         if not with_aux:
             return idx, None
-        pooled = self.attention.pool(masked_softmax(scores, mask.unsqueeze(2)), enc.keys)
+        pooled = self.attention.pool(masked_softmax(scores, enc.mask.unsqueeze(2)), enc.keys)
         aux = self.aux_head(torch.cat([pooled, enc.target, pooled * enc.target], dim=-1)).squeeze(-1)
         return idx, aux

@@ -5,7 +5,6 @@ from __future__ import annotations
 from torch import Tensor
 
 from seminar_ray.models.base import Encoded, LifelongCTR
-from seminar_ray.models.layers import recent_positions
 
 
 class DIN(LifelongCTR):
@@ -14,4 +13,4 @@ class DIN(LifelongCTR):
     kind = "din"
 
     def retrieve(self, enc: Encoded, with_aux: bool) -> tuple[Tensor, None]:
-        return recent_positions(enc.mask, self.cfg.din_recent, enc.target.shape[1]), None
+        return enc.recent_positions(self.cfg.din_recent), None

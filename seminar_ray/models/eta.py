@@ -30,4 +30,8 @@ class ETA(LifelongCTR):
     def retrieve(self, enc: Encoded, with_aux: bool) -> tuple[Tensor, None]:
         # agreeing bits = (bits + <s_t, s_l>) / 2, so ranking by the ±1 inner product is ranking by -Hamming distance
         agree = torch.einsum("bcn,bln->bcl", self.signatures(enc.target), self.signatures(enc.keys))
-        return masked_topk(agree, enc.mask.unsqueeze(1), self.cfg.K), None
+        # agreements are integers, so ties are common: the more recent behaviour wins (a fraction < 1/2 that grows
+        # with the column), whatever the history's layout (a per-target copy or a user's window)
+        n = agree.shape[-1]
+        recency = torch.arange(n, device=agree.device, dtype=agree.dtype) / (2 * n)
+        return masked_topk(agree + recency, enc.mask, self.cfg.K), None

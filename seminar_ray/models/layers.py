@@ -65,13 +65,40 @@ def gather_rows(table: Tensor, idx: Tensor) -> Tensor:
     return F.embedding(idx.clamp(min=0) + offsets, flat).reshape(*idx.shape, *table.shape[2:])
 
 
-def recent_positions(mask: Tensor, n: int, c: int) -> Tensor:
-    """[B, C, n] column indices of the n most recent behaviours of a left-padded history; -1 for padding."""
-    length = mask.shape[1]
-    n = min(n, length)
-    idx = torch.arange(length - n, length, device=mask.device).expand(mask.shape[0], n)
-    idx = idx.masked_fill(~mask[:, length - n :], -1)
-    return idx.unsqueeze(1).expand(-1, c, -1)
+def is_user_level(batch: dict[str, Tensor]) -> bool:
+    """True for a user-level batch (seq_* windows and target_pos), False for a per-target one (hist_*)."""
+    return "seq_items" in batch
+
+
+def num_targets(batch: dict[str, Tensor]) -> int:
+    """Training targets in a batch of either form (what a step's samples/s counts)."""
+    return int(batch["target_valid"].sum()) if is_user_level(batch) else int(batch["labels"].shape[0])
+
+
+def history_band(real: Tensor, pos: Tensor, max_len: int) -> Tensor:
+    """[B, T, N]: True where column n holds a behaviour in target t's history, the columns [pos_t − L, pos_t).
+
+    real [B, N] marks behaviours (not padding); pos [B, T] is each target's column. Nothing at or after a target's
+    own column is ever in its history, which is what makes one pass over a user's window leak-free.
+    """
+    col = torch.arange(real.shape[1], device=real.device)
+    p = pos.unsqueeze(-1)
+    return real.unsqueeze(1) & (col >= p - max_len) & (col < p)
+
+
+def per_candidate(x: Tensor, c: int) -> Tensor:
+    """[B, T, ...] → [B, T·C, ...]: a target's value repeated for each of its C candidates (a view when T = 1)."""
+    b, t = x.shape[:2]
+    return x.unsqueeze(2).expand(b, t, c, *x.shape[2:]).reshape(b, t * c, *x.shape[2:])
+
+
+def recent_positions(real: Tensor, pos: Tensor, max_len: int, n: int) -> Tensor:
+    """[B, T, n] columns of the n most recent behaviours in each target's history; -1 where there are fewer."""
+    n = min(n, max_len)
+    cols = pos.unsqueeze(-1) - n + torch.arange(n, device=pos.device)  # [B, T, n], within the band by construction
+    inside = cols >= 0
+    real_at = real.gather(1, cols.clamp(min=0).flatten(1)).view_as(cols)
+    return cols.masked_fill(~(inside & real_at), -1)
 
 
 class MLP(nn.Sequential):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,15 @@ from torch import Tensor, nn
 
 from seminar_ray.data.entities import EntityTables
 from seminar_ray.models.config import ModelConfig
-from seminar_ray.models.layers import MLP, EmbeddingModel, MultiHeadTargetAttention, PairTable
+from seminar_ray.models.layers import (
+    MLP,
+    EmbeddingModel,
+    MultiHeadTargetAttention,
+    PairTable,
+    history_band,
+    is_user_level,
+    per_candidate,
+)
 
 ALIGN_PAIRS = ((0, 1), (0, 2), (1, 2))  # (T, I), (T, A), (I, A) among the item channels
 
@@ -26,14 +35,16 @@ def soft_target_ce(logits: Tensor, labels: Tensor) -> Tensor:
     return (-(labels * log_p).sum(-1) / labels.sum(-1).clamp(min=1.0)).mean()
 
 
-def chunk(x: Tensor, n_chunks: int) -> Tensor:
-    """[B, L, ...] → [B, N_ch, ceil(L/N_ch), ...], left-padded with zeros so chunks line up with the recent end."""
+def chunk(x: Tensor, n_chunks: int, size: int | None = None) -> Tensor:
+    """[B, L, ...] → [B, n, S, ...] with S = `size` or ceil(L/n_chunks) and n = ceil(L/S), left-padded with zeros so
+    chunks line up with the recent end."""
     b, length = x.shape[:2]
-    size = math.ceil(length / n_chunks)
-    pad = n_chunks * size - length
+    size = size or math.ceil(length / n_chunks)
+    n = max(math.ceil(length / size), 1)
+    pad = n * size - length
     if pad:
         x = torch.cat([x.new_zeros(b, pad, *x.shape[2:]), x], dim=1)
-    return x.reshape(b, n_chunks, size, *x.shape[2:])
+    return x.reshape(b, n, size, *x.shape[2:])
 
 
 class _KeptExpSums(torch.autograd.Function):
@@ -86,16 +97,23 @@ def clip_loss(
 
 
 def alignment_loss(
-    units: Tensor, present: Tensor, item_ids: Tensor, n_chunks: int, temperature: float, by_chance: bool = False
+    units: Tensor,
+    present: Tensor,
+    item_ids: Tensor,
+    n_chunks: int,
+    temperature: float,
+    by_chance: bool = False,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """L_align = Σ_i Σ_(j≠i) L_CLIP(x̂^(i), x̂^(j)) over the ordered pairs of T, I, A (§3.3.1), within N_ch chunks:
     O(L²/N_ch) memory. Each L_CLIP is a mean over the real rows of all chunks (the paper sums per-chunk means, which
     would scale the loss by N_ch, a memory knob). With `by_chance`, the mean over the pairs of the chance-normalised
     losses: 1 at chance.
 
-    units [B, L, 3, d] unit vectors; present [B, L, 3] True where the behaviour is real and the feature exists.
+    units [B, L, 3, d] unit vectors; present [B, L, 3] True where the behaviour is real and the feature exists;
+    `chunk_size` fixes the chunks' length instead (a user-level window longer than L keeps the chunks of L).
     """
-    units, present, ids = chunk(units, n_chunks), chunk(present, n_chunks), chunk(item_ids, n_chunks)
+    units, present, ids = (chunk(x, n_chunks, chunk_size) for x in (units, present, item_ids))
     size = ids.shape[-1]
     distinct = (ids.unsqueeze(-1) != ids.unsqueeze(-2)) | torch.eye(size, dtype=torch.bool, device=ids.device)
     distinct = distinct.to(units.dtype)  # [B, N, S, S], shared by the three pairs
@@ -139,6 +157,37 @@ def relevance_loss(head: RelevanceHead, xq: Tensor, xi: Tensor, neg: Tensor, neg
     return pos + (neg_bce * neg_ok).sum() / neg_ok.sum().clamp(min=1.0)
 
 
+@dataclass
+class Sequences:
+    """A PSU batch of either form (models/__init__.py): behaviours [B, N]; each target's column pos [B, T], its
+    history the columns [pos − L, pos); the valid targets [B, T]; and the behaviours this batch trains alignment and
+    relevance on (`owned` [B, N]).
+
+    Per-target batch: a row is one target's history, every behaviour of it owned, so a behaviour is aligned once
+    for every sampled target whose history holds it. User-level batch: a behaviour is owned by the target right
+    after it, so with every training position each behaviour is aligned once per epoch.
+    """
+
+    queries: Tensor
+    items: Tensor
+    pos: Tensor
+    valid: Tensor
+    owned: Tensor
+    max_len: int
+    user_level: bool
+
+    @classmethod
+    def of(cls, batch: dict[str, Tensor], max_len: int) -> Sequences:
+        if not is_user_level(batch):
+            items = batch["hist_items"]
+            b, n = items.shape
+            ones = torch.ones(b, 1, dtype=torch.bool, device=items.device)
+            return cls(batch["hist_queries"], items, items.new_full((b, 1), n), ones, items != 0, n, False)
+        items, pos, valid = batch["seq_items"], batch["target_pos"], batch["target_valid"]
+        owned = torch.zeros_like(items).scatter_add_(1, (pos - 1).clamp(min=0), valid.to(items.dtype)) > 0
+        return cls(batch["seq_queries"], items, pos, valid, owned & (items != 0), max_len, True)
+
+
 class PSU(EmbeddingModel):
     """Pretraining Search Unit (paper §3.3.1): target attention of the next pair over the history + <EOS>."""
 
@@ -152,57 +201,60 @@ class PSU(EmbeddingModel):
         self.next_head = MLP(3 * d, cfg.mlp_hidden, out_bias=False)  # softmax over C: a bias cancels
         self.relevance = RelevanceHead(d)
 
-    def _encode(self, batch: dict[str, Tensor]) -> tuple[PairTable, list[Tensor], list[Tensor]]:
-        return self.embedding.table(
-            [batch["hist_queries"], batch["target_queries"]], [batch["hist_items"], batch["target_items"]]
+    def _encode(self, batch: dict[str, Tensor]) -> tuple[Sequences, PairTable, list[Tensor], list[Tensor]]:
+        seq = Sequences.of(batch, self.cfg.max_len)
+        targets = (
+            batch["target_queries"].reshape(len(seq.items), -1),
+            batch["target_items"].reshape(len(seq.items), -1),
         )
+        table, q_rows, i_rows = self.embedding.table([seq.queries, targets[0]], [seq.items, targets[1]])
+        return seq, table, q_rows, i_rows
 
     def _eos_key(self) -> Tensor:
         w = self.embedding.item_weights(self.eos[1:])
         return (self.embedding.gamma(w).unsqueeze(-1) * self.eos).sum(0)
 
-    def _next_logits(self, table: PairTable, q_rows: list[Tensor], i_rows: list[Tensor], hist_items: Tensor) -> Tensor:
+    def _next_logits(self, seq: Sequences, table: PairTable, q_rows: list[Tensor], i_rows: list[Tensor]) -> Tensor:
+        """[B, T, C]: each target attends over its own history ∪ <EOS> (`history_band`), nothing at or after it."""
         keys = table.keys(q_rows[0], i_rows[0])
-        b = keys.shape[0]
+        b, t = seq.pos.shape
         keys = torch.cat([keys, self._eos_key().expand(b, 1, -1)], dim=1)
-        mask = torch.cat([hist_items != 0, hist_items.new_ones(b, 1, dtype=torch.bool)], dim=1)
-        target = table.keys(q_rows[1], i_rows[1])
-        out, _ = self.attention(target, keys, mask)
-        return self.next_head(torch.cat([out, target, out * target], dim=-1)).squeeze(-1)
+        band = history_band(seq.items != 0, seq.pos, seq.max_len)
+        band = torch.cat([band, band.new_ones(b, t, 1)], dim=-1)  # <EOS>, the last column, is always attended
+        target = table.keys(q_rows[1], i_rows[1])  # [B, T·C, d]
+        out, _ = self.attention(target, keys, per_candidate(band, target.shape[1] // t))
+        return self.next_head(torch.cat([out, target, out * target], dim=-1)).view(b, t, -1)
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        """Next-pair logits [B, C] (candidate 0 is the true next pair)."""
-        table, q_rows, i_rows = self._encode(batch)
-        return self._next_logits(table, q_rows, i_rows, batch["hist_items"])
+        """Next-pair logits shaped like target_items, [B, C] or [R, T, C] (candidate 0 is the true next pair)."""
+        seq, table, q_rows, i_rows = self._encode(batch)
+        return self._next_logits(seq, table, q_rows, i_rows).view_as(batch["target_items"])
 
-    def _alignment_inputs(self, table: PairTable, i_rows: Tensor, hist_items: Tensor) -> tuple[Tensor, Tensor]:
-        """(units [B, L, 3, d]: each behaviour's T, I, A vectors normalised; present [B, L, 3]: real and existing)."""
-        e = self.embedding
+    def _alignment_inputs(self, table: PairTable, i_rows: Tensor, seq: Sequences) -> tuple[Tensor, Tensor]:
+        """(units [B, N, 3, d]: each behaviour's T, I, A vectors normalised; present [B, N, 3]: owned and existing)."""
+        e, items = self.embedding, seq.items
         units = F.embedding(i_rows, F.normalize(table.items, dim=-1).flatten(1)).unflatten(-1, table.items.shape[1:])
         present = torch.stack(
-            [
-                e.item_text_mask[hist_items],
-                e.item_image_mask[hist_items],
-                torch.ones_like(hist_items, dtype=torch.bool),
-            ],
-            dim=-1,
-        ) & (hist_items != 0).unsqueeze(-1)
+            [e.item_text_mask[items], e.item_image_mask[items], torch.ones_like(items, dtype=torch.bool)], dim=-1
+        ) & seq.owned.unsqueeze(-1)
         return units, present
 
-    def _alignment(self, table: PairTable, i_rows: Tensor, hist_items: Tensor) -> Tensor:
-        units, present = self._alignment_inputs(table, i_rows, hist_items)
+    def _alignment(self, table: PairTable, i_rows: Tensor, seq: Sequences) -> Tensor:
+        units, present = self._alignment_inputs(table, i_rows, seq)
         cfg = self.cfg
+        size = math.ceil(seq.max_len / cfg.n_chunks) if seq.user_level else None
         return alignment_loss(
-            units, present, hist_items, cfg.n_chunks, cfg.temperature, by_chance=cfg.loss_norm == "chance"
+            units, present, seq.items, cfg.n_chunks, cfg.temperature, cfg.loss_norm == "chance", chunk_size=size
         )
 
-    def _relevance(self, table: PairTable, q_rows: Tensor, i_rows: Tensor, batch: dict[str, Tensor]) -> Tensor:
-        """Over behaviours with a non-empty query only; negatives keep the query and take another behaviour's item."""
-        real = (batch["hist_queries"] != 0) & (batch["hist_items"] != 0)
+    def _relevance(self, table: PairTable, q_rows: Tensor, i_rows: Tensor, seq: Sequences) -> Tensor:
+        """Over owned behaviours with a non-empty query only; negatives keep the query and take another behaviour's
+        item."""
+        real = (seq.queries != 0) & seq.owned
         if int(real.sum()) < 2:
             return table.query.new_zeros(())
         xq, xi = table.query[q_rows[real]], table.item_part[i_rows[real]]
-        items = batch["hist_items"][real]
+        items = seq.items[real]
         neg = derangement(len(items), items.device)
         return relevance_loss(self.relevance, xq, xi, neg, (items[neg] != items).float())
 
@@ -215,17 +267,18 @@ class PSU(EmbeddingModel):
         """
         cfg = self.cfg
         by_chance = cfg.loss_norm == "chance"
-        table, q_rows, i_rows = self._encode(batch)
+        seq, table, q_rows, i_rows = self._encode(batch)
         terms: dict[str, Tensor] = {}
         if cfg.use_next:
-            logits = self._next_logits(table, q_rows, i_rows, batch["hist_items"])
+            logits = self._next_logits(seq, table, q_rows, i_rows)[seq.valid]  # [targets, C]
+            labels = batch["labels"].reshape(*seq.valid.shape, -1)[seq.valid]
             scale = math.log(max(logits.shape[-1], 2)) if by_chance else 1.0
-            terms["next"] = cfg.w_next * soft_target_ce(logits, batch["labels"]) / scale
+            terms["next"] = cfg.w_next * soft_target_ce(logits, labels) / scale
         if cfg.use_align:
-            terms["align"] = cfg.w_align * self._alignment(table, i_rows[0], batch["hist_items"])
+            terms["align"] = cfg.w_align * self._alignment(table, i_rows[0], seq)
         if cfg.use_rel:
             scale = 2.0 * math.log(2.0) if by_chance else 1.0
-            terms["rel"] = cfg.w_rel * self._relevance(table, q_rows[0], i_rows[0], batch) / scale
+            terms["rel"] = cfg.w_rel * self._relevance(table, q_rows[0], i_rows[0], seq) / scale
         if not terms:
             raise ValueError("PSU: use_next, use_align and use_rel are all False; nothing to train")
         total = functools.reduce(operator.add, terms.values())

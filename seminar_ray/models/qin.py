@@ -20,7 +20,7 @@ class QIN(LifelongCTR):
     def retrieve(self, enc: Encoded, with_aux: bool) -> tuple[Tensor, None]:
         cfg = self.cfg
         query = enc.target_channels[..., 0, :]
-        stage1 = masked_topk(torch.einsum("bcd,bld->bcl", query, enc.keys), enc.mask.unsqueeze(1), cfg.qin_k1)
+        stage1 = masked_topk(torch.einsum("bcd,bld->bcl", query, enc.keys), enc.mask, cfg.qin_k1)
         item = enc.target - self.embedding.lam * query  # the target's item part Σ_j γ_j x^(j)_t
         stage2_scores = torch.einsum("bcd,bckd->bck", item, gather_rows(enc.keys, stage1))
         local = masked_topk(stage2_scores, stage1 >= 0, cfg.qin_k2)

@@ -19,4 +19,4 @@ class TWIN(LifelongCTR):
     @torch.no_grad()
     def retrieve(self, enc: Encoded, with_aux: bool) -> tuple[Tensor, None]:
         scores = self.esu.scores(enc.target, enc.keys).mean(2)
-        return masked_topk(scores, enc.mask.unsqueeze(1), self.cfg.K), None
+        return masked_topk(scores, enc.mask, self.cfg.K), None

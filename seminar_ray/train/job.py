@@ -51,7 +51,8 @@ class TrainJob:
     cpus_per_worker: float = 0.5
     use_gpu: bool = False
     worker_resources: dict = field(default_factory=dict)  # extra per-worker resources, e.g. {"gpu_trainer": 0.01}
-    samples_per_user: int = 8
+    samples_per_user: int = 0  # training targets per user per epoch; 0 = every training position
+    user_level: bool = True  # user-level batches (each user's window once); False = one history copy per target
     max_failures: int = 2
     pretrained: str | None = None  # PSU checkpoint or run directory (seminar only)
     eval_users: int = 0  # validate on a fixed set of this many users, drawn by eval_seed (0 = all)
@@ -166,7 +167,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
     from ray.experimental.tqdm_ray import tqdm
 
-    from seminar_ray.data.pipeline import query_pool, train_batches
+    from seminar_ray.data.pipeline import query_pool, train_batches, users_per_step
 
     ensure_logging()  # the per-epoch line below is an INFO record; Ray forwards this process's stderr
     job = TrainJob(**config)
@@ -185,7 +186,8 @@ def train_loop_per_worker(config: dict) -> None:
     start_epoch, history = _load_state(net, optimizer, job)
     sample_cfg = _sample_cfg(job)
     queries = query_pool(data, seed=cfg.seed) if job.kind == "psu" else None
-    users_per_batch = max(1, cfg.batch // job.samples_per_user) if job.samples_per_user > 0 else 1
+    users_per_batch = users_per_step(data, job.samples_per_user, cfg.batch)
+    targets_per_row = min(cfg.batch, cfg.max_len) if job.user_level else 0  # windows of at most L + batch columns
     shard = ray.train.get_dataset_shard("train")
     valid = ray.train.get_dataset_shard("valid")
     for epoch in range(start_epoch, job.epochs):
@@ -194,10 +196,11 @@ def train_loop_per_worker(config: dict) -> None:
         try:
             stats = train_one_epoch(
                 net,
-                train_batches(shard, sample_cfg, epoch, users_per_batch, queries),
+                train_batches(shard, sample_cfg, epoch, users_per_batch, queries, targets_per_row=targets_per_row),
                 optimizer,
                 device,
                 on_step=_on_step(bar, hook),
+                max_targets=cfg.batch,
             )
         finally:
             _close_bar(bar)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -9,10 +10,11 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from seminar_ray.data.splits import candidates_digest
 from seminar_ray.metrics import evaluate_scores
+from seminar_ray.models.layers import is_user_level, num_targets
 
 Batch = dict[str, torch.Tensor]
 
@@ -35,6 +37,57 @@ def unwrap(net: nn.Module) -> nn.Module:
     return net
 
 
+def micro_batches(batch: Batch, max_targets: int) -> list[Batch]:
+    """A batch split along its rows into parts of at most `max_targets` targets (a row bigger than that stays
+    whole), so that a step's memory is bounded whatever its users' lengths. A user-level part drops the leading
+    window columns that are padding in all of its rows."""
+    counts = batch["target_valid"].sum(1).tolist() if is_user_level(batch) else [1] * len(batch["labels"])
+    parts, start, size = [], 0, 0
+    for row, n in enumerate(counts):
+        if size and size + n > max_targets:
+            parts.append((start, row))
+            start, size = row, 0
+        size += n
+    parts.append((start, len(counts)))
+    return [_trim({k: v[a:b] for k, v in batch.items()}) for a, b in parts]
+
+
+def _trim(batch: Batch) -> Batch:
+    if not is_user_level(batch):
+        return batch
+    used = (batch["seq_items"] != 0).any(0)
+    first = int(used.to(torch.uint8).argmax()) if bool(used.any()) else 0
+    if first == 0:
+        return batch
+    return {
+        **batch,
+        "seq_items": batch["seq_items"][:, first:],
+        "seq_queries": batch["seq_queries"][:, first:],
+        "target_pos": (batch["target_pos"] - first).clamp(min=0),
+    }
+
+
+def _step(net: nn.Module, batch: Batch, max_targets: int, step: int) -> tuple[Tensor, dict[str, float], int]:
+    """Forward and backward of one optimizer step, its micro-batches' gradients accumulated as the gradient of the
+    mean over all the step's targets; DDP synchronises once, on the last micro-batch. (loss, parts, targets)."""
+    parts = micro_batches(batch, max_targets)
+    counts = [num_targets(p) for p in parts]
+    total = max(sum(counts), 1)
+    sums: dict[str, float] = defaultdict(float)
+    loss_sum = torch.zeros(())
+    for i, (part, n) in enumerate(zip(parts, counts)):
+        sync = i == len(parts) - 1 or not hasattr(net, "no_sync")
+        with contextlib.nullcontext() if sync else net.no_sync():  # type: ignore[operator]
+            loss, part_parts = net(part)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at step {step}: lower the learning rate?")
+            (loss * (n / total)).backward()
+        loss_sum = loss_sum + loss.detach().cpu() * n
+        for k, v in part_parts.items():
+            sums[k] += float(v) * n
+    return loss_sum / total, {k: v / total for k, v in sums.items()}, sum(counts)
+
+
 def train_one_epoch(
     net: nn.Module,
     batches: Iterable[Batch],
@@ -42,9 +95,11 @@ def train_one_epoch(
     device: torch.device | str = "cpu",
     on_step: Callable[[int, float], None] | None = None,
     grad_clip: float = 5.0,
+    max_targets: int = 1 << 30,
 ) -> dict[str, float]:
-    """One pass of `net` (a WithLoss, maybe under DDP) over `batches`: mean loss and parts, samples/s, data-wait
-    share and the wait for the first batch (an epoch's start-up cost)."""
+    """One pass of `net` (a WithLoss, maybe under DDP) over `batches`, one optimizer step per batch (in
+    micro-batches of at most `max_targets` targets): mean loss and parts, samples (targets)/s, data-wait share and
+    the wait for the first batch (an epoch's start-up cost)."""
     net.train()
     sums: dict[str, float] = defaultdict(float)
     samples, steps, wait, first_batch = 0, 0, 0.0, 0.0
@@ -53,19 +108,15 @@ def train_one_epoch(
         wait += time.perf_counter() - tick
         first_batch = first_batch or time.perf_counter() - start
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        loss, parts = net(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at step {steps}: lower the learning rate?")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, parts, n = _step(net, batch, max_targets, steps)
         nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
         optimizer.step()
-        n = int(batch["labels"].shape[0])
         samples, steps = samples + n, steps + 1
         for k, v in parts.items():  # parts hold "loss" too (model.loss's contract)
             sums[k] += float(v) * n
         if on_step is not None:
-            on_step(n, float(loss.detach()))
+            on_step(n, float(loss))
         tick = time.perf_counter()
     seconds = time.perf_counter() - start
     out = {k: v / max(samples, 1) for k, v in sums.items()}

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -40,7 +39,11 @@ KINDS = ("psu", "seminar", "din")
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+    """This process's peak RSS (VmHWM: unlike ru_maxrss it does not carry the parent's peak across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def batches(seqs: SequenceBatch, scfg: SampleConfig, path: str, users_per_step: int, targets_per_row: int,
@@ -71,11 +74,11 @@ def worker(data: str, config: str, kind: str, path: str, users: int, max_targets
         steps = [_first_targets(b, max_targets) for b in steps]
     net = WithLoss(model)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    train_one_epoch(net, steps[:1], torch.optim.Adam(net.parameters()), max_targets=cfg.batch)  # warm-up
+    train_one_epoch(net, steps[:1], torch.optim.Adam(net.parameters()))  # warm-up
     model.load_state_dict(build_model(kind, cfg, tables).state_dict())
     rss0 = peak_rss_mb()
     t0, c0 = time.perf_counter(), time.process_time()
-    stats = train_one_epoch(net, steps, opt, max_targets=cfg.batch)
+    stats = train_one_epoch(net, steps, opt)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     out = {"kind": kind, "path": path, "targets": stats["samples"], "seconds": wall, "cpu_seconds": cpu,
            "targets_per_s": stats["samples"] / wall, "targets_per_cpu_s": stats["samples"] / cpu,
@@ -83,7 +86,7 @@ def worker(data: str, config: str, kind: str, path: str, users: int, max_targets
            "window_columns": int(sum(b["seq_items"].numel() if path == "user" else b["hist_items"].numel()
                                      for b in steps))}
     if profile:
-        out["profile_top_ops_self_cpu_s"] = _profile(net, opt, steps[0], cfg.batch)
+        out["profile_top_ops_self_cpu_s"] = _profile(net, opt, steps[0])
     return out
 
 
@@ -98,11 +101,11 @@ def _first_targets(batch: dict[str, torch.Tensor], n: int) -> dict[str, torch.Te
             "labels": (batch["labels"] * valid.unsqueeze(-1))[rows]}
 
 
-def _profile(net, opt, batch, max_targets: int, top: int = 12) -> dict:
+def _profile(net, opt, batch, top: int = 12) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        train_one_epoch(net, [batch], opt, max_targets=max_targets)
+        train_one_epoch(net, [batch], opt)
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
     return {e.key: round(e.self_cpu_time_total / 1e6, 3) for e in events}
 

@@ -20,7 +20,6 @@ from seminar_ray.models.layers import (
     history_band,
     is_user_level,
     masked_mean,
-    masked_softmax,
     masked_topk,
     per_candidate,
     recent_positions,
@@ -127,8 +126,7 @@ class LifelongCTR(EmbeddingModel):
 
     def head(self, enc: Encoded, topk_idx: Tensor) -> Tensor:
         """ESU multi-head target attention over the selected behaviours, then the MLP → click logits [B, T·C]."""
-        selected = gather_rows(enc.keys, topk_idx)
-        lifelong, _ = self.esu(enc.target, selected, topk_idx >= 0)
+        lifelong = self.esu.attend_rows(enc.target, enc.keys, topk_idx)
         recent = enc.recent(self.cfg.recent_len)
         features = torch.cat([lifelong, enc.target, recent, enc.target_channels.flatten(-2)], dim=-1)
         return self.mlp(features).squeeze(-1)
@@ -201,10 +199,11 @@ class SoftSearchGSU(nn.Module):
         self.aux_head = MLP(3 * d, (hidden,))
 
     def forward(self, enc: Encoded, k: int, with_aux: bool) -> tuple[Tensor, Tensor | None]:
-        scores = self.attention.scores(enc.target, enc.keys)  # [B, T·C, H, N]
-        idx = masked_topk(scores.detach().mean(2), enc.mask, k)
+        with torch.no_grad():  # top-K by mean_h α_h = <u, k> with u the folded query (one GEMM, not H)
+            u = self.attention.folded_query(enc.target)
+            idx = masked_topk(torch.einsum("bmd,bnd->bmn", u, enc.keys), enc.mask, k)
         if not with_aux:
             return idx, None
-        pooled = self.attention.pool(masked_softmax(scores, enc.mask.unsqueeze(2)), enc.keys)
+        pooled = self.attention.attend(enc.target, enc.keys, enc.mask)
         aux = self.aux_head(torch.cat([pooled, enc.target, pooled * enc.target], dim=-1)).squeeze(-1)
         return idx, aux

@@ -309,6 +309,73 @@ class ChannelProjection(nn.Module):
         return torch.einsum("...md,mde->...me", x, self.G[channels])
 
 
+class _DenseAttention(torch.autograd.Function):
+    """pooled [B, M, H, d] = Σ_n softmax_n(qh·k_n over `mask`) k_n for head queries qh [B, M, H, d] and keys
+    [B, N, d] shared by the M queries of a row; mask [B, M, N] (a view may broadcast). A row with nothing to attend
+    pools zeros. Keeps one [B, M, H, N] tensor (the weights) for the backward pass and writes its gradient once:
+    the autograd graph of the same ops keeps four and allocates as many gradients."""
+
+    @staticmethod
+    def forward(ctx, qh: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
+        b, m, h, d = qh.shape
+        w = torch.bmm(qh.reshape(b, m * h, d), keys.transpose(1, 2)).view(b, m, h, -1)
+        w.masked_fill_(~mask.unsqueeze(2), torch.finfo(w.dtype).min)
+        w = torch.softmax(w, dim=-1).mul_(mask.unsqueeze(2))
+        ctx.save_for_backward(qh, keys, w)
+        return torch.bmm(w.view(b, m * h, -1), keys).view(b, m, h, d)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        qh, keys, w = ctx.saved_tensors
+        b, m, h, d = qh.shape
+        g = g.contiguous()
+        gs = torch.bmm(g.view(b, m * h, d), keys.transpose(1, 2)).view(b, m, h, -1)  # ∂/∂w
+        gs.sub_((gs * w).sum(-1, keepdim=True)).mul_(w)  # softmax backward: ∂/∂scores
+        g_q = torch.bmm(gs.view(b, m * h, -1), keys).view(b, m, h, d)
+        # ∂/∂keys = gsᵀ·qh + wᵀ·g: one GEMM over the stacked pairs
+        stacked_w = torch.cat([gs.view(b, m * h, -1), w.view(b, m * h, -1)], dim=1)
+        stacked_q = torch.cat([qh.reshape(b, m * h, d), g.view(b, m * h, d)], dim=1)
+        return g_q, torch.bmm(stacked_w.transpose(1, 2), stacked_q), None
+
+
+class _GatheredAttention(torch.autograd.Function):
+    """pooled [B, M, H, d] = Σ_k softmax_k(qh·k_idx) k_idx over each query's own rows idx [B, M, K] (-1 = none) of
+    keys [B, N, d]: the ESU over the top-K. The [B, M, K, d] gathered rows are rebuilt in the backward pass instead
+    of kept, and their gradient is written once and scattered straight into keys' gradient."""
+
+    @staticmethod
+    def forward(ctx, qh: Tensor, keys: Tensor, idx: Tensor) -> Tensor:
+        sel = gather_rows(keys, idx)  # [B, M, K, d]
+        b, m, k, d = sel.shape
+        h = qh.shape[2]
+        w = torch.bmm(qh.reshape(b * m, h, d), sel.view(b * m, k, d).transpose(1, 2)).view(b, m, h, k)
+        valid = (idx >= 0).unsqueeze(2)
+        w.masked_fill_(~valid, torch.finfo(w.dtype).min)
+        w = torch.softmax(w, dim=-1).mul_(valid)
+        ctx.save_for_backward(qh, keys, idx, w)
+        return torch.bmm(w.view(b * m, h, k), sel.view(b * m, k, d)).view(b, m, h, d)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        qh, keys, idx, w = ctx.saved_tensors
+        sel = gather_rows(keys, idx)
+        b, m, k, d = sel.shape
+        h = qh.shape[2]
+        g = g.contiguous()
+        sel2 = sel.view(b * m, k, d)
+        gs = torch.bmm(g.view(b * m, h, d), sel2.transpose(1, 2)).view(b, m, h, k)
+        gs.sub_((gs * w).sum(-1, keepdim=True)).mul_(w)
+        g_q = torch.bmm(gs.view(b * m, h, k), sel2).view(b, m, h, d)
+        # ∂/∂rows = gsᵀ·qh + wᵀ·g, one batched GEMM over the stacked pairs, then scattered into the keys
+        stacked_w = torch.cat([gs.view(b * m, h, k), w.view(b * m, h, k)], dim=1)
+        stacked_q = torch.cat([qh.reshape(b * m, h, d), g.view(b * m, h, d)], dim=1)
+        g_rows = torch.bmm(stacked_w.transpose(1, 2), stacked_q)  # [B·M, K, d]
+        n = keys.shape[1]
+        flat = (idx.clamp(min=0) + torch.arange(b, device=idx.device).view(b, 1, 1) * n).reshape(-1)
+        g_keys = keys.new_zeros(b * n, d).index_add_(0, flat, g_rows.view(-1, d))  # rows of "none" carry zeros
+        return g_q, g_keys.view(b, n, d), None
+
+
 class MultiHeadTargetAttention(nn.Module):
     """Multi-head target attention with a padding mask (paper §3.3.1-§3.3.2); one class, separate weights per unit.
 
@@ -357,6 +424,19 @@ class MultiHeadTargetAttention(nn.Module):
             pooled = torch.einsum("bchl,bcld->bchd", weights, keys)
         heads = torch.einsum("bchd,hde->bche", pooled, self.W_V)
         return self.W_O(heads.flatten(-2))
+
+    def _out(self, pooled: Tensor) -> Tensor:
+        """Per-head pooled keys [B, M, H, d] → W_h^V per head, concatenated, W^O → [B, M, d]."""
+        return self.W_O(torch.einsum("bchd,hde->bche", pooled, self.W_V).flatten(-2))
+
+    def attend(self, q: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
+        """out [B, M, d] of queries q [B, M, d] over keys [B, N, d] shared by a row, mask [B, M, N] (fused)."""
+        return self._out(_DenseAttention.apply(self.head_queries(q), keys, mask))
+
+    def attend_rows(self, q: Tensor, keys: Tensor, idx: Tensor) -> Tensor:
+        """out [B, M, d] of queries q [B, M, d] over their own rows idx [B, M, K] of keys [B, N, d] (-1 = none):
+        the same as forward(q, gather_rows(keys, idx), idx >= 0)[0], without keeping the gathered rows."""
+        return self._out(_GatheredAttention.apply(self.head_queries(q), keys, idx))
 
     def forward(self, q: Tensor, keys: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """(out [B, C, d], weights [B, C, H, L]); mask [B, L] or [B, C, L] is True on real behaviours."""

@@ -222,7 +222,7 @@ class PSU(EmbeddingModel):
         band = history_band(seq.items != 0, seq.pos, seq.max_len)
         band = torch.cat([band, band.new_ones(b, t, 1)], dim=-1)  # <EOS>, the last column, is always attended
         target = table.keys(q_rows[1], i_rows[1])  # [B, T·C, d]
-        out, _ = self.attention(target, keys, per_candidate(band, target.shape[1] // t))
+        out = self.attention.attend(target, keys, per_candidate(band, target.shape[1] // t))
         return self.next_head(torch.cat([out, target, out * target], dim=-1)).view(b, t, -1)
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:

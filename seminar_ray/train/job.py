@@ -200,7 +200,6 @@ def train_loop_per_worker(config: dict) -> None:
                 optimizer,
                 device,
                 on_step=_on_step(bar, hook),
-                max_targets=cfg.batch,
             )
         finally:
             _close_bar(bar)

@@ -37,14 +37,18 @@ def unwrap(net: nn.Module) -> nn.Module:
     return net
 
 
-def micro_batches(batch: Batch, max_targets: int) -> list[Batch]:
-    """A batch split along its rows into parts of at most `max_targets` targets (a row bigger than that stays
-    whole), so that a step's memory is bounded whatever its users' lengths. A user-level part drops the leading
-    window columns that are padding in all of its rows."""
+MICRO_CELLS = 1 << 19  # (target, history column) pairs per micro-batch: ~256 targets at L = 2,000
+
+
+def micro_batches(batch: Batch, max_cells: int = MICRO_CELLS) -> list[Batch]:
+    """A batch split along its rows into parts of at most `max_cells` (target, column) pairs, what its activations
+    grow with (a row bigger than that stays whole), so that a step's memory is bounded whatever its users' lengths.
+    A user-level part drops the leading window columns that are padding in all of its rows."""
+    width = batch["seq_items" if is_user_level(batch) else "hist_items"].shape[1]
     counts = batch["target_valid"].sum(1).tolist() if is_user_level(batch) else [1] * len(batch["labels"])
     parts, start, size = [], 0, 0
     for row, n in enumerate(counts):
-        if size and size + n > max_targets:
+        if size and (size + n) * width > max_cells:
             parts.append((start, row))
             start, size = row, 0
         size += n
@@ -67,10 +71,10 @@ def _trim(batch: Batch) -> Batch:
     }
 
 
-def _step(net: nn.Module, batch: Batch, max_targets: int, step: int) -> tuple[Tensor, dict[str, float], int]:
+def _step(net: nn.Module, batch: Batch, max_cells: int, step: int) -> tuple[Tensor, dict[str, float], int]:
     """Forward and backward of one optimizer step, its micro-batches' gradients accumulated as the gradient of the
     mean over all the step's targets; DDP synchronises once, on the last micro-batch. (loss, parts, targets)."""
-    parts = micro_batches(batch, max_targets)
+    parts = micro_batches(batch, max_cells)
     counts = [num_targets(p) for p in parts]
     total = max(sum(counts), 1)
     sums: dict[str, float] = defaultdict(float)
@@ -95,11 +99,11 @@ def train_one_epoch(
     device: torch.device | str = "cpu",
     on_step: Callable[[int, float], None] | None = None,
     grad_clip: float = 5.0,
-    max_targets: int = 1 << 30,
+    max_cells: int = MICRO_CELLS,
 ) -> dict[str, float]:
-    """One pass of `net` (a WithLoss, maybe under DDP) over `batches`, one optimizer step per batch (in
-    micro-batches of at most `max_targets` targets): mean loss and parts, samples (targets)/s, data-wait share and
-    the wait for the first batch (an epoch's start-up cost)."""
+    """One pass of `net` (a WithLoss, maybe under DDP) over `batches`, one optimizer step per batch, in
+    micro-batches of at most `max_cells` (target, history column) pairs: mean loss and parts, samples (targets)/s,
+    data-wait share and the wait for the first batch (an epoch's start-up cost)."""
     net.train()
     sums: dict[str, float] = defaultdict(float)
     samples, steps, wait, first_batch = 0, 0, 0.0, 0.0
@@ -109,7 +113,7 @@ def train_one_epoch(
         first_batch = first_batch or time.perf_counter() - start
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         optimizer.zero_grad(set_to_none=True)
-        loss, parts, n = _step(net, batch, max_targets, steps)
+        loss, parts, n = _step(net, batch, max_cells, steps)
         nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
         optimizer.step()
         samples, steps = samples + n, steps + 1

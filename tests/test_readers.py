@@ -1,4 +1,4 @@
-"""Source readers (RecBole, KuaiSAR, Amazon) on fixtures in the documented formats, and their bad inputs."""
+"""Source readers (RecBole, KuaiSAR, Amazon, SASRec text) on fixtures in the documented formats, and their bad inputs."""
 from __future__ import annotations
 
 import gzip

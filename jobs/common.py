@@ -127,7 +127,7 @@ def _storage(out: str) -> str:
 
 def print_summary(summary: dict) -> None:
     best = summary["best"]
-    stopped = f" (stopped early: no better validation in {summary['patience']})" if summary["stopped_early"] else ""
+    stopped = f" (stopped early: {summary['patience']} epochs without a better one)" if summary["stopped_early"] else ""
     print(
         f"run {summary['run_dir']}: {summary['epochs']} epochs{stopped}, best epoch {summary['best_epoch']} "
         f"(valid ndcg@10 {best['ndcg@10']:.4f}, hr@10 {best['hr@10']:.4f}, mrr {best['mrr']:.4f}, "

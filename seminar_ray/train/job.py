@@ -195,7 +195,7 @@ def train_loop_per_worker(config: dict) -> None:
     valid = ray.train.get_dataset_shard("valid")
     for epoch in range(start_epoch, job.epochs):
         if _agreed(rank == 0 and stops_early(history, job.patience)):  # rank 0 holds the validation history
-            log.info(f"[{job.run_name}] stopped early after epoch {epoch}: no better validation in {job.patience}")
+            log.info(f"[{job.run_name}] stopped after epoch {epoch}: no better ndcg@10 in {job.patience} epochs")
             break
         bar = tqdm(desc=f"{job.run_name} epoch {epoch + 1}/{job.epochs}", unit="samples") if rank == 0 else None
         hook = job.step_hook(job, rank, epoch) if job.step_hook is not None else None

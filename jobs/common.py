@@ -7,9 +7,10 @@ import argparse
 import json
 from pathlib import Path
 
-from seminar_ray.data.splits import EVAL_SEED
+from seminar_ray.data.splits import EVAL_NEG, EVAL_SEED
 from seminar_ray.errors import InputError
 from seminar_ray.models import ModelConfig
+from seminar_ray.train.checkpoints import PATIENCE
 from seminar_ray.train.job import TrainJob
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "model_small.yaml"
@@ -60,9 +61,27 @@ def add_train_flags(p: argparse.ArgumentParser, model_choices: tuple[str, ...] |
         default=EVAL_SEED,
         help="seed of the validation users and negatives, independent of --seed (recorded per epoch)",
     )
+    add_eval_neg_flag(p, "validation")
     p.add_argument("--seed", type=int, default=None)
-    if model_choices:
+    if model_choices:  # CTR models: the stopping rule applies (a PSU pretrains for its stated epochs)
         p.add_argument("--model", choices=model_choices, default=model_choices[0])
+        p.add_argument(
+            "--patience",
+            type=int,
+            default=PATIENCE,
+            help="stop once validation NDCG@10 has not improved for this many epochs, keeping the best epoch "
+            "(0 = train every --epochs); --epochs is the cap",
+        )
+
+
+def add_eval_neg_flag(p: argparse.ArgumentParser, split: str) -> None:
+    p.add_argument(
+        "--eval-neg",
+        type=int,
+        default=EVAL_NEG,
+        help=f"sampled negatives ranked against each {split} target (default {EVAL_NEG}, the paper's; SASRec's "
+        "published figures use 100); recorded in metrics.json",
+    )
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -103,6 +122,8 @@ def job_from_args(args: argparse.Namespace, kind: str, pretrained: str | None = 
         pretrained=pretrained,
         eval_users=args.eval_users,
         eval_seed=args.eval_seed,
+        eval_neg=args.eval_neg,
+        patience=args.patience if kind != "psu" else 0,
     )
 
 
@@ -112,8 +133,9 @@ def _storage(out: str) -> str:
 
 def print_summary(summary: dict) -> None:
     best = summary["best"]
+    stopped = f" (stopped early: {summary['patience']} epochs without a better one)" if summary["stopped_early"] else ""
     print(
-        f"run {summary['run_dir']}: {summary['epochs']} epochs, best epoch {summary['best_epoch']} "
+        f"run {summary['run_dir']}: {summary['epochs']} epochs{stopped}, best epoch {summary['best_epoch']} "
         f"(valid ndcg@10 {best['ndcg@10']:.4f}, hr@10 {best['hr@10']:.4f}, mrr {best['mrr']:.4f}, "
         f"auc {best['auc']:.4f})"
     )

@@ -1,30 +1,36 @@
 """The comparison of the paper's Tables 2 and 3: SEMINAR, its pretraining ablations, five baselines and rules.
 
-One protocol for every row: the same validation users and the same 99 test negatives per user, drawn by
---eval-seed and never by a model's seed (each row's candidates digest is checked equal). Every model gets the
-same budget (epochs, samples per user, config). Checkpoints follow one rule (`selection_score`): a CTR model keeps
-its best validation NDCG@10 epoch, a PSU its last epoch. The table reports the test split, mean ± std over seeds;
+One protocol for every row: the same validation users and the same --eval-neg test negatives per user (99, the
+paper's; 100 for SASRec's published figures), drawn by --eval-seed and never by a model's seed (each row's
+candidates digest is checked equal). Every model gets the same config, samples per user and stopping rule
+(`checkpoints.stops_early`): SEMINAR, its ablations and every baseline train until validation NDCG@10 has not
+improved for --patience epochs, at most --epochs, and keep their best epoch (`selection_score`); SEMINAR's PSU
+pretrains for exactly --pretrain-epochs (its selection score is its epoch, so the rule never stops it) and keeps its
+last epoch. The table reports the test split, mean ± std over seeds, and each row's epochs trained and best epoch;
 the rules (Popularity, and QueryMatch+Pop on derived queries) are deterministic.
 
     python jobs/compare.py --data data/small --out runs/compare --seeds 3
-    python jobs/compare.py --data data/ml100k --out runs/ml100k --seeds 2 --samples-per-user 0 --epochs 8
+    python jobs/compare.py --data data/ml100k --out runs/ml100k --seeds 2 --samples-per-user 0 --epochs 50
+    python jobs/compare.py --data data/games --out runs/games --eval-neg 100 --variants ''  # the rules only
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from jobs.common import parse_overrides
+from jobs.common import add_eval_neg_flag, parse_overrides
 from seminar_ray.baselines import evaluate_rule
 from seminar_ray.data.splits import EVAL_SEED
 from seminar_ray.errors import InputError
 from seminar_ray.runtime import init_ray, run_cli, setup_logging
+from seminar_ray.train.checkpoints import PATIENCE
 
 # name → (kind, PSU tasks to pretrain with, or None for no pretraining)
 VARIANTS: dict[str, tuple[str, tuple[str, ...] | None]] = {
@@ -40,6 +46,7 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "DIN": ("din", None),
 }
 TABLE_KEYS = ("ndcg@5", "ndcg@10", "ndcg@50", "hr@10", "mrr", "auc")
+TRAINING_KEYS = ("epochs", "best_epoch", "stopped_early")  # from each trained row's run summary
 
 
 def query_mode(data: Path) -> str:
@@ -75,6 +82,8 @@ def train_variant(name: str, seed: int, args, base, psu_runs: dict) -> dict:
         user_level=not args.per_target,
         eval_users=args.eval_users,
         eval_seed=args.eval_seed,
+        eval_neg=args.eval_neg,
+        patience=args.patience,
     )
     pretrained = None
     if tasks is not None:
@@ -95,7 +104,8 @@ def train_variant(name: str, seed: int, args, base, psu_runs: dict) -> dict:
         kind=kind, run_name=run_name, model=cfg.to_dict(), epochs=args.epochs, pretrained=pretrained, **common
     )
     summary = run_training(job)
-    return evaluate_checkpoint(summary["run_dir"], "test", actors=1, eval_seed=args.eval_seed)
+    test = evaluate_checkpoint(summary["run_dir"], "test", actors=1, eval_seed=args.eval_seed, eval_neg=args.eval_neg)
+    return {**test, **{k: summary[k] for k in TRAINING_KEYS}}
 
 
 def aggregate(per_seed: dict[str, list[dict]]) -> dict[str, dict[str, tuple[float, float]]]:
@@ -113,6 +123,27 @@ def markdown(agg: dict, names: list[str], title: str) -> str:
         if n in agg
     )
     return head + rows
+
+
+def budget(args: argparse.Namespace) -> str:
+    """What every trained row got: config, samples per user and the stopping rule."""
+    return (
+        f"Config {args.config.name} {' '.join(args.set)}, samples per user {args.samples_per_user or 'all'}. "
+        f"Stopping rule: every model trains until validation NDCG@10 has not improved for {args.patience} epochs, "
+        f"at most {args.epochs}, and keeps its best epoch; the PSU pretrains {args.pretrain_epochs} epochs."
+    )
+
+
+def training_lines(per_seed: dict[str, list[dict]]) -> str:
+    """Per trained row: epochs trained and the best (kept) epoch of each seed, and whether the rule stopped it."""
+    lines = []
+    for name, runs in per_seed.items():
+        if runs and all("epochs" in r for r in runs):  # rows recorded before the stopping rule lack them
+            seeds = ", ".join(
+                f"{r['epochs']} (best {r['best_epoch']}{'' if r['stopped_early'] else ', hit the cap'})" for r in runs
+            )
+            lines.append(f"- {name}: {seeds}")
+    return "\nEpochs trained per seed (best epoch):\n\n" + "\n".join(lines) + "\n" if lines else ""
 
 
 def verdict(agg: dict, seeds: int) -> list[str]:
@@ -139,22 +170,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--pretrain-epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=50, help="the cap on every model's epochs (the stopping rule)")
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=PATIENCE,
+        help="stop a model once validation NDCG@10 has not improved for this many epochs (0 = train to --epochs)",
+    )
+    p.add_argument("--pretrain-epochs", type=int, default=2, help="PSU pretraining epochs, always all of them")
     p.add_argument("--samples-per-user", type=int, default=0, help="training targets per user per epoch; 0 = all")
     p.add_argument("--per-target", action="store_true", help="per-target batches instead of user-level ones")
     p.add_argument("--eval-users", type=int, default=500, help="validation users, a fixed set drawn by --eval-seed")
     p.add_argument("--eval-seed", type=int, default=EVAL_SEED, help="seed of the evaluation users and negatives")
+    add_eval_neg_flag(p, "validation and test")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields, e.g. lr=0.003")
     p.add_argument("--config", type=Path, default=Path(__file__).resolve().parents[1] / "configs" / "model_small.yaml")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset; empty: the rule rows only")
     p.add_argument(
         "--report-only",
         action="store_true",
         help="train nothing: tabulate the seeds that OUT/compare_partial.json holds for every variant",
     )
     args = p.parse_args(argv)
-    names = args.variants.split(",")
+    names = [n for n in args.variants.split(",") if n]
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         raise InputError(f"unknown variant(s) {unknown}; known: {list(VARIANTS)}")
@@ -163,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     partial = args.out / "compare_partial.json"  # every finished (seed, variant): a re-run skips them
     done: dict[str, dict] = json.loads(partial.read_text()) if partial.exists() else {}
-    t0 = time.time()
+    t0, load_start = time.time(), os.getloadavg()
     if args.report_only:
         complete = [s for s in range(args.seeds) if all(f"{s}/{n}" in done for n in names)]
         if not complete:
@@ -186,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     per_seed: dict[str, list[dict]] = {n: [done[f"{s}/{n}"] for s in range(args.seeds)] for n in names}
     for name, rule in rule_rows(args.data).items():
-        per_seed[name] = [evaluate_rule(rule, args.data, "test", args.eval_seed)] * args.seeds
+        per_seed[name] = [evaluate_rule(rule, args.data, "test", args.eval_seed, args.eval_neg)] * args.seeds
     digests = sorted({r["candidates_digest"] for runs in per_seed.values() for r in runs})
     if len(digests) != 1:
         raise RuntimeError(f"rows ranked different candidate lists (digests {digests}): the protocol is broken")
@@ -203,14 +241,15 @@ def main(argv: list[str] | None = None) -> int:
     ]
     text = (
         f"# Comparison on {args.data} ({args.seeds} seeds, test split, mean ± std)\n\n"
-        f"Queries: {query_mode(args.data)}. Every row ranks the same candidates: eval seed {args.eval_seed}, "
-        f"digest {digests[0]}. Config {args.config.name} {' '.join(args.set)}, {args.epochs} epochs, "
-        f"{args.pretrain_epochs} pretraining epochs, samples per user {args.samples_per_user or 'all'}.\n\n"
+        f"Queries: {query_mode(args.data)}. Every row ranks the same candidates, the positive against "
+        f"{args.eval_neg} sampled negatives: eval seed {args.eval_seed}, digest {digests[0]}. "
+        + (budget(args) if names else "")
+        + "\n\n"
         + markdown(agg, table2, "Table 2: SEMINAR against the baselines")
         + "\n"
-        + markdown(agg, table3, "Table 3: ablation of the PSU pretraining tasks")
-        + "\n"
+        + (markdown(agg, table3, "Table 3: ablation of the PSU pretraining tasks") + "\n" if table3 else "")
         + ("\n".join(f"- {v}" for v in verdict(agg, args.seeds)) + "\n" if "SEMINAR" in agg else "")
+        + training_lines(per_seed)
         + ("" if args.report_only else f"\n{time.time() - t0:.0f} s in all.\n")
     )
     (args.out / "compare.md").write_text(text)
@@ -221,9 +260,11 @@ def main(argv: list[str] | None = None) -> int:
                 "data": str(args.data),
                 "aggregate": agg,
                 "eval_seed": args.eval_seed,
+                "eval_neg": args.eval_neg,
                 "candidates_digest": digests[0],
                 "per_seed": per_seed,
                 "seconds": time.time() - t0,
+                "load_avg": {"start": load_start, "end": os.getloadavg()},  # 1, 5, 15 min: how busy the machine was
             },
             indent=1,
         )

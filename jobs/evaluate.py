@@ -35,14 +35,24 @@ def main(argv: list[str] | None = None) -> int:
         "--eval-seed",
         type=int,
         default=EVAL_SEED,
-        help="seed of the 99 negatives per user; keep it fixed to compare models (recorded in metrics.json)",
+        help="seed of the negatives per user; keep it fixed to compare models (recorded in metrics.json)",
+    )
+    p.add_argument(
+        "--eval-neg",
+        type=int,
+        default=None,
+        help="sampled negatives per target (default: as many as the run was validated with, else 99; SASRec's "
+        "published figures use 100); recorded in metrics.json",
     )
     args = p.parse_args(argv)
     init_ray()
-    metrics = evaluate_checkpoint(args.checkpoint, args.split, args.data, actors=args.actors, eval_seed=args.eval_seed)
+    metrics = evaluate_checkpoint(
+        args.checkpoint, args.split, args.data, actors=args.actors, eval_seed=args.eval_seed, eval_neg=args.eval_neg
+    )
     path = write_metrics(metrics, args.out)
     print(metrics_table(table_rows(metrics)))
-    print(f"{metrics['model']} on {args.split} ({metrics['targets']} targets): {path}")
+    targets = f"{metrics['targets']} targets, {metrics['eval_neg']} negatives each"
+    print(f"{metrics['model']} on {args.split} ({targets}): {path}")
     return 0
 
 

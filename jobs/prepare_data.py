@@ -3,7 +3,13 @@
 python jobs/prepare_data.py --source synthetic --scale small --out data/small
 python jobs/prepare_data.py --source recbole --input ml-100k/ --out data/ml100k
 python jobs/prepare_data.py --source recbole --input ml-100k/ --out data/ml100k-none --queries none
+python jobs/prepare_data.py --source sasrec-txt --input Video.txt --out data/games
 ray job submit --working-dir . -- python jobs/prepare_data.py --source synthetic --out /shared/data/small
+
+Sources: synthetic (generated); recbole (a directory with one .inter and optionally .item); kuaisar (its CSV
+directory); amazon (a reviews file and a meta_* file, 2018 JSON lines); sasrec-txt (one `user_id item_id` file,
+file order = time order, ids only; the SASRec repositories kang205/SASRec and pmixer/SASRec.pytorch ship
+Video.txt, Beauty.txt, Steam.txt and ml-1m.txt in their data/ directories).
 """
 
 from __future__ import annotations
@@ -22,7 +28,10 @@ from seminar_ray.errors import InputError
 from seminar_ray.runtime import init_ray, run_cli, setup_logging
 
 log = logging.getLogger(__name__)
-SOURCES = ("synthetic", "recbole", "kuaisar", "amazon")
+READERS = {"recbole": "recbole", "kuaisar": "kuaisar", "amazon": "amazon", "sasrec-txt": "sasrec_txt"}  # → module
+SOURCES = ("synthetic", *READERS)
+# users with fewer behaviours are dropped unless --min-interactions says otherwise; sasrec-txt files come filtered
+MIN_INTERACTIONS = {"kuaisar": 4, "amazon": 5, "sasrec-txt": 1}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="source: real search logs (synthetic, kuaisar); derived: each item's query from its own "
         "description or category (recbole, amazon); none: every behaviour gets the empty query "
-        "(pure sequential recommendation). Default: the source's own kind",
+        "(pure sequential recommendation; the only mode of sasrec-txt). Default: the source's own kind",
     )
     return p.parse_args(argv)
 
@@ -61,10 +70,8 @@ def read_source(args: argparse.Namespace) -> DatasetTables:
         raise FileNotFoundError(f"{args.input}: no such file or directory")
     import importlib
 
-    reader = importlib.import_module(f"seminar_ray.data.readers.{args.source}")
-    min_inter = (
-        args.min_interactions if args.min_interactions is not None else {"kuaisar": 4, "amazon": 5}.get(args.source, 3)
-    )
+    reader = importlib.import_module(f"seminar_ray.data.readers.{READERS[args.source]}")
+    min_inter = args.min_interactions if args.min_interactions is not None else MIN_INTERACTIONS.get(args.source, 3)
     return reader.read(args.input, min_interactions=min_inter, max_len=args.max_len)
 
 

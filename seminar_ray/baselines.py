@@ -14,7 +14,7 @@ import numpy as np
 
 from seminar_ray.data.pipeline import sample_config
 from seminar_ray.data.schema import read_table
-from seminar_ray.data.splits import EVAL_SEED, SPLIT_OFFSET, SequenceBatch, candidates_digest, eval_batch
+from seminar_ray.data.splits import EVAL_NEG, EVAL_SEED, SPLIT_OFFSET, SequenceBatch, candidates_digest, eval_batch
 from seminar_ray.errors import InputError
 from seminar_ray.metrics import evaluate_scores
 
@@ -64,10 +64,13 @@ def rule_scores(
     raise InputError(f"unknown rule {rule!r}; choose from {RULES}")
 
 
-def evaluate_rule(rule: str, data: str | Path, split: str = "test", eval_seed: int = EVAL_SEED) -> dict:
-    """Metrics of `rule` on the split's candidates, exactly those a model evaluated with `eval_seed` ranks."""
+def evaluate_rule(
+    rule: str, data: str | Path, split: str = "test", eval_seed: int = EVAL_SEED, eval_neg: int = EVAL_NEG
+) -> dict:
+    """Metrics of `rule` on the split's candidates, exactly those a model evaluated with (`eval_seed`, `eval_neg`)
+    ranks."""
     seqs = SequenceBatch.from_arrow(read_table(data, "sequences"))
-    cfg = sample_config(data, eval_seed=eval_seed)
+    cfg = sample_config(data, eval_seed=eval_seed, eval_neg=eval_neg)
     ev = eval_batch(seqs, split, cfg)
     out = evaluate_scores(
         ev["user_id"],
@@ -79,6 +82,7 @@ def evaluate_rule(rule: str, data: str | Path, split: str = "test", eval_seed: i
         model=rule,
         data=str(data),
         eval_seed=eval_seed,
+        eval_neg=eval_neg,
         candidates_digest=candidates_digest(ev["user_id"], ev["target_items"]),
     )
     return out

@@ -53,20 +53,80 @@ class _NaNDIN(DIN):
         return loss * float("nan"), parts
 
 
-def test_a_worse_last_epoch_does_not_replace_the_best(ray_local, tiny_data, tmp_path, monkeypatch):
+def test_a_worse_epoch_does_not_replace_the_best_and_patience_stops_the_run(ray_local, tiny_data, tmp_path, monkeypatch):
     def job(epochs: int) -> TrainJob:  # lr 0.01 and 8 targets per user: epoch 1 learns, so epoch 2 can undo it
-        return TrainJob(**{**_job(tiny_data, tmp_path, seed=0, epochs=epochs, run_name="r").__dict__,
+        return TrainJob(**{**_job(tiny_data, tmp_path, seed=0, epochs=epochs, run_name="r", patience=1).__dict__,
                            "model": CFG.replace(lr=0.01).to_dict(), "samples_per_user": 8})
 
     first = run_training(job(1))
     monkeypatch.setitem(MODELS, "din", _AscendingDIN)  # the re-run resumes epoch 1's checkpoint, then ruins it
-    summary = run_training(job(2))
-    epoch1, epoch2 = summary["history"]
+    summary = run_training(job(5))
+    epoch1, epoch2 = summary["history"]  # epoch 2 did not improve: patience 1 stopped the run below its cap of 5
     assert epoch1 == first["history"][0] and epoch2["ndcg@10"] < epoch1["ndcg@10"] - 0.02
-    assert summary["best_epoch"] == 1
+    assert (summary["best_epoch"], summary["stopped_early"], summary["max_epochs"]) == (1, True, 5)
     best = resolve_checkpoint(summary["run_dir"])
     assert json.loads((best / "metrics.json").read_text())["epoch"] == 1
     assert sorted(m["epoch"] for _, m in run_checkpoints(summary["run_dir"])) == [1, 2], "the last epoch is kept too"
+    again = run_training(job(8))  # resuming a stopped run trains nothing more
+    assert again["history"] == summary["history"] and again["stopped_early"] and again["best_epoch"] == 1
+    assert sorted(m["epoch"] for _, m in run_checkpoints(summary["run_dir"])) == [1, 2]
+
+
+def test_the_stopping_rule_counts_epochs_without_a_strictly_better_score():
+    from seminar_ray.train.checkpoints import SELECT_KEY, stops_early
+
+    def history(*scores: float) -> list[dict]:
+        return [{SELECT_KEY: s} for s in scores]
+
+    assert not stops_early(history(0.1, 0.2, 0.3), 1)
+    assert stops_early(history(0.1, 0.3, 0.3), 1), "a tie is no improvement"
+    assert stops_early(history(0.3, 0.2, 0.1), 2) and not stops_early(history(0.3, 0.2, 0.1), 3), "3 epochs: no 4th"
+    assert stops_early(history(0.1, 0.5, 0.2, 0.4, 0.3), 3) and not stops_early(history(0.1, 0.5, 0.2, 0.4, 0.6), 3)
+    assert not stops_early(history(0.5, 0.1, 0.1, 0.1), 0), "patience 0: no early stopping"
+    assert not stops_early(history(*range(1, 9)), 1), "a PSU's score is its epoch: it never stops"
+
+
+def _decide_on_two_ranks(rank: int, port: int, out) -> None:
+    import torch.distributed as dist
+
+    from seminar_ray.train.job import _agreed
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        out.put((rank, _agreed(rank == 0), _agreed(False)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_follows_rank_0s_stopping_decision():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    mp.start_processes(_decide_on_two_ranks, args=(port, out), nprocs=2, start_method="spawn")
+    assert sorted(out.get(timeout=5) for _ in range(2)) == [(0, True, False), (1, True, False)]
+
+
+def test_eval_neg_sets_validation_and_test_candidates_alike(ray_local, tiny_data, tmp_path):
+    from seminar_ray.data.pipeline import sample_config
+    from seminar_ray.data.schema import read_table
+    from seminar_ray.data.splits import SequenceBatch, eval_batch
+
+    seqs = SequenceBatch.from_arrow(read_table(tiny_data, "sequences"))
+    assert eval_batch(seqs, "test", sample_config(tiny_data, eval_neg=20))["target_items"].shape[1] == 21
+    run = run_training(_job(tiny_data, tmp_path, seed=0, epochs=1, run_name="n20", eval_users=20, eval_neg=20))
+    assert run["eval_neg"] == 20 and {h["eval_neg"] for h in _history(run["run_dir"])} == {20}
+    test = evaluate_checkpoint(run["run_dir"], "test", actors=1)  # default: as many as the run was validated with
+    rule = evaluate_rule("popularity", tiny_data, "test", eval_neg=20)
+    assert test["eval_neg"] == rule["eval_neg"] == 20 and test["candidates_digest"] == rule["candidates_digest"]
+    assert rule["candidates_digest"] != evaluate_rule("popularity", tiny_data, "test")["candidates_digest"]
+    with pytest.raises(ValueError, match="--eval-neg 0: each evaluation target needs at least 1 negative"):
+        evaluate_rule("popularity", tiny_data, "test", eval_neg=0)
 
 
 def test_a_psu_run_selects_its_last_epoch(ray_local, tiny_data, tmp_path):

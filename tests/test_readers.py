@@ -1,4 +1,4 @@
-"""Source readers (RecBole, KuaiSAR, Amazon) on fixtures in the documented formats, and their bad inputs."""
+"""Source readers (RecBole, KuaiSAR, Amazon, SASRec text) on fixtures in the documented formats, and their bad inputs."""
 from __future__ import annotations
 
 import gzip
@@ -259,3 +259,67 @@ def test_querymatch_pop_ranks_candidates_of_the_targets_derived_query_first():
     assert pop[0, 1] > pop[0, 0], "item 3 is the more popular"
     match = rule_scores("querymatch_pop", seqs, 4, queries, targets)
     assert match[0].argmax() == 0 and match[0, 1] > match[0, 2], "query match first, then popularity"
+
+
+# ---------------------------------------------------------------- SASRec text files
+
+SASREC_TXT = "1 10\n1 12\n2 12\n1 11\n\n2 10\n2 13\n3 10\n"  # users interleave; a blank line; user 3 has 1 action
+
+
+def _sasrec_file(tmp_path: Path, text: str = SASREC_TXT) -> Path:
+    path = tmp_path / "Video.txt"
+    path.write_text(text)
+    return path
+
+
+def test_sasrec_txt_keeps_file_order_per_user_and_has_ids_only(tmp_path):
+    from seminar_ray.data.queries import apply_mode, resolve_mode
+    from seminar_ray.data.readers import sasrec_txt
+
+    tables = apply_mode(sasrec_txt.read(_sasrec_file(tmp_path), min_interactions=1, max_len=10),
+                        resolve_mode("sasrec-txt", None))
+    got = {u: [(i, q) for i, q, _ in t] for u, t in timelines(tables).items()}
+    assert got == {"1": [("10", ()), ("12", ()), ("11", ())], "2": [("12", ()), ("10", ()), ("13", ())], "3": [("10", ())]}
+    assert [t for _, _, t in timelines(tables)["2"]] == [2, 4, 5], "timestamps are the line's row (blank skipped)"
+    assert tables.items.column("title").null_count == tables.meta.num_items == 4  # no text, no image: ids only
+    assert tables.items.column("image_ref").null_count == 4
+    meta = write_round_trip(tables, tmp_path)
+    assert (meta.num_users, meta.num_behaviours, meta.num_queries) == (3, 7, 0)
+    assert (meta.extra["timestamp_unit"], meta.extra["queries"], meta.source) == ("row", "none", "sasrec-txt")
+    with pytest.raises(ValueError, match="source 'sasrec-txt' gives 'none' queries only .*neither search logs"):
+        resolve_mode("sasrec-txt", "derived")
+
+
+def test_sasrec_txt_min_interactions_and_max_len_apply(tmp_path):
+    from seminar_ray.data.readers import sasrec_txt
+
+    tables = sasrec_txt.read(_sasrec_file(tmp_path), min_interactions=2, max_len=2)
+    assert {u: [i for i, _, _ in t] for u, t in timelines(tables).items()} == {"1": ["12", "11"], "2": ["10", "13"]}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "Video.txt: empty file"),
+    ("\n\n", "Video.txt: no data rows"),
+    ("1 10\n1 11 5.0\n", "Video.txt: line 2: expected 2 whitespace-separated fields `user_id item_id`, got 3: '1 11 5.0'"),
+    ("1 10\n\n7\n", "Video.txt: line 3: expected 2 whitespace-separated fields"),
+    ("user_id item_id\n1 10\n", "Video.txt: line 1: user_id 'user_id' is not a non-negative integer"),
+    ("1 10\n2 -4\n", "Video.txt: line 2: item_id '-4' is not a non-negative integer"),
+])
+def test_sasrec_txt_bad_input_is_a_data_error_naming_file_and_line(tmp_path, text, message):
+    from seminar_ray.data.readers import sasrec_txt
+
+    with pytest.raises(DataError) as err:
+        sasrec_txt.read(_sasrec_file(tmp_path, text), min_interactions=1, max_len=10)
+    assert message in str(err.value)
+
+
+def test_prepare_data_sasrec_txt_exits_non_zero_and_writes_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    src = _sasrec_file(tmp_path, "1 10\n1 11\n1 x12\n")
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "jobs.prepare_data", "--source", "sasrec-txt", "--input", str(src),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120, cwd=repo)
+    assert proc.returncode == 2 and "Video.txt: line 3: item_id 'x12' is not a non-negative integer" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Video.txt"]  # no output, no temporary directory

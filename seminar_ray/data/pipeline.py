@@ -38,6 +38,10 @@ def map_compute():
 
 def sample_config(data_dir: str | Path, **overrides) -> SampleConfig:
     """A SampleConfig whose item range comes from the dataset's meta.json."""
+    if overrides.get("eval_neg", 1) < 1:
+        from seminar_ray.errors import InputError
+
+        raise InputError(f"--eval-neg {overrides['eval_neg']}: each evaluation target needs at least 1 negative")
     return SampleConfig(num_items=DatasetMeta.load(data_dir).num_items, **overrides)
 
 

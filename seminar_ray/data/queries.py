@@ -5,7 +5,8 @@
   item's own description or category (paper §4.1, Amazon). Every evaluation candidate then carries the positive's
   derived query, so a ranker that matches query and item text narrows the candidates with the answer's own words:
   report the QueryMatch+Pop rule (`seminar_ray.baselines`) beside any model on such data.
-- `none`: every behaviour gets the empty query (pure sequential recommendation).
+- `none`: every behaviour gets the empty query (pure sequential recommendation). The only mode of sources with
+  neither search logs nor item text (SASRec text files).
 """
 
 from __future__ import annotations
@@ -16,7 +17,18 @@ from seminar_ray.data.schema import EMPTY_QUERY, QUERIES, DatasetMeta, DatasetTa
 from seminar_ray.errors import InputError
 
 QUERY_MODES = ("source", "derived", "none")
-NATIVE_MODE = {"synthetic": "source", "kuaisar": "source", "recbole": "derived", "amazon": "derived"}
+NATIVE_MODE = {
+    "synthetic": "source",
+    "kuaisar": "source",
+    "recbole": "derived",
+    "amazon": "derived",
+    "sasrec-txt": "none",
+}
+WHY_NATIVE = {
+    "source": "it has real search logs",
+    "derived": "it has no search log",
+    "none": "it has neither search logs nor item text",
+}
 
 
 def resolve_mode(source: str, mode: str | None) -> str:
@@ -28,8 +40,7 @@ def resolve_mode(source: str, mode: str | None) -> str:
     if mode != "none" and mode != native:
         raise InputError(
             f"--queries {mode}: source {source!r} gives {native!r} queries only "
-            f"({'it has no search log' if native == 'derived' else 'it has real search logs'}); "
-            f"use --queries {native} or --queries none"
+            f"({WHY_NATIVE[native]}); use --queries {native}" + ("" if native == "none" else " or --queries none")
         )
     return mode
 

@@ -18,6 +18,7 @@ from seminar_ray.data.errors import DataError
 
 SPLIT_OFFSET = {"test": 1, "valid": 2}  # target position = N - offset
 EVAL_SEED = 0  # the evaluation protocol's seed: the same users and negatives for every model, seed and epoch
+EVAL_NEG = 99  # the protocol's sampled negatives per evaluation target (paper: 99; Kang & McAuley's SASRec: 100)
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class SampleConfig:
     max_len: int = 200  # L: history left-truncated to the most recent L behaviours
     num_items: int = 0  # item ids are 1..num_items
     num_neg: int = 4  # sampled negatives per training target (C = 1 + num_neg)
-    eval_neg: int = 99  # negatives per evaluation target (paper: 99)
+    eval_neg: int = EVAL_NEG  # negatives per evaluation target
     samples_per_user: int = 8  # training targets drawn per user per epoch; 0 = every training position
     task: str = "ctr"  # "ctr": negatives share the positive's query; "psu": negatives get sampled queries too
     seed: int = 0  # the model's seed: training targets and negatives

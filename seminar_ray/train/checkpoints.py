@@ -13,6 +13,7 @@ HISTORY_FILE = "history.json"  # every epoch so far, inside each checkpoint dire
 TRAIN_STATE_FILE = "train_state.pt"  # optimizer state and epoch, for resuming
 SELECT_METRIC = "ndcg@10"  # what a CTR run is selected by (validation)
 SELECT_KEY = "select"  # each epoch's selection score, recorded in its metrics: higher is better
+PATIENCE = 5  # epochs without a better selection score before a run stops early (0 = never)
 
 
 def selection_score(kind: str, metrics: dict) -> float:
@@ -23,6 +24,17 @@ def selection_score(kind: str, metrics: dict) -> float:
     align-only and relevance-only ablations never train, so it cannot choose among their epochs.
     """
     return float(metrics["epoch"]) if kind == "psu" else float(metrics[SELECT_METRIC])
+
+
+def stops_early(history: list[dict], patience: int) -> bool:
+    """The one stopping rule: True once the last `patience` epochs have not beaten the best selection score of the
+    epochs before them (a tie is no improvement). The run keeps its best checkpoint (`best_checkpoint`). A PSU's
+    selection score is its epoch, so a PSU never stops early: it pretrains for its stated number of epochs.
+    """
+    if patience <= 0 or len(history) <= patience:
+        return False
+    scores = [float(h[SELECT_KEY]) for h in history]
+    return max(scores[-patience:]) <= max(scores[:-patience])
 
 
 def run_checkpoints(run_dir: str | Path) -> list[tuple[str | Path, dict]]:

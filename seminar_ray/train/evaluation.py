@@ -10,11 +10,11 @@ import torch
 
 from seminar_ray import storage
 from seminar_ray.data.entities import EntityTables
-from seminar_ray.data.splits import EVAL_SEED, candidates_digest
+from seminar_ray.data.splits import EVAL_NEG, EVAL_SEED, candidates_digest
 from seminar_ray.errors import InputError
 from seminar_ray.metrics import evaluate_scores
 from seminar_ray.models import load_checkpoint
-from seminar_ray.train.checkpoints import find_checkpoint, resolve_checkpoint
+from seminar_ray.train.checkpoints import METRICS_FILE, find_checkpoint, resolve_checkpoint
 
 SCORER_CPUS = 0.5
 
@@ -54,11 +54,13 @@ def evaluate_checkpoint(
     batch_size: int = 64,
     max_len: int | None = None,
     eval_seed: int = EVAL_SEED,
+    eval_neg: int | None = None,
 ) -> dict:
     """Metrics of the checkpoint (or a run directory's selected one) on the validation or test targets.
 
-    The candidates depend on `eval_seed` alone, never on the model's seed: every model ranks the same lists, which
-    the recorded `candidates_digest` shows.
+    The candidates depend on `eval_seed` and `eval_neg` (negatives per target; None = as many as the run was
+    validated with) alone, never on the model's seed: every model ranks the same lists, which the recorded
+    `candidates_digest` shows.
     """
     import ray.data
 
@@ -73,7 +75,9 @@ def evaluate_checkpoint(
         raise InputError(f"{ckpt}: the checkpoint does not record its data directory; pass --data")
     cfg = payload["config"]
     load_checkpoint(ckpt, EntityTables.load(data))  # fail here, before any Ray work, on a mismatch
-    rows = eval_dataset(data, split, sample_config(data, max_len=max_len or cfg["max_len"], eval_seed=eval_seed))
+    eval_neg = validated_eval_neg(ckpt) if eval_neg is None else eval_neg
+    sample = sample_config(data, max_len=max_len or cfg["max_len"], eval_seed=eval_seed, eval_neg=eval_neg)
+    rows = eval_dataset(data, split, sample)
     scored = rows.map_batches(
         CandidateScorer,
         fn_constructor_kwargs={"checkpoint": str(shared), "data": data},
@@ -90,9 +94,16 @@ def evaluate_checkpoint(
         model=payload["kind"],
         data=data,
         eval_seed=eval_seed,
+        eval_neg=eval_neg,
         candidates_digest=candidates_digest(scored["user_id"].to_numpy(), np.stack(scored["items"].to_numpy())),
     )
     return out
+
+
+def validated_eval_neg(checkpoint: Path) -> int:
+    """The negatives per target a checkpoint's run was validated with (runs before --eval-neg: the default)."""
+    metrics = checkpoint / METRICS_FILE
+    return int(json.loads(metrics.read_text()).get("eval_neg", EVAL_NEG)) if metrics.exists() else EVAL_NEG
 
 
 def write_metrics(metrics: dict, out_dir: str | Path) -> str | Path:

@@ -17,7 +17,7 @@ import torch
 from seminar_ray import storage
 from seminar_ray.data.entities import EntityTables
 from seminar_ray.data.errors import DataError
-from seminar_ray.data.splits import EVAL_SEED
+from seminar_ray.data.splits import EVAL_NEG, EVAL_SEED
 from seminar_ray.errors import InputError
 from seminar_ray.models import ModelConfig, SeminarCTR, build_model, restore_psu, save_checkpoint
 from seminar_ray.models.checkpoint import read_checkpoint
@@ -25,12 +25,14 @@ from seminar_ray.runtime import ensure_logging, ray_console_level
 from seminar_ray.train.checkpoints import (
     HISTORY_FILE,
     METRICS_FILE,
+    PATIENCE,
     SELECT_KEY,
     TRAIN_STATE_FILE,
     is_complete_checkpoint,
     resolve_checkpoint,
     run_checkpoints,
     selection_score,
+    stops_early,
 )
 from seminar_ray.train.loop import WithLoss, evaluate, train_one_epoch, unwrap
 
@@ -46,7 +48,8 @@ class TrainJob:
     storage_path: str  # local directory or a shared URI (s3://, gs://, an NFS path)
     run_name: str
     model: dict = field(default_factory=dict)  # ModelConfig.to_dict()
-    epochs: int = 2
+    epochs: int = 2  # the cap: a CTR run stops earlier once validation has not improved for `patience` epochs
+    patience: int = PATIENCE  # checkpoints.stops_early; 0 = train every epoch up to `epochs`
     num_workers: int = 0  # 0 = Ray Train local mode (in this process)
     cpus_per_worker: float = 0.5
     use_gpu: bool = False
@@ -57,6 +60,7 @@ class TrainJob:
     pretrained: str | None = None  # PSU checkpoint or run directory (seminar only)
     eval_users: int = 0  # validate on a fixed set of this many users, drawn by eval_seed (0 = all)
     eval_seed: int = EVAL_SEED  # validation negatives and users: the same for every model and seed
+    eval_neg: int = EVAL_NEG  # sampled negatives per validation target (evaluate/compare use the same for test)
     threads: int = 1  # torch threads per worker
     # (job, rank, epoch) → a per-step callback (samples, loss) or None; pickled to every worker (tests inject faults)
     step_hook: Callable[[TrainJob, int, int], Callable[[int, float], None] | None] | None = None
@@ -107,6 +111,7 @@ def _sample_cfg(job: TrainJob):
         task="psu" if job.kind == "psu" else "ctr",
         seed=cfg.seed,
         eval_seed=job.eval_seed,
+        eval_neg=job.eval_neg,
     )
 
 
@@ -191,6 +196,9 @@ def train_loop_per_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     valid = ray.train.get_dataset_shard("valid")
     for epoch in range(start_epoch, job.epochs):
+        if _agreed(rank == 0 and stops_early(history, job.patience)):  # rank 0 holds the validation history
+            log.info(f"[{job.run_name}] stopped after epoch {epoch}: no better ndcg@10 in {job.patience} epochs")
+            break
         bar = tqdm(desc=f"{job.run_name} epoch {epoch + 1}/{job.epochs}", unit="samples") if rank == 0 else None
         hook = job.step_hook(job, rank, epoch) if job.step_hook is not None else None
         try:
@@ -210,7 +218,9 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory(prefix="ckpt-") as d:  # local mode copied it into the run directory
             val = evaluate(net, valid.iter_torch_batches(batch_size=64), device)
             metrics.update({k: v for k, v in val.items() if isinstance(v, float)})
-            metrics.update(valid=val, eval_seed=job.eval_seed, valid_candidates=val["candidates_digest"])
+            metrics.update(
+                valid=val, eval_seed=job.eval_seed, eval_neg=job.eval_neg, valid_candidates=val["candidates_digest"]
+            )
             metrics[SELECT_KEY] = selection_score(job.kind, metrics)
             history.append(metrics)
             checkpoint = _save(net, cfg, optimizer, epoch, history, metrics, job, d)
@@ -220,6 +230,18 @@ def train_loop_per_worker(config: dict) -> None:
                 f"valid ndcg@10 {val['ndcg@10']:.4f} hr@10 {val['hr@10']:.4f} auc {val['auc']:.4f}"
             )
             ray.train.report({k: v for k, v in metrics.items() if k != "valid"}, checkpoint=checkpoint)
+
+
+def _agreed(decision: bool) -> bool:
+    """Rank 0's decision, on every rank (a collective: every worker calls it), so that all stop at the same epoch and
+    reach the same `ray.train.report` calls."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return decision
+    box = [decision]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
 
 
 def _on_step(bar, hook: Callable[[int, float], None] | None) -> Callable[[int, float], None]:
@@ -367,4 +389,4 @@ def run_training(job: TrainJob) -> dict:
     result = build_trainer(job).fit()
     if result.error:
         raise RuntimeError(f"training run {job.run_name} failed: {result.error}") from result.error
-    return write_run_summary(job.run_dir, time.time() - t0)
+    return write_run_summary(job.run_dir, time.time() - t0, patience=job.patience, max_epochs=job.epochs)

@@ -7,11 +7,14 @@ import json
 from pathlib import Path
 
 from seminar_ray import storage
-from seminar_ray.train.checkpoints import HISTORY_FILE, best_checkpoint, run_checkpoints
+from seminar_ray.train.checkpoints import HISTORY_FILE, best_checkpoint, run_checkpoints, stops_early
 
 
-def write_run_summary(run_dir: str | Path, seconds: float | None = None) -> dict:
-    """run_dir/metrics.json (best checkpoint, per-epoch history) and run_dir/curves.png; run_dir may be a URI."""
+def write_run_summary(
+    run_dir: str | Path, seconds: float | None = None, *, patience: int = 0, max_epochs: int | None = None
+) -> dict:
+    """run_dir/metrics.json (best checkpoint, per-epoch history, whether the stopping rule ended the run before
+    `max_epochs`) and run_dir/curves.png; run_dir may be a URI."""
     found = run_checkpoints(run_dir)
     if not found:
         raise FileNotFoundError(f"{run_dir}: the run left no checkpoint")
@@ -23,8 +26,12 @@ def write_run_summary(run_dir: str | Path, seconds: float | None = None) -> dict
         "best_checkpoint": str(best),
         "best_epoch": best_metrics.get("epoch"),
         "eval_seed": best_metrics.get("eval_seed"),
+        "eval_neg": best_metrics.get("eval_neg"),
         "best": best_metrics.get("valid", best_metrics),
         "epochs": len(history),
+        "max_epochs": max_epochs,
+        "patience": patience,
+        "stopped_early": stops_early(history, patience) and (max_epochs is None or len(history) < max_epochs),
         "seconds": seconds,
         "history": [{k: v for k, v in h.items() if k != "valid"} for h in history],
     }

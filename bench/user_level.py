@@ -126,7 +126,7 @@ def measure(shape: str, quick: bool, tmp: Path) -> dict:
     runs: dict[str, dict] = {}
     load = [os.getloadavg()[0]]
     for kind in KINDS:
-        prof = shape == "L2000" and kind in ("psu", "seminar")
+        prof = kind in ("psu", "seminar")
         per = run_worker(data, config, kind, "target", users, per_target_cap, int(prof))
         user = run_worker(data, config, kind, "user", users, 0, int(prof))
         runs[kind] = {"per_target": per, "user_level": user,

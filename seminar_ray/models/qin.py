@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from seminar_ray.models.base import Encoded, LifelongCTR
-from seminar_ray.models.layers import gather_rows, masked_topk
+from seminar_ray.models.layers import masked_topk
 
 
 class QIN(LifelongCTR):
@@ -22,6 +22,8 @@ class QIN(LifelongCTR):
         query = enc.target_channels[..., 0, :]
         stage1 = masked_topk(torch.einsum("bcd,bld->bcl", query, enc.keys), enc.mask, cfg.qin_k1)
         item = enc.target - self.embedding.lam * query  # the target's item part Σ_j γ_j x^(j)_t
-        stage2_scores = torch.einsum("bcd,bckd->bck", item, gather_rows(enc.keys, stage1))
-        local = masked_topk(stage2_scores, stage1 >= 0, cfg.qin_k2)
-        return stage1.gather(-1, local.clamp(min=0)).masked_fill(local < 0, -1), None
+        # stage 2 scores every column by one GEMM and keeps the K1 of stage 1 by a mask: a [B, M, N] score matrix
+        # instead of [B, M, K1, d] gathered keys
+        kept = stage1.new_zeros(enc.mask.shape, dtype=torch.uint8)
+        kept.scatter_reduce_(-1, stage1.clamp(min=0), (stage1 >= 0).to(torch.uint8), "amax")
+        return masked_topk(torch.einsum("bcd,bld->bcl", item, enc.keys), kept.bool(), cfg.qin_k2), None

@@ -18,5 +18,5 @@ class TWIN(LifelongCTR):
 
     @torch.no_grad()
     def retrieve(self, enc: Encoded, with_aux: bool) -> tuple[Tensor, None]:
-        scores = self.esu.scores(enc.target, enc.keys).mean(2)
+        scores = torch.einsum("bcd,bld->bcl", self.esu.folded_query(enc.target), enc.keys)  # mean_h α_h
         return masked_topk(scores, enc.mask, self.cfg.K), None

@@ -25,9 +25,9 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 from seminar_ray.retrieval.index import build_index  # noqa: E402
-from seminar_ray.retrieval.baselines import (CascadingHNSWRetriever, ChannelADCRetriever,  # noqa: E402
+from seminar_ray.retrieval.reference import (CascadingHNSWRetriever, ChannelADCRetriever,  # noqa: E402
                                              LSHRetriever, RQRetriever, SymmetricPQRetriever)
-from seminar_ray.retrieval.retrievers import (ADCRetriever, ExactRetriever, ServingRetriever,  # noqa: E402
+from seminar_ray.retrieval.retrievers import (ADCRetriever, ExactRetriever, PQRerankRetriever,  # noqa: E402
                                               SketchRerankRetriever)
 from seminar_ray.retrieval.tables import GSUTables  # noqa: E402
 
@@ -182,7 +182,7 @@ def make_bytes_of(index, rq_levels):
 
 
 def serving_retrievers(index):
-    return [SketchRerankRetriever(index, SERVING["z"]), ServingRetriever(index, ADC_SERVING["rerank_factor"])]
+    return [SketchRerankRetriever(index, SERVING["z"]), PQRerankRetriever(index, ADC_SERVING["rerank_factor"])]
 
 
 def paper_scenario(Ls, out, paired, n_centroids: int, rq_train: int, seed=0):

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from jobs.common import parse_overrides
-from seminar_ray.baselines import evaluate_rule
 from seminar_ray.data.splits import EVAL_SEED
 from seminar_ray.errors import InputError
+from seminar_ray.rule_rankers import evaluate_rule
 from seminar_ray.runtime import init_ray, run_cli, setup_logging
 
 # name → (kind, PSU tasks to pretrain with, or None for no pretraining)

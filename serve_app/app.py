@@ -26,6 +26,7 @@ from seminar_ray.serving import (Catalog, EventsRequest, EventsResponse, HealthR
                                  load_serving_model)
 from seminar_ray.serving.api import http_errors, json_safe
 from seminar_ray.serving.process import setup_serving_process
+from seminar_ray.serving.stages import DEFAULT_RETRIEVAL
 
 
 class AppArgs(BaseModel):
@@ -36,7 +37,7 @@ class AppArgs(BaseModel):
     index: str = Field(description="serving index directory from jobs/build_index.py")
     data: str = Field(description="dataset directory the model was trained on (catalogue, base histories)")
     store: str = Field(description="history log directory (events.log); one writer, every retriever reads it")
-    retrieval: Literal["exact", "pq", "sketch"] = Field("exact", description="top-K ranker over the index (stages.py)")
+    retrieval: Literal["exact", "pq", "sketch"] = Field(DEFAULT_RETRIEVAL, description="top-K ranker (stages.py)")
     rerank_factor: int = Field(8, ge=1, description="shortlist size / K for retrieval 'pq'")
     limits: Limits = Field(default_factory=Limits)
 

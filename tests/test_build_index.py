@@ -7,7 +7,8 @@ import torch
 
 from seminar_ray.data.entities import EntityTables
 from seminar_ray.models import ModelConfig, build_model, export_gsu_tables, save_checkpoint
-from seminar_ray.retrieval.encode import fit_n_sub, index_checkpoint, part_vectors
+from jobs.build_index import index_checkpoint
+from seminar_ray.retrieval.encode import fit_n_sub, part_vectors
 from seminar_ray.retrieval.index import PQIndex
 from seminar_ray.retrieval.retrievers import ExactRetriever, SketchRerankRetriever
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from seminar_ray.train.checkpoints import run_checkpoints
+from seminar_ray.runs import run_checkpoints
 
 pytestmark = [pytest.mark.multinode, pytest.mark.timeout(1200)]
 

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from seminar_ray.baselines import evaluate_rule
+from seminar_ray.rule_rankers import evaluate_rule
 from seminar_ray.models import DIN, MODELS, ModelConfig
-from seminar_ray.train.checkpoints import HISTORY_FILE, resolve_checkpoint, run_checkpoints
+from seminar_ray.runs import HISTORY_FILE, resolve_checkpoint, run_checkpoints
 from seminar_ray.train.evaluation import evaluate_checkpoint
 from seminar_ray.train.job import TrainJob, run_training
 

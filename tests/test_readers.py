@@ -247,7 +247,7 @@ def test_query_modes_derived_none_and_a_mode_the_source_cannot_give():
 
 
 def test_querymatch_pop_ranks_candidates_of_the_targets_derived_query_first():
-    from seminar_ray.baselines import item_queries, rule_scores
+    from seminar_ray.rule_rankers import item_queries, rule_scores
     from seminar_ray.data.splits import SequenceBatch
 
     # two users; items 1, 2 carry query 7, item 3 query 9; the last two behaviours of each user are held out

@@ -8,9 +8,9 @@ import pytest
 
 from seminar_ray.retrieval.index import CHANNEL_PARTS, PQIndex, UnknownIdError, build_index
 from seminar_ray.retrieval.quantizer import DimensionMismatchError, PQCodec, capped_centroids
-from seminar_ray.retrieval.baselines import (CascadingHNSWRetriever, ChannelADCRetriever, LSHRetriever, RQRetriever,
+from seminar_ray.retrieval.reference import (CascadingHNSWRetriever, ChannelADCRetriever, LSHRetriever, RQRetriever,
                                              SymmetricPQRetriever)
-from seminar_ray.retrieval.retrievers import ADCRetriever, ExactRetriever, ServingRetriever, SketchRerankRetriever
+from seminar_ray.retrieval.retrievers import ADCRetriever, ExactRetriever, PQRerankRetriever, SketchRerankRetriever
 from seminar_ray.retrieval.sketch import KeySketch
 from seminar_ray.retrieval.tables import GSUTables
 
@@ -105,12 +105,12 @@ def test_adc_folded_scores_equal_decoded_inner_products(tables, index):
 def test_shortlist_of_whole_history_is_exact(n_items, n_centroids):
     tables = make_tables(n_items, n_items)
     index = build_index(tables, "v", forms=("folded",), n_sub=4, n_centroids=n_centroids)
-    assert ServingRetriever(index).pair is None if n_centroids == 64 else ServingRetriever(index).pair is not None
+    assert PQRerankRetriever(index).pair is None if n_centroids == 64 else PQRerankRetriever(index).pair is not None
     hq, hi = history(tables, 300)
     hi[:20] = 0  # left padding is never returned
     u, _ = targets(tables)
     K = 32
-    serving = ServingRetriever(index, rerank_factor=300 // K + 1)
+    serving = PQRerankRetriever(index, rerank_factor=300 // K + 1)
     got = serving.topk(hq, hi, u, K)
     want = ExactRetriever.from_tables(tables).topk(hq, hi, u, K)
     assert not np.isin(np.arange(20), got).any()
@@ -123,7 +123,7 @@ def test_serving_and_baselines_run_and_pad(tables, index):
     hi[:30] = 0  # 10 valid behaviours, K = 16 → 6 columns of -1
     u, tc = targets(tables)
     retrievers = [ExactRetriever.from_tables(tables), ADCRetriever(index), ChannelADCRetriever(index),
-                  SymmetricPQRetriever(index), ServingRetriever(index, 2), SketchRerankRetriever(index),
+                  SymmetricPQRetriever(index), PQRerankRetriever(index, 2), SketchRerankRetriever(index),
                   CascadingHNSWRetriever(tables),
                   LSHRetriever(tables, n_bits=64), RQRetriever(tables, n_levels=2, nbits=4)]
     for r in retrievers:
@@ -135,7 +135,7 @@ def test_serving_and_baselines_run_and_pad(tables, index):
 def test_every_retriever_answers_an_empty_history_with_an_empty_topk(tables, index):
     u, _ = targets(tables)
     empty = np.zeros(0, np.int64)
-    for r in (ExactRetriever.from_tables(tables), ServingRetriever(index), ChannelADCRetriever(index),
+    for r in (ExactRetriever.from_tables(tables), PQRerankRetriever(index), ChannelADCRetriever(index),
               SketchRerankRetriever(index)):
         assert r.topk(empty, empty, u, 32).shape == (len(u), 0)
 
@@ -147,7 +147,7 @@ def test_saved_index_memory_mapped_back_retrieves_the_same(tmp_path, tables, ind
     loaded = PQIndex.load(path, mmap=True)
     assert loaded.version == "test-v1" and isinstance(loaded.codes["item_folded"], np.memmap)
     assert loaded.sketch is not None and isinstance(loaded.sketch.item_codes, np.memmap)
-    for make in (lambda i: ServingRetriever(i, 4), lambda i: ChannelADCRetriever(i), SymmetricPQRetriever,
+    for make in (lambda i: PQRerankRetriever(i, 4), lambda i: ChannelADCRetriever(i), SymmetricPQRetriever,
                  SketchRerankRetriever):
         assert np.array_equal(make(index).topk(hq, hi, u, 32, tc), make(loaded).topk(hq, hi, u, 32, tc))
     index.save(path)  # overwrite in place is atomic and leaves no temp dirs
@@ -156,7 +156,7 @@ def test_saved_index_memory_mapped_back_retrieves_the_same(tmp_path, tables, ind
 
 def test_wrong_dimension_and_unknown_ids_raise_named_errors(tables, index):
     hq, hi = history(tables, 50)
-    serving = ServingRetriever(index)
+    serving = PQRerankRetriever(index)
     with pytest.raises(DimensionMismatchError, match=r"\[C, 16\]"):
         serving.topk(hq, hi, np.zeros((3, D + 1), np.float32), 8)
     bad = hi.copy()

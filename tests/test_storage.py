@@ -103,7 +103,7 @@ def test_replace_dir_failing_at_the_final_rename_puts_the_old_directory_back(tmp
 
 
 def test_a_storage_path_holding_one_run_resolves_to_its_checkpoint_and_several_runs_are_named(tmp_path):
-    from seminar_ray.train.checkpoints import find_checkpoint
+    from seminar_ray.runs import find_checkpoint
 
     runs = tmp_path / "runs"
     _tree(runs / "psu" / "checkpoint_1", {"model.pt": "w", "metrics.json": json.dumps({"epoch": 1, "select": 1.0})})
@@ -114,7 +114,7 @@ def test_a_storage_path_holding_one_run_resolves_to_its_checkpoint_and_several_r
 
 
 def test_checkpoints_resolve_from_a_uri_run_directory(tmp_path, cache):
-    from seminar_ray.train.checkpoints import find_checkpoint, resolve_checkpoint, run_checkpoints
+    from seminar_ray.runs import find_checkpoint, resolve_checkpoint, run_checkpoints
 
     run = tmp_path / "runs" / "r"
     for epoch, ndcg in ((1, 0.2), (2, 0.5), (3, 0.4)):

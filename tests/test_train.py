@@ -12,7 +12,7 @@ import pytest
 
 from seminar_ray.data.errors import DataError
 from seminar_ray.models import ModelConfig
-from seminar_ray.train.checkpoints import resolve_checkpoint, run_checkpoints
+from seminar_ray.runs import resolve_checkpoint, run_checkpoints
 from seminar_ray.train.job import TrainJob, check_placement, run_training
 
 CFG = ModelConfig.preset("small", max_len=32, K=8, qin_k1=16, qin_k2=8, din_recent=8, batch=32)

@@ -1,6 +1,6 @@
 """Autoscaling on cluster.yaml's node types (Ray's fake_multinode provider: real autoscaler, real raylets on this machine).
 
-    python bench/autoscale.py --quick            # -> bench/out/autoscale.json
+    python -m bench.autoscale --quick            # -> bench/out/autoscale.json
 
 Measures, starting each time from a head with no worker:
   scale_up_s    from a demand (a task that asks for gpu_trainer) to that task running on the new node: the node's
@@ -26,9 +26,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from seminar_ray.autoscaling import LocalAutoscalingCluster, NodeWatcher, local_node_types  # noqa: E402
+from seminar_ray.testing.fake_cluster import LocalAutoscalingCluster, NodeWatcher, local_node_types
 
 RAY_DEFAULTS = {"idle_timeout_minutes": 5.0, "upscaling_speed": 1.0}  # ray/autoscaler/aws/defaults.yaml (2.60)
 IDLE_MINUTES = 0.1

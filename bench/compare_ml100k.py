@@ -1,7 +1,7 @@
 """MovieLens-100K end to end: SEMINAR, its no-pretraining ablation, DIN, SIM, TWIN and the rules, under
 --queries none (pure sequential recommendation) and --queries derived (each item's query from its leaf genre).
 
-    python bench/compare_ml100k.py [--quick] [--seeds 2] [--work runs/ml100k]
+    python -m bench.compare_ml100k [--quick] [--seeds 2] [--work runs/ml100k]
 
 The data is the RecBole atomic copy of MovieLens-100K that the `recbole` wheel on PyPI ships under
 recbole/dataset_example/ml-100k: the wheel is downloaded with pip into WORK (nothing of it is committed), then

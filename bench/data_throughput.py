@@ -5,7 +5,7 @@ with their negatives and build the [B, L] tensors of the batch contract. The rat
 steady state (after the first batch) and end to end (including Ray Data's start-up, the time to the
 first batch, which a long epoch amortises).
 
-    python bench/data_throughput.py --out bench/out/data.json [--users 400] [--L 2000]
+    python -m bench.data_throughput --out bench/out/data.json [--users 400] [--L 2000]
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
-
 
 from seminar_ray.data.pipeline import TrainCollate, read_sequences, sample_config, train_batches
 from seminar_ray.data.schema import table_path

@@ -1,6 +1,6 @@
 """open_clip feature throughput on the Ray Data actor pool: 1 vs 2 actors, text and image separately.
 
-    python bench/features.py --out bench/out/features.json [--items 48] [--batch-size 4]
+    python -m bench.features --out bench/out/features.json [--items 48] [--batch-size 4]
 
 Headline keys (text|image)_items_per_s_(1|2) are wall-clock rates: all items divided by the time from asking
 the pool for its first batch to receiving the last, actor start-up (importing torch, building the model)
@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 from PIL import Image
-
 
 from seminar_ray.data.features import ClipEncoder, FeatureConfig, encoder_dataset
 from seminar_ray.runtime import init_ray

@@ -1,6 +1,6 @@
 """Property-based fuzz of the running app's /v1/score and /v1/events (hypothesis strategies over the request models).
 
-    python bench/fuzz.py --out bench/out/fuzz.json [--requests 10000] [--ingress proxy]
+    python -m bench.fuzz --out bench/out/fuzz.json [--requests 10000] [--ingress proxy]
 
 Starts the app on 127.0.0.1 (a local Ray, small synthetic artefacts), sends generated requests, valid and
 malformed, a few at a time, and checks every answer:
@@ -27,16 +27,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
-from seminar_ray.serving import Catalog, EventsRequest, Limits, ScoreRequest  # noqa: E402
-from seminar_ray.serving.api import INT64_MAX, INT64_MIN  # noqa: E402
-from seminar_ray.serving.history import LOG_FILE  # noqa: E402
+from seminar_ray.serving import Catalog, EventsRequest, Limits, ScoreRequest
+from seminar_ray.serving.api import INT64_MAX, INT64_MIN
+from seminar_ray.serving.history import LOG_FILE
 
 
 @dataclass(frozen=True)
@@ -77,7 +76,7 @@ class Space:
                                      | st.just(INT64_MAX))
 
     @classmethod
-    def load(cls, data: str | Path, limits: Limits) -> "Space":
+    def load(cls, data: str | Path, limits: Limits) -> Space:
         catalog = Catalog.load(data, limits)
         texts = sorted(t for t in catalog.query_text if len(t) <= limits.max_query_chars)[:50]
         return cls(catalog, texts)
@@ -287,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     from ray import serve
-
     from seminar_ray.serving.artefacts import build_artefacts
+
     from serve_app.deploy import direct_urls, start
 
     t0 = time.time()

@@ -4,7 +4,7 @@ of one PSU step and one CTR step against this machine's GEMM FLOP/s and memory b
 process; and the chunked alignment loss's memory for N_ch = 1, 2, 4, 8 (paper §3.3.1: O(L²/N_ch)).
 
 Each measurement runs in its own subprocess so that its peak RSS is its own. The load average is recorded.
-    .venv/bin/python bench/model_speed.py --out bench/out/model.json [--quick]
+    .venv/bin/python -m bench.model_speed --out bench/out/model.json [--quick]
 """
 from __future__ import annotations
 
@@ -23,14 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
+from bench.psu_reference import ReferencePSU
 from seminar_ray.data.entities import EntityTables
 from seminar_ray.data.schema import DatasetMeta
 from seminar_ray.models import ModelConfig, build_model
 from seminar_ray.models.psu import alignment_loss
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # run by path: the reference sits beside this file
-from psu_reference import ReferencePSU  # noqa: E402
 
 N_ITEMS, N_QUERIES, N_ATTRS, N_TOKENS = 20_000, 5_000, 500, 2_000
 

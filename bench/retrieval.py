@@ -25,10 +25,14 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 from seminar_ray.retrieval.index import build_index  # noqa: E402
-from seminar_ray.retrieval.reference import (CascadingHNSWRetriever, ChannelADCRetriever,  # noqa: E402
-                                             LSHRetriever, RQRetriever, SymmetricPQRetriever)
-from seminar_ray.retrieval.retrievers import (ADCRetriever, ExactRetriever, PQRerankRetriever,  # noqa: E402
-                                              SketchRerankRetriever)
+from seminar_ray.retrieval.reference import (  # noqa: E402
+    CascadingHNSWRetriever,
+    ChannelADCRetriever,
+    LSHRetriever,
+    RQRetriever,
+    SymmetricPQRetriever,
+)
+from seminar_ray.retrieval.retrievers import ADCRetriever, ExactRetriever, PQRerankRetriever, SketchRerankRetriever  # noqa: E402
 from seminar_ray.retrieval.tables import GSUTables  # noqa: E402
 
 D, KS, C = 64, (32, 64, 128, 256), 64

@@ -1,7 +1,7 @@
 """The app's per-request work in one process, hot and with another process taking its core between stages: how much
 dearer the same work gets on a shared core (serve_app/README.md, "Where the time goes at c = 1").
 
-    python bench/serve_cold_work.py --out bench/out/serve_cold_work.json [--quick]
+    python -m bench.serve_cold_work --out bench/out/serve_cold_work.json [--quick]
 
 Same artefacts and requests as bench/serve_load.py (L = 2,000, 100 candidates, exact retrieval), the stages called
 as serve_app/app.py calls them. The process is pinned to one core. Before the retrieval and before the scoring of
@@ -19,19 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before numpy loads OpenBLAS: one BLAS thread, as in the replicas
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.serve_load import InProcessWork, Requests, build_default_artefacts  # noqa: E402
-from seminar_ray.serving import ScoreJob  # noqa: E402
+from bench.serve_load import InProcessWork, Requests, build_default_artefacts
+from seminar_ray.serving import ScoreJob
 
 MODES = ("hot", "idle", "switch", "serve_like")
 

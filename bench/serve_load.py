@@ -1,6 +1,6 @@
 """HTTP load test of the Ray Serve scoring app against its zero-work floor, measured in the same run (docs/design.md, Serving).
 
-    python bench/serve_load.py --out bench/out/serve.json [--quick] [--checkpoint C --index I --data D]
+    python -m bench.serve_load --out bench/out/serve.json [--quick] [--checkpoint C --index I --data D]
 
 Self-contained: without --checkpoint/--index/--data it builds synthetic data with L = 2,000 histories, an untrained
 small SEMINAR and its folded PQ index. Every request: a user with a 2,000-long history, 100 candidates.
@@ -35,13 +35,11 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.serve_variants import floor_app, split_app  # noqa: E402
-from serve_app.app import compose  # noqa: E402
-from serve_app.deploy import INGRESS_MODES, direct_urls, set_ingress_env  # noqa: E402
+from bench.serve_variants import floor_app, split_app
+from serve_app.app import compose
+from serve_app.deploy import INGRESS_MODES, direct_urls, set_ingress_env
 
 APP, FLOOR_APP = "bench", "floor"
 L, CANDIDATES = 2000, 100
@@ -397,7 +395,7 @@ class Plan:
     bursts: int = 4  # alternating floor/real bursts per concurrency
 
     @classmethod
-    def make(cls, quick: bool, replicas: str | None) -> "Plan":
+    def make(cls, quick: bool, replicas: str | None) -> Plan:
         fixed = DEFAULT_REPLICAS
         if replicas:
             fixed = {m: tuple(int(x) for x in replicas.split(",")) for m in INGRESS_MODES}

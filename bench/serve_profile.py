@@ -1,6 +1,6 @@
 """Where the app's time goes at concurrency 1: py-spy on the replicas of the app and of its zero-work floor.
 
-    python bench/serve_profile.py --out bench/out/serve_profile.json [--ingress direct] [--seconds 20]
+    python -m bench.serve_profile --out bench/out/serve_profile.json [--ingress direct] [--seconds 20]
 
 Same artefacts and requests as bench/serve_load.py (L = 2,000, 100 candidates), 1 Retriever + 1 Scorer each, on a
 local Ray on 127.0.0.1. For each side (floor, then app), a closed loop at c = 1 runs for --seconds while py-spy
@@ -24,15 +24,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from bench.serve_load import (APP, FLOOR_APP, L, Requests, build_default_artefacts, closed_loop, deploy,  # noqa: E402
-                              in_process, warm)
-from bench.serve_variants import floor_app  # noqa: E402
-from serve_app.app import compose  # noqa: E402
-from serve_app.deploy import direct_urls, set_ingress_env  # noqa: E402
+from bench.serve_load import APP, FLOOR_APP, L, Requests, build_default_artefacts, closed_loop, deploy, in_process, warm
+from bench.serve_variants import floor_app
+from serve_app.app import compose
+from serve_app.deploy import direct_urls, set_ingress_env
 
 RATE_HZ = 250
 IDLE_S = 5.0

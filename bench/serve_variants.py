@@ -18,8 +18,16 @@ from fastapi import FastAPI
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from seminar_ray.serving import (Catalog, Limits, LogHistoryStore, RetrievalStage, ScoreJob, ScoreRequest,
-                                 ScoreResponse, ScoringStage)
+from seminar_ray.serving import (
+    Catalog,
+    Limits,
+    LogHistoryStore,
+    RetrievalStage,
+    ScoreJob,
+    ScoreRequest,
+    ScoreResponse,
+    ScoringStage,
+)
 from seminar_ray.serving.api import http_errors
 from seminar_ray.serving.process import setup_serving_process
 from serve_app.app import QUIET, AppArgs, load_model, retry_once, strict_json_errors

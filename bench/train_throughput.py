@@ -13,7 +13,7 @@ Figures: samples/s = samples / training seconds over all epochs (validation and 
 batch's wait included), `data_wait_share` = time waiting for batches / training time, `epoch2_first_batch_s` =
 epoch 2's wait for its first batch. The ratios are the figures; the load average is recorded beside them.
 
-    python bench/train_throughput.py [--quick] [--out bench/out/train.json]
+    python -m bench.train_throughput [--quick] [--out bench/out/train.json]
 """
 
 from __future__ import annotations

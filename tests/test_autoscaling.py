@@ -1,4 +1,4 @@
-"""cluster.yaml's node types on Ray's real autoscaler with the fake_multinode provider (seminar_ray/autoscaling.py),
+"""cluster.yaml's node types on Ray's real autoscaler with the fake_multinode provider (seminar_ray/testing/fake_cluster.py),
 in the multi-node pytest process. The cluster starts with a head and no worker; every worker node below is launched
 by the autoscaler for a pending demand and terminated by it after the idle timeout. Each test records what the
 autoscaler did (node types and times, `autoscaler` in the junit properties and on stdout) and asserts on it.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from seminar_ray.autoscaling import LocalAutoscalingCluster, NodeWatcher, local_node_types
+from seminar_ray.testing.fake_cluster import LocalAutoscalingCluster, NodeWatcher, local_node_types
 
 pytestmark = [pytest.mark.multinode, pytest.mark.timeout(600)]
 
@@ -183,7 +183,7 @@ def test_serve_load_past_the_head_brings_cpu_workers_and_gives_them_back(cluster
     replica and the nodes are terminated. Every request of both phases succeeds."""
     from ray import serve
 
-    from seminar_ray.serving.artefacts import build_artefacts
+    from seminar_ray.testing.artefacts import build_artefacts
     from serve_app.app import compose
 
     art = build_artefacts(tmp_path, num_users=8, min_len=10, max_len=30, model_max_len=32)

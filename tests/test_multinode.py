@@ -104,7 +104,7 @@ def test_serve_replicas_spread_over_cpu_worker_nodes(cluster, tmp_path):
     from ray.serve.schema import ServeDeploySchema
 
     from seminar_ray.serving import ScoreRequest
-    from seminar_ray.serving.artefacts import build_artefacts
+    from seminar_ray.testing.artefacts import build_artefacts
 
     artefacts = build_artefacts(tmp_path, num_users=8, min_len=10, max_len=30, model_max_len=32)
     config = ServeDeploySchema.model_validate(_serve_config(replicas=2, artefacts=artefacts))

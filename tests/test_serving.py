@@ -18,7 +18,7 @@ from seminar_ray.models import load_checkpoint
 from seminar_ray.retrieval.index import PQIndex
 from seminar_ray.serving import (Catalog, EventsRequest, Limits, LogHistoryStore, RequestError, RetrievalStage,
                                  ScoreJob, ScoreRequest, ScoringStage, compact_history)
-from seminar_ray.serving.artefacts import build_artefacts
+from seminar_ray.testing.artefacts import build_artefacts
 from seminar_ray.serving.history import LOG_FILE
 
 torch.set_num_threads(1)

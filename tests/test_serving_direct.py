@@ -12,7 +12,7 @@ import pytest
 import ray
 from ray import serve
 
-from seminar_ray.serving.artefacts import build_artefacts
+from seminar_ray.testing.artefacts import build_artefacts
 from serve_app.deploy import DIRECT_ENV, direct_urls, set_ingress_env, start
 
 pytestmark = [pytest.mark.ownray, pytest.mark.timeout(600)]

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from ray import serve
 
-from seminar_ray.serving.artefacts import build_artefacts
+from seminar_ray.testing.artefacts import build_artefacts
 from seminar_ray.serving import Limits, ScoreRequest
 from seminar_ray.serving.history import LogHistoryStore
 from serve_app.app import compose

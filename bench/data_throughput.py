@@ -28,7 +28,9 @@ from seminar_ray.runtime import init_ray
 def consume(batches) -> dict:
     """Touch every tensor like a training step's input would; time to the first batch and in all."""
     t0 = time.perf_counter()
-    users, samples, first, first_users = set(), 0, None, 0
+    users: set[int] = set()
+    first: float | None = None
+    samples, first_users = 0, 0
     for batch in batches:
         samples += int(batch["hist_items"].shape[0])
         users.update(batch["user_id"].tolist())
@@ -37,7 +39,7 @@ def consume(batches) -> dict:
             first, first_users = time.perf_counter() - t0, len(users)
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "first_batch_s": first, "users": len(users), "samples": samples,
-            "seq_per_s": len(users) / seconds, "steady_seq_per_s": (len(users) - first_users) / max(seconds - first, 1e-9)}
+            "seq_per_s": len(users) / seconds, "steady_seq_per_s": (len(users) - first_users) / max(seconds - (first or 0.0), 1e-9)}
 
 
 def bench_ray(data: Path, cfg, users_per_batch: int, epoch: int) -> dict:
@@ -64,7 +66,7 @@ def main() -> None:
         cfg = sample_config(data, max_len=args.L, num_neg=4, samples_per_user=8)
         users_per_batch = 32
         bench_ray(data, cfg, users_per_batch, epoch=99)  # warm-up: worker processes, imports
-        runs = {"ray": [], "pyarrow": []}
+        runs: dict[str, list[dict]] = {"ray": [], "pyarrow": []}
         for rep in range(args.repeats):  # interleaved, so both see the same machine load
             runs["ray"].append(bench_ray(data, cfg, users_per_batch, rep))
             runs["pyarrow"].append(bench_pyarrow(data, cfg, users_per_batch, rep))

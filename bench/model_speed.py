@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,7 +68,7 @@ def synthetic_batch(b: int, length: int, c: int, seed: int) -> dict[str, torch.T
             "target_queries": torch.randint(0, N_QUERIES + 1, (b, c), generator=g), "labels": labels}
 
 
-def step_fn(model: torch.nn.Module) -> Callable[[dict], dict]:
+def step_fn(model: Any) -> Callable[[dict], dict]:
     """One training step of `model` (Adam at its config's lr) on a batch; returns the loss parts."""
     opt = torch.optim.Adam(model.parameters(), lr=model.cfg.lr)
 

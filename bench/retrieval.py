@@ -17,6 +17,7 @@ import json  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any, cast  # noqa: E402
 
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
@@ -24,7 +25,8 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-from seminar_ray.retrieval.index import build_index  # noqa: E402
+from seminar_ray.models import SeminarCTR  # noqa: E402
+from seminar_ray.retrieval.index import PQIndex, build_index  # noqa: E402
 from seminar_ray.retrieval.reference import (  # noqa: E402
     CascadingHNSWRetriever,
     ChannelADCRetriever,
@@ -49,7 +51,7 @@ GROUPS = {
     "same_norm_diff_gamma": ((1.0, 1.0, 1.0, 1.0), (0.1, 0.2, 0.3, 0.4)),
 }
 ADC_SERVING = {"folded_n_sub": 32, "folded_n_centroids": 16, "rerank_factor": 8}  # 16 B per entity, 4-bit fast-scan
-SERVING = {"sketch_dim": 32, "z": 3.0}  # int8 key sketch (32 B per entity), adaptive 3σ margin, fixed a priori
+SERVING: dict[str, Any] = {"sketch_dim": 32, "z": 3.0}  # int8 key sketch (32 B per entity), adaptive 3σ margin, fixed a priori
 
 
 def channel_tables(rng, n_queries: int, n_items: int, mu, gamma, gate_noise: float = 0.0) -> GSUTables:
@@ -193,7 +195,7 @@ def paper_scenario(Ls, out, paired, n_centroids: int, rq_train: int, seed=0):
     """Figure 2's three groups; the two same-norm groups share their channel vectors, so their per-channel codecs
     are trained once (γ only weights the look-ups). Paper PQ: 8 sub-vectors × n_centroids (paper: 512)."""
     n = 39 * 512 + 32  # ≥ 10,000 distinct behaviours, and enough vectors for 512 centroids without the cap
-    channel_index = {}
+    channel_index: dict[tuple, PQIndex] = {}
     for group, (mu, gamma) in GROUPS.items():
         rng = np.random.default_rng(seed)
         tables = channel_tables(rng, n, n, mu, gamma)
@@ -299,7 +301,7 @@ def checkpoint_scenario(checkpoint: str, data: str, Ls, n_users: int, out, paire
     entities = EntityTables.load(data)
     model, _, _ = load_checkpoint(checkpoint, entities)
     model.eval()
-    gsu = export_gsu_tables(model)
+    gsu = export_gsu_tables(cast(SeminarCTR, model))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # small catalogues cap |C| (the warning says by how much)
         index = build_index(gsu, "checkpoint", n_sub=min(8, gsu.dim), n_centroids=256, sketch_dim=SERVING["sketch_dim"],
@@ -318,7 +320,7 @@ def checkpoint_scenario(checkpoint: str, data: str, Ls, n_users: int, out, paire
             hi, hq = items[:-1][-L:], queries[:-1][-L:]
             cand = np.concatenate([items[-1:], rng.integers(1, entities.meta.num_items + 1, C - 1)])
             with torch.no_grad():
-                u = model.gsu_target_vectors(
+                u = cast(SeminarCTR, model).gsu_target_vectors(
                     target_queries=torch.full((C,), int(queries[-1])), target_items=torch.from_numpy(cand)).numpy()
             users.append((hq, hi, np.ascontiguousarray(u, dtype=np.float32), None))
         lengths = [len(h[1]) for h in users]

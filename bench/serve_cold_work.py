@@ -22,6 +22,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before numpy loads OpenBLAS: one BLAS thread, as in the replicas
 
@@ -36,7 +37,7 @@ MODES = ("hot", "idle", "switch", "serve_like")
 def partner(mode: str, gap_s: float, go: int, done: int) -> None:
     """The other process on the core: on each byte from `go`, occupy the core (or not) for gap_s, then answer."""
     sweep = np.zeros(8 << 20, np.uint8)
-    objs = [{"id": i, "name": str(i), "tags": [i, i + 1]} for i in range(50_000)]
+    objs: list[dict[str, Any]] = [{"id": i, "name": str(i), "tags": [i, i + 1]} for i in range(50_000)]
     while os.read(go, 1) == b"g":
         end = time.perf_counter() + gap_s
         if mode == "idle":
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     work = InProcessWork(art, "exact")
     reqs = Requests(users, meta.num_queries, meta.num_items)
     measure(work, reqs, "hot", 30, 0.0)  # warm-up
-    cpu = {m: {"retrieve": [], "score": []} for m in MODES}
+    cpu: dict[str, dict[str, list[float]]] = {m: {"retrieve": [], "score": []} for m in MODES}
     for r in range(rounds):
         for mode in MODES:
             for stage, values in measure(work, reqs, mode, n, args.gap_ms / 1e3).items():

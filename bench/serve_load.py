@@ -29,6 +29,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # Before numpy loads OpenBLAS: the in-process reference computes with one BLAS thread, as the replicas do (Ray sets
 # OMP_NUM_THREADS=1 in its workers); a second thread had made the reference's GEMM cheaper than the replicas' one.
@@ -155,7 +156,8 @@ class ReplicaRecorder:
     """Polls serve.status() once a second: RUNNING and STARTING replicas per deployment, with a phase label."""
 
     def __init__(self, period_s: float = 1.0):
-        self.samples, self.phase, self.period = [], "start", period_s
+        self.samples: list[dict] = []
+        self.phase, self.period = "start", period_s
         self.t0 = time.time()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -187,9 +189,9 @@ def replica_counts(app_name: str = APP) -> dict:
     from ray import serve
 
     app = serve.status().applications.get(app_name)
-    out = {}
+    out: dict[str, int] = {}
     for name, d in (app.deployments.items() if app is not None else ()):
-        states = d.replica_states
+        states: dict[Any, int] = d.replica_states
         out[name] = states.get("RUNNING", 0)
         out[f"{name}_starting"] = states.get("STARTING", 0) + states.get("PENDING_ALLOCATION", 0)
         out[f"{name}_stopping"] = states.get("STOPPING", 0)
@@ -246,7 +248,9 @@ class InProcessWork:
 def in_process(art, reqs: Requests, n: int, method: str) -> dict:
     """The same retrieval + scoring called directly in this process, one request at a time (no HTTP, no Serve)."""
     work = InProcessWork(art, method)
-    lat, cpu, stage_s = [], [], {"retrieve": [], "score": []}
+    lat: list[float] = []
+    cpu: list[float] = []
+    stage_s: dict[str, list[float]] = {"retrieve": [], "score": []}
     load_start = os.getloadavg()
     for i in range(n + 5):
         t0, c0 = time.perf_counter(), time.thread_time()
@@ -398,7 +402,8 @@ class Plan:
     def make(cls, quick: bool, replicas: str | None) -> Plan:
         fixed = DEFAULT_REPLICAS
         if replicas:
-            fixed = {m: tuple(int(x) for x in replicas.split(",")) for m in INGRESS_MODES}
+            r, s = (int(x) for x in replicas.split(","))
+            fixed = {m: (r, s) for m in INGRESS_MODES}
         return cls(quick, [1, 8] if quick else [1, 2, 4, 8, 16], 8, fixed, 6 if quick else 20)
 
     def limits(self, concurrency: int) -> dict:
@@ -441,9 +446,10 @@ def run_mode(mode: str, port: int, base: dict, reqs: Requests, plan: Plan, first
         rec.phase = f"{mode}/{label}:warmup"
         for side in urls.values():
             warm(side, reqs, 30)
-        out = {k: {"deploy_wait_s": waits[k], "urls": urls[k], "closed": []} for k in urls}
+        out: dict[str, dict[str, Any]] = {k: {"deploy_wait_s": waits[k], "urls": urls[k], "closed": []} for k in urls}
         for c in levels:
-            lim, parts = plan.limits(c), {"floor": [], "real": []}
+            lim = plan.limits(c)
+            parts: dict[str, list[dict]] = {"floor": [], "real": []}
             for _ in range(plan.bursts):
                 for k in parts:
                     rec.phase = f"{mode}/{label}:{k}_c{c}"
@@ -550,7 +556,7 @@ def skewed_runs(urls: list[str], reqs: Requests, base: dict, rec: ReplicaRecorde
         out[name] = {**run, "extra": extra, "deploy_wait_s": waited, "max_running": max_running,
                      "max_running_plus_starting": max_target, "mean_running_plus_starting": mean,
                      "s_to_first_upscale": first, "scaled": [d for d, n in max_target.items() if n > 1],
-                     "first_to_scale": min((d for d in pair if first[d] is not None), key=lambda d: first[d],
+                     "first_to_scale": min((d for d in pair if first[d] is not None), key=lambda d: first[d] or 0.0,
                                            default=None)}
     return out
 

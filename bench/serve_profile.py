@@ -23,6 +23,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -61,7 +62,7 @@ def replica_pids(app: str) -> dict[str, int]:
 
 def parse_raw(text: str) -> Counter:
     """py-spy --format raw: one collapsed stack per line, `frame;frame;... count`."""
-    stacks = Counter()
+    stacks: Counter[str] = Counter()
     for line in text.splitlines():
         stack, _, n = line.rpartition(" ")
         if stack and n.isdigit():
@@ -81,7 +82,8 @@ WAITING = {"Worker.main_loop (worker.py)", "Thread.run (threading.py)", "_worker
 
 def summarise(stacks: Counter, requests: int, top: int = 25) -> dict:
     ms = 1000.0 / RATE_HZ / max(requests, 1)  # one sample, in milliseconds per request
-    self_t, incl = Counter(), Counter()
+    self_t: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
     for stack, n in stacks.items():
         frames = [frame_name(f) for f in stack.split(";")]
         if frames[-1] in WAITING:
@@ -117,7 +119,7 @@ def profile_side(label: str, app: str, urls: list[str], reqs: Requests, seconds:
     cpu_used = {d: end[d][0] - start[d][0] - idle_rate[d] * busy_s for d in pids}
     faults = {d: end[d][1] - start[d][1] for d in pids}
     run.pop("_lat")
-    result = {"closed_c1": run, "processes": {}, "load_avg_start": load_start, "load_avg_end": os.getloadavg()}
+    result: dict[str, Any] = {"closed_c1": run, "processes": {}, "load_avg_start": load_start, "load_avg_end": os.getloadavg()}
     for deployment, (proc, path) in procs.items():
         _, err = proc.communicate(timeout=seconds + 30)
         if proc.returncode != 0 or not path.exists():

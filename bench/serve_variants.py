@@ -12,6 +12,7 @@ No `from __future__ import annotations` here: FastAPI must see the route paramet
 the pickled routes, or it reads them as query parameters.
 """
 import time
+from typing import Any
 
 import numpy as np
 from fastapi import FastAPI
@@ -33,7 +34,7 @@ from seminar_ray.serving.process import setup_serving_process
 from serve_app.app import QUIET, AppArgs, load_model, retry_once, strict_json_errors
 
 FLOOR_VERSION = "zero-work"
-CPU = {"ray_actor_options": {"num_cpus": 0.25}}
+CPU: dict[str, Any] = {"ray_actor_options": {"num_cpus": 0.25}}
 
 
 def busy_ms(ms: float) -> None:
@@ -77,8 +78,8 @@ class FloorRetriever:
 
 def floor_app(options: dict[str, dict] | None = None) -> serve.Application:
     options = options or {}
-    return FloorRetriever.options(**options.get("Retriever", {})).bind(
-        FloorScorer.options(**options.get("Scorer", {})).bind())
+    return FloorRetriever.options(**options.get("Retriever", {})).bind(  # type: ignore[attr-defined]
+        FloorScorer.options(**options.get("Scorer", {})).bind())  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------------------------------------------- split
@@ -135,6 +136,6 @@ def split_app(args: AppArgs | dict, retriever_extra_cpu_ms: float = 0.0, scorer_
               options: dict[str, dict] | None = None) -> serve.Application:
     args, options = AppArgs.model_validate(args), options or {}
     stage_args = args.model_dump(exclude={"limits"})
-    retriever = BusyRetriever.options(**options.get("Retriever", {})).bind(stage_args, retriever_extra_cpu_ms)
-    scorer = BusyScorer.options(**options.get("Scorer", {})).bind(stage_args, scorer_extra_cpu_ms)
-    return Ingress.options(**options.get("Ingress", {})).bind(retriever, scorer, args.data, args.limits.model_dump())
+    retriever = BusyRetriever.options(**options.get("Retriever", {})).bind(stage_args, retriever_extra_cpu_ms)  # type: ignore[attr-defined]
+    scorer = BusyScorer.options(**options.get("Scorer", {})).bind(stage_args, scorer_extra_cpu_ms)  # type: ignore[attr-defined]
+    return Ingress.options(**options.get("Ingress", {})).bind(retriever, scorer, args.data, args.limits.model_dump())  # type: ignore[attr-defined]

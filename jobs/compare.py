@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +105,7 @@ def aggregate(per_seed: dict[str, list[dict]]) -> dict[str, dict[str, tuple[floa
     }
 
 
-def markdown(agg: dict, names: list[str], title: str) -> str:
+def markdown(agg: dict, names: Sequence[str], title: str) -> str:
     head = f"### {title}\n\n| method | " + " | ".join(TABLE_KEYS) + " |\n|---|" + "---|" * len(TABLE_KEYS) + "\n"
     rows = "".join(
         f"| {n} | " + " | ".join(f"{agg[n][k][0]:.4f} ± {agg[n][k][1]:.4f}" for k in TABLE_KEYS) + " |\n"

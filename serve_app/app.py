@@ -10,7 +10,7 @@ deployment, and Python callers (tests, bench) pass the same overrides to `compos
 import os
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -26,7 +26,7 @@ from seminar_ray.serving import (Catalog, EventsRequest, EventsResponse, HealthR
                                  load_serving_model)
 from seminar_ray.serving.api import http_errors, json_safe
 from seminar_ray.serving.process import setup_serving_process
-from seminar_ray.serving.stages import DEFAULT_RETRIEVAL
+from seminar_ray.serving.stages import DEFAULT_RETRIEVAL, RetrievalMethod
 
 
 class AppArgs(BaseModel):
@@ -37,7 +37,7 @@ class AppArgs(BaseModel):
     index: str = Field(description="serving index directory from jobs/build_index.py")
     data: str = Field(description="dataset directory the model was trained on (catalogue, base histories)")
     store: str = Field(description="history log directory (events.log); one writer, every retriever reads it")
-    retrieval: Literal["exact", "pq", "sketch"] = Field(DEFAULT_RETRIEVAL, description="top-K ranker (stages.py)")
+    retrieval: RetrievalMethod = Field(DEFAULT_RETRIEVAL, description="top-K ranker over the index (stages.py)")
     rerank_factor: int = Field(8, ge=1, description="shortlist size / K for retrieval 'pq'")
     limits: Limits = Field(default_factory=Limits)
 
@@ -46,7 +46,7 @@ QUIET = {"enable_access_log": False}  # a log line per request is real CPU on a 
 # Rolls (a new checkpoint or index) start each replacement before its old replica stops and give a draining
 # replica a minute: Serve's default stops first, which left the single Scorer replica gone while its successor
 # loaded, and cut requests held by a draining retriever (500s). The single HistoryWriter keeps stop-then-start.
-ROLL = {"max_surge_percent": 100, "graceful_shutdown_timeout_s": 60}
+ROLL: dict[str, Any] = {"max_surge_percent": 100, "graceful_shutdown_timeout_s": 60}
 
 
 def load_model(config: dict):
@@ -140,11 +140,12 @@ class Retriever:
     rerank_factor.
     """
 
+    history: LogHistoryStore  # set by the first reconfigure
+
     def __init__(self, scorer: DeploymentHandle, writer: DeploymentHandle, data: str, limits: dict):
         setup_serving_process()
         self.catalog = Catalog.load(data, Limits(**limits))
         self.scorer, self.writer = scorer, writer
-        self.history: LogHistoryStore | None = None
 
     def reconfigure(self, config: dict) -> None:
         from seminar_ray.retrieval.index import PQIndex
@@ -152,7 +153,7 @@ class Retriever:
         model, model_version = load_model(config)
         index = PQIndex.load(config["index"], mmap=True)
         stage = RetrievalStage(model, index, rerank_factor=config["rerank_factor"], method=config["retrieval"])
-        if self.history is None:
+        if not hasattr(self, "history"):  # one reader for the replica's life: a roll keeps its position
             self.history = LogHistoryStore(config["store"], config["data"])
         self.loaded = Loaded(stage, model_version, index.version)
 
@@ -167,7 +168,7 @@ class Retriever:
         job = loaded.stage.prepare(history, query_id, candidates, keep_full_topk=req.return_topk)
         wire = job.to_wire()
         scores, model_version = await retry_once(lambda: self.scorer.score.remote(wire))
-        topk = job.full_topk.tolist() if req.return_topk else None
+        topk = job.full_topk.tolist() if job.full_topk is not None else None
         return ScoreResponse(scores=scores, model_version=model_version, index_version=job.index_version,
                              query_id=query_id, history_len=job.history_len, note=note, topk=topk)
 
@@ -200,9 +201,9 @@ def compose(args: AppArgs | dict, options: dict[str, dict] | None = None) -> ser
     if unknown:
         raise ValueError(f"options for unknown deployments {sorted(unknown)}: Retriever, Scorer, HistoryWriter")
     models = {"checkpoint": args.checkpoint, "data": args.data}
-    scorer = Scorer.options(user_config=models, **options.get("Scorer", {})).bind()
-    writer = HistoryWriter.options(**options.get("HistoryWriter", {})).bind(args.store)
-    retriever = Retriever.options(user_config={**models, "index": args.index, "store": args.store,
+    scorer = Scorer.options(user_config=models, **options.get("Scorer", {})).bind()  # type: ignore[attr-defined]
+    writer = HistoryWriter.options(**options.get("HistoryWriter", {})).bind(args.store)  # type: ignore[attr-defined]
+    retriever = Retriever.options(user_config={**models, "index": args.index, "store": args.store,  # type: ignore[attr-defined]
                                                "retrieval": args.retrieval, "rerank_factor": args.rerank_factor},
                                   **options.get("Retriever", {}))
     return retriever.bind(scorer, writer, args.data, args.limits.model_dump())

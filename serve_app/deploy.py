@@ -35,7 +35,7 @@ def set_ingress_env(ingress: str) -> None:
         os.environ.update(DIRECT_ENV)
 
 
-def start(args: AppArgs | dict, host: str = "127.0.0.1", port: int = 8000, num_cpus: float = 4,
+def start(args: AppArgs | dict, host: str = "127.0.0.1", port: int = 8000, num_cpus: int = 4,
           name: str = APP_NAME, ingress: str = "proxy", options: dict[str, dict] | None = None
           ) -> serve.handle.DeploymentHandle:
     """Deploy or update the app (serve.run gives a new code version, so Serve rolls every replica with no failed
@@ -66,7 +66,7 @@ def direct_urls(app: str = APP_NAME, wait_s: float = 10.0) -> list[str]:
     controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
     # A target is listed with its node's address; replicas listen on http_options.host, which is the address to use
     # when it is loopback (the default here: nothing else can reach them).
-    bound = ray.get(controller.get_http_config.remote()).host
+    bound: str = ray.get(controller.get_http_config.remote()).host  # type: ignore[attr-defined]  # an actor call
     loopback = bound if bound == "localhost" or bound.startswith("127.") else None
     deadline = time.monotonic() + wait_s
     while True:

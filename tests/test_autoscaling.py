@@ -148,7 +148,7 @@ class Load:
 
     def __init__(self, handle, users: int):
         self.handle, self.users = handle.options(method_name="score"), users
-        self.served, self.errors = 0, []
+        self.served, self.errors = 0, list[str]()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
 

@@ -3,6 +3,7 @@ selection by one rule, and a training run that stops on a non-finite loss."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ def _job(data, tmp_path, seed: int, epochs: int, run_name: str, kind: str = "din
 
 
 def _history(run_dir) -> list[dict]:
-    return json.loads((run_checkpoints(run_dir)[-1][0] / HISTORY_FILE).read_text())
+    return json.loads((Path(run_checkpoints(run_dir)[-1][0]) / HISTORY_FILE).read_text())
 
 
 def test_models_of_other_seeds_rank_the_same_users_and_candidates(ray_local, tiny_data, tmp_path):

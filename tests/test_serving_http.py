@@ -107,7 +107,7 @@ class Load:
     """Closed-loop background load; records (answered at, status, model version or error, sent at) of every request."""
 
     def __init__(self, client_url: str, workers: int = 3):
-        self.url, self.results, self.stop = client_url, [], threading.Event()
+        self.url, self.results, self.stop = client_url, list[tuple](), threading.Event()
         self.threads = [threading.Thread(target=self._run, args=(w,)) for w in range(workers)]
 
     def _run(self, w: int) -> None:

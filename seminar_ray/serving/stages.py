@@ -10,6 +10,7 @@ to the scorer carries O(C·K) ids, not L. `ScoringStage.score_batch` pads severa
 from __future__ import annotations
 
 import hashlib
+from typing import Literal, get_args
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,8 +105,9 @@ def compact_history(hq: np.ndarray, hi: np.ndarray, topk: np.ndarray, recent: in
     return hq[keep].astype(np.int32), hi[keep].astype(np.int32), remapped
 
 
-RETRIEVAL_METHODS = ("exact", "pq", "sketch")
-DEFAULT_RETRIEVAL = "exact"  # what serving uses unless told otherwise (AppArgs, RetrievalStage; serve_app/README.md)
+RetrievalMethod = Literal["exact", "pq", "sketch"]
+RETRIEVAL_METHODS: tuple[str, ...] = get_args(RetrievalMethod)
+DEFAULT_RETRIEVAL: RetrievalMethod = "exact"  # what serving uses unless told otherwise (AppArgs, RetrievalStage; serve_app/README.md)
 
 
 def make_retriever(index: PQIndex, method: str, rerank_factor: int = 8) -> TopKRetriever:

@@ -10,9 +10,9 @@ to the scorer carries O(C·K) ids, not L. `ScoringStage.score_batch` pads severa
 from __future__ import annotations
 
 import hashlib
-from typing import Literal, get_args
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -107,7 +107,8 @@ def compact_history(hq: np.ndarray, hi: np.ndarray, topk: np.ndarray, recent: in
 
 RetrievalMethod = Literal["exact", "pq", "sketch"]
 RETRIEVAL_METHODS: tuple[str, ...] = get_args(RetrievalMethod)
-DEFAULT_RETRIEVAL: RetrievalMethod = "exact"  # what serving uses unless told otherwise (AppArgs, RetrievalStage; serve_app/README.md)
+# What serving uses unless told otherwise (AppArgs, RetrievalStage); serve_app/README.md says why.
+DEFAULT_RETRIEVAL: RetrievalMethod = "exact"
 
 
 def make_retriever(index: PQIndex, method: str, rerank_factor: int = 8) -> TopKRetriever:

@@ -7,6 +7,7 @@ first batch, which a long epoch amortises).
 
     python -m bench.data_throughput --out bench/out/data.json [--users 400] [--L 2000]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,14 @@ def consume(batches) -> dict:
         if first is None:
             first, first_users = time.perf_counter() - t0, len(users)
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "first_batch_s": first, "users": len(users), "samples": samples,
-            "seq_per_s": len(users) / seconds, "steady_seq_per_s": (len(users) - first_users) / max(seconds - (first or 0.0), 1e-9)}
+    return {
+        "seconds": seconds,
+        "first_batch_s": first,
+        "users": len(users),
+        "samples": samples,
+        "seq_per_s": len(users) / seconds,
+        "steady_seq_per_s": (len(users) - first_users) / max(seconds - (first or 0.0), 1e-9),
+    }
 
 
 def bench_ray(data: Path, cfg, users_per_batch: int, epoch: int) -> dict:
@@ -48,7 +55,9 @@ def bench_ray(data: Path, cfg, users_per_batch: int, epoch: int) -> dict:
 
 def bench_pyarrow(data: Path, cfg, users_per_batch: int, epoch: int) -> dict:
     collate = TrainCollate(cfg, epoch)
-    return consume(collate(b) for b in pq.ParquetFile(table_path(data, "sequences")).iter_batches(batch_size=users_per_batch))
+    return consume(
+        collate(b) for b in pq.ParquetFile(table_path(data, "sequences")).iter_batches(batch_size=users_per_batch)
+    )
 
 
 def main() -> None:
@@ -70,19 +79,26 @@ def main() -> None:
         for rep in range(args.repeats):  # interleaved, so both see the same machine load
             runs["ray"].append(bench_ray(data, cfg, users_per_batch, rep))
             runs["pyarrow"].append(bench_pyarrow(data, cfg, users_per_batch, rep))
+
     def best(key: str, stat: str) -> float:
         return max(r[stat] for r in runs[key])
 
     out = {
-        "L": args.L, "users": args.users, "samples_per_user": cfg.samples_per_user,
-        "ray_data_seq_per_s": best("ray", "steady_seq_per_s"), "pyarrow_seq_per_s": best("pyarrow", "steady_seq_per_s"),
+        "L": args.L,
+        "users": args.users,
+        "samples_per_user": cfg.samples_per_user,
+        "ray_data_seq_per_s": best("ray", "steady_seq_per_s"),
+        "pyarrow_seq_per_s": best("pyarrow", "steady_seq_per_s"),
         "ray_data_seq_per_s_end_to_end": best("ray", "seq_per_s"),
         "pyarrow_seq_per_s_end_to_end": best("pyarrow", "seq_per_s"),
         "ray_data_first_batch_s": min(r["first_batch_s"] for r in runs["ray"]),
-        "runs": runs, "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
+        "runs": runs,
+        "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
     }
     out["ratio_ray_over_pyarrow"] = out["ray_data_seq_per_s"] / out["pyarrow_seq_per_s"]
-    out["ratio_ray_over_pyarrow_end_to_end"] = out["ray_data_seq_per_s_end_to_end"] / out["pyarrow_seq_per_s_end_to_end"]
+    out["ratio_ray_over_pyarrow_end_to_end"] = (
+        out["ray_data_seq_per_s_end_to_end"] / out["pyarrow_seq_per_s_end_to_end"]
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
     print(json.dumps({k: v for k, v in out.items() if k not in ("runs",)}, indent=1))

@@ -14,6 +14,7 @@ to answer (at c = 1 a replica waits in the same way while the proxy, the other r
 The modes alternate in rounds, so a drift in this shared machine's speed hits all alike; the figures are each stage's
 median thread CPU and its ratio to hot. The load average is recorded beside them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -111,10 +112,18 @@ def main(argv: list[str] | None = None) -> int:
     for m in p50:
         p50[m]["total"] = float(np.median(np.add(cpu[m]["retrieve"], cpu[m]["score"]))) * 1e3
     result = {
-        "L": 2000, "candidates": 100, "retrieval": "exact", "gap_ms": args.gap_ms, "rounds": rounds,
-        "requests_per_round": n, "core": core, "cpu_p50_ms": p50,
+        "L": 2000,
+        "candidates": 100,
+        "retrieval": "exact",
+        "gap_ms": args.gap_ms,
+        "rounds": rounds,
+        "requests_per_round": n,
+        "core": core,
+        "cpu_p50_ms": p50,
         "ratio_to_hot": {m: {s: v / p50["hot"][s] for s, v in st.items()} for m, st in p50.items()},
-        "load_avg_start": load_start, "load_avg_end": os.getloadavg(), "wall_s": time.time() - t0,
+        "load_avg_start": load_start,
+        "load_avg_end": os.getloadavg(),
+        "wall_s": time.time() - t0,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

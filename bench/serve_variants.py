@@ -11,6 +11,7 @@
 No `from __future__ import annotations` here: FastAPI must see the route parameters' real types (ScoreRequest) in
 the pickled routes, or it reads them as query parameters.
 """
+
 import time
 from typing import Any
 
@@ -69,17 +70,26 @@ class FloorRetriever:
     @floor_api.post("/v1/score", response_model=ScoreResponse)
     async def score(self, req: ScoreRequest) -> ScoreResponse:
         candidates = np.asarray(req.candidates, dtype=np.int64)
-        job = ScoreJob(hist_queries=EMPTY, hist_items=EMPTY, topk=np.zeros((len(candidates), 0), np.int16),
-                       candidates=candidates, query_id=0, history_len=0, index_version=FLOOR_VERSION)
+        job = ScoreJob(
+            hist_queries=EMPTY,
+            hist_items=EMPTY,
+            topk=np.zeros((len(candidates), 0), np.int16),
+            candidates=candidates,
+            query_id=0,
+            history_len=0,
+            index_version=FLOOR_VERSION,
+        )
         scores, version = await self.scorer.score.remote(job.to_wire())
-        return ScoreResponse(scores=scores, model_version=version, index_version=FLOOR_VERSION, query_id=0,
-                             history_len=0)
+        return ScoreResponse(
+            scores=scores, model_version=version, index_version=FLOOR_VERSION, query_id=0, history_len=0
+        )
 
 
 def floor_app(options: dict[str, dict] | None = None) -> serve.Application:
     options = options or {}
     return FloorRetriever.options(**options.get("Retriever", {})).bind(  # type: ignore[attr-defined]
-        FloorScorer.options(**options.get("Scorer", {})).bind())  # type: ignore[attr-defined]
+        FloorScorer.options(**options.get("Scorer", {})).bind()
+    )  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------------------------------------------- split
@@ -101,7 +111,9 @@ class BusyRetriever:
         from seminar_ray.retrieval.index import PQIndex
 
         setup_serving_process()
-        self.stage = RetrievalStage(load_model(args)[0], PQIndex.load(args["index"], mmap=True), method=args["retrieval"])
+        self.stage = RetrievalStage(
+            load_model(args)[0], PQIndex.load(args["index"], mmap=True), method=args["retrieval"]
+        )
         self.history = LogHistoryStore(args["store"], args["data"])
         self.extra_ms = extra_cpu_ms
 
@@ -128,12 +140,22 @@ class Ingress:
         wire = await retry_once(lambda: self.retriever.prepare.remote(req.user_id, query_id, candidates))
         scores, version = await retry_once(lambda: self.scorer.score.remote(wire))
         job = ScoreJob.from_wire(wire)
-        return ScoreResponse(scores=scores, model_version=version, index_version=job.index_version,
-                             query_id=query_id, history_len=job.history_len, note=note)
+        return ScoreResponse(
+            scores=scores,
+            model_version=version,
+            index_version=job.index_version,
+            query_id=query_id,
+            history_len=job.history_len,
+            note=note,
+        )
 
 
-def split_app(args: AppArgs | dict, retriever_extra_cpu_ms: float = 0.0, scorer_extra_cpu_ms: float = 0.0,
-              options: dict[str, dict] | None = None) -> serve.Application:
+def split_app(
+    args: AppArgs | dict,
+    retriever_extra_cpu_ms: float = 0.0,
+    scorer_extra_cpu_ms: float = 0.0,
+    options: dict[str, dict] | None = None,
+) -> serve.Application:
     args, options = AppArgs.model_validate(args), options or {}
     stage_args = args.model_dump(exclude={"limits"})
     retriever = BusyRetriever.options(**options.get("Retriever", {})).bind(stage_args, retriever_extra_cpu_ms)  # type: ignore[attr-defined]

@@ -7,6 +7,7 @@
 has its default here, in the decorators; `config.yaml` (Serve's `deployments:` list) overrides them per
 deployment, and Python callers (tests, bench) pass the same overrides to `compose`.
 """
+
 import os
 import time
 from dataclasses import dataclass
@@ -21,9 +22,20 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
-from seminar_ray.serving import (Catalog, EventsRequest, EventsResponse, HealthResponse, Limits, LogHistoryStore,
-                                 RetrievalStage, ScoreJob, ScoreRequest, ScoreResponse, ScoringStage,
-                                 load_serving_model)
+from seminar_ray.serving import (
+    Catalog,
+    EventsRequest,
+    EventsResponse,
+    HealthResponse,
+    Limits,
+    LogHistoryStore,
+    RetrievalStage,
+    ScoreJob,
+    ScoreRequest,
+    ScoreResponse,
+    ScoringStage,
+    load_serving_model,
+)
 from seminar_ray.serving.api import http_errors, json_safe
 from seminar_ray.serving.process import setup_serving_process
 from seminar_ray.serving.stages import DEFAULT_RETRIEVAL, RetrievalMethod
@@ -66,8 +78,7 @@ def strict_json_errors(api: FastAPI) -> FastAPI:
 
 
 # ---------------------------------------------------------------------------------------------------- writer
-@serve.deployment(logging_config=QUIET, num_replicas=1, ray_actor_options={"num_cpus": 0.1},
-                  max_ongoing_requests=64)
+@serve.deployment(logging_config=QUIET, num_replicas=1, ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64)
 class HistoryWriter:
     """The only writer of the history log: appends and fsyncs before it acknowledges (returns the seq)."""
 
@@ -82,10 +93,21 @@ class HistoryWriter:
 
 
 # ---------------------------------------------------------------------------------------------------- scorer
-@serve.deployment(logging_config=QUIET, **ROLL, ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32,
-                  autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 6,
-                                      "upscale_delay_s": 2, "downscale_delay_s": 15,
-                                      "look_back_period_s": 4, "metrics_interval_s": 1})
+@serve.deployment(
+    logging_config=QUIET,
+    **ROLL,
+    ray_actor_options={"num_cpus": 0.25},
+    max_ongoing_requests=32,
+    autoscaling_config={
+        "min_replicas": 1,
+        "max_replicas": 4,
+        "target_ongoing_requests": 6,
+        "upscale_delay_s": 2,
+        "downscale_delay_s": 15,
+        "look_back_period_s": 4,
+        "metrics_interval_s": 1,
+    },
+)
 class Scorer:
     """ESU + MLP over the retrieved K, batched across requests. user_config: checkpoint, data."""
 
@@ -126,10 +148,21 @@ async def retry_once(call):
 api = strict_json_errors(FastAPI(title="SEMINAR scoring"))
 
 
-@serve.deployment(logging_config=QUIET, **ROLL, ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=16,
-                  autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 3,
-                                      "upscale_delay_s": 2, "downscale_delay_s": 15,
-                                      "look_back_period_s": 4, "metrics_interval_s": 1})
+@serve.deployment(
+    logging_config=QUIET,
+    **ROLL,
+    ray_actor_options={"num_cpus": 0.25},
+    max_ongoing_requests=16,
+    autoscaling_config={
+        "min_replicas": 1,
+        "max_replicas": 4,
+        "target_ongoing_requests": 3,
+        "upscale_delay_s": 2,
+        "downscale_delay_s": 15,
+        "look_back_period_s": 4,
+        "metrics_interval_s": 1,
+    },
+)
 @serve.ingress(api)
 class Retriever:
     """The HTTP ingress and the GSU stage: validation, history, top-K by the index, then one hop to the Scorer.
@@ -169,8 +202,15 @@ class Retriever:
         wire = job.to_wire()
         scores, model_version = await retry_once(lambda: self.scorer.score.remote(wire))
         topk = job.full_topk.tolist() if job.full_topk is not None else None
-        return ScoreResponse(scores=scores, model_version=model_version, index_version=job.index_version,
-                             query_id=query_id, history_len=job.history_len, note=note, topk=topk)
+        return ScoreResponse(
+            scores=scores,
+            model_version=model_version,
+            index_version=job.index_version,
+            query_id=query_id,
+            history_len=job.history_len,
+            note=note,
+            topk=topk,
+        )
 
     @api.post("/v1/events", response_model=EventsResponse)
     async def events(self, req: EventsRequest) -> EventsResponse:
@@ -181,14 +221,19 @@ class Retriever:
         stamps = [e.timestamp if e.timestamp is not None else now for e in req.events]
         seq = await self.writer.append.remote(req.user_id, queries, items, stamps)
         loaded = self.loaded
-        return EventsResponse(seq=seq, appended=len(items), model_version=loaded.model_version,
-                              index_version=loaded.index_version)
+        return EventsResponse(
+            seq=seq, appended=len(items), model_version=loaded.model_version, index_version=loaded.index_version
+        )
 
     @api.get("/healthz", response_model=HealthResponse)
     async def health(self) -> HealthResponse:
         loaded = self.loaded
-        return HealthResponse(status="ok", model_version=loaded.model_version, index_version=loaded.index_version,
-                              history_seq=self.history.refresh())
+        return HealthResponse(
+            status="ok",
+            model_version=loaded.model_version,
+            index_version=loaded.index_version,
+            history_seq=self.history.refresh(),
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- builder
@@ -203,9 +248,16 @@ def compose(args: AppArgs | dict, options: dict[str, dict] | None = None) -> ser
     models = {"checkpoint": args.checkpoint, "data": args.data}
     scorer = Scorer.options(user_config=models, **options.get("Scorer", {})).bind()  # type: ignore[attr-defined]
     writer = HistoryWriter.options(**options.get("HistoryWriter", {})).bind(args.store)  # type: ignore[attr-defined]
-    retriever = Retriever.options(user_config={**models, "index": args.index, "store": args.store,  # type: ignore[attr-defined]
-                                               "retrieval": args.retrieval, "rerank_factor": args.rerank_factor},
-                                  **options.get("Retriever", {}))
+    retriever = Retriever.options(
+        user_config={
+            **models,
+            "index": args.index,
+            "store": args.store,  # type: ignore[attr-defined]
+            "retrieval": args.retrieval,
+            "rerank_factor": args.rerank_factor,
+        },
+        **options.get("Retriever", {}),
+    )
     return retriever.bind(scorer, writer, args.data, args.limits.model_dump())
 
 

@@ -11,8 +11,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lowest first. A module belongs to the longest prefix listed.
 LAYERS: list[tuple[str, ...]] = [
-    ("seminar_ray", "seminar_ray.errors", "seminar_ray.storage", "seminar_ray.runtime", "seminar_ray.runs",
-     "seminar_ray.metrics", "seminar_ray.autoscaling"),
+    (
+        "seminar_ray",
+        "seminar_ray.errors",
+        "seminar_ray.storage",
+        "seminar_ray.runtime",
+        "seminar_ray.runs",
+        "seminar_ray.metrics",
+        "seminar_ray.autoscaling",
+    ),
     ("seminar_ray.data",),
     ("seminar_ray.retrieval",),
     ("seminar_ray.models",),

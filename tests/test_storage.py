@@ -1,4 +1,5 @@
 """Shared storage through a URI (pyarrow.fs), exercised with file:// URIs: helpers, checkpoints, data, a training run."""
+
 from __future__ import annotations
 
 import json
@@ -118,8 +119,13 @@ def test_checkpoints_resolve_from_a_uri_run_directory(tmp_path, cache):
 
     run = tmp_path / "runs" / "r"
     for epoch, ndcg in ((1, 0.2), (2, 0.5), (3, 0.4)):
-        _tree(run / f"checkpoint_{epoch}", {"model.pt": f"weights{epoch}",
-                                            "metrics.json": json.dumps({"epoch": epoch, "ndcg@10": ndcg, "select": ndcg})})
+        _tree(
+            run / f"checkpoint_{epoch}",
+            {
+                "model.pt": f"weights{epoch}",
+                "metrics.json": json.dumps({"epoch": epoch, "ndcg@10": ndcg, "select": ndcg}),
+            },
+        )
     uri = f"file://{run}"
     found = run_checkpoints(uri)
     assert [m["epoch"] for _, m in found] == [1, 2, 3] and all(isinstance(p, str) for p, _ in found)
@@ -144,8 +150,16 @@ def test_training_with_data_and_runs_on_a_uri(ray_local, tiny_data, tmp_path, ca
     assert DatasetMeta.load(data_uri) == DatasetMeta.load(tiny_data)
     assert EntityTables.load(data_uri).item_text.shape == EntityTables.load(tiny_data).item_text.shape
     cfg = ModelConfig.preset("small", max_len=32, K=8, qin_k1=16, qin_k2=8, din_recent=8, batch=32)
-    job = TrainJob(kind="din", data=data_uri, storage_path=runs_uri, run_name="din", model=cfg.to_dict(), epochs=2,
-                   num_workers=0, samples_per_user=2)
+    job = TrainJob(
+        kind="din",
+        data=data_uri,
+        storage_path=runs_uri,
+        run_name="din",
+        model=cfg.to_dict(),
+        epochs=2,
+        num_workers=0,
+        samples_per_user=2,
+    )
     summary = run_training(job)
     assert summary["epochs"] == 2 and summary["best_checkpoint"].startswith(f"{runs_uri}/din/")
     run_dir = shared / "runs" / "din"

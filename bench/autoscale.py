@@ -1,4 +1,5 @@
-"""Autoscaling on cluster.yaml's node types (Ray's fake_multinode provider: real autoscaler, real raylets on this machine).
+"""Autoscaling on cluster.yaml's node types (Ray's fake_multinode provider: real autoscaler, real raylets on this
+machine).
 
     python -m bench.autoscale --quick            # -> bench/out/autoscale.json
 
@@ -26,9 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
 from seminar_ray.testing.fake_cluster import LocalAutoscalingCluster, NodeWatcher, local_node_types
+
+ROOT = Path(__file__).resolve().parents[1]
 
 RAY_DEFAULTS = {"idle_timeout_minutes": 5.0, "upscaling_speed": 1.0}  # ray/autoscaler/aws/defaults.yaml (2.60)
 IDLE_MINUTES = 0.1

@@ -320,7 +320,8 @@ def main() -> None:
     for kind, r in roofline.items():
         print(
             f"{kind}: {r['gflops']:.1f} GFLOP/s ({r['share_of_gemm_peak']:.0%} of GEMM peak), "
-            f"{r['gbps']:.1f} GB/s ({r['share_of_mem_bandwidth']:.0%} of copy bandwidth), top ops {r['top_ops_self_cpu_s']}"
+            f"{r['gbps']:.1f} GB/s ({r['share_of_mem_bandwidth']:.0%} of copy bandwidth), "
+            f"top ops {r['top_ops_self_cpu_s']}"
         )
 
 

@@ -1,4 +1,5 @@
-"""Recall/latency of GSU top-K retrievers (paper §4.2.2, Figure 2, Table 4; docs/design.md, Retrieval) → bench/out/retrieval.json.
+"""Recall/latency of GSU top-K retrievers (paper §4.2.2, Figure 2, Table 4; docs/design.md, Retrieval) →
+bench/out/retrieval.json.
 
 Scenarios: "paper" (i.i.d. N(μ,1) channels, d = 64, the three groups of Figure 2) and "catalog" (10^6 items,
 10^5 queries, Zipf histories by id, 64 candidates per user; baseline "exact_fp32" measured in the same run).
@@ -99,11 +100,11 @@ def recall(got: np.ndarray, truth: np.ndarray, exact: np.ndarray) -> float:
     return float(np.mean(hits / n_valid))
 
 
-def timed(fn):
+def timed(fn, *args):
     """(result, seconds of this thread's CPU time): everything runs single-threaded in the caller's thread, and on
     this shared 2-core machine (load 30-60 while measured) wall-clock time mostly measures the scheduler."""
     t = time.thread_time()
-    out = fn()
+    out = fn(*args)
     return out, time.thread_time() - t
 
 
@@ -116,7 +117,7 @@ def evaluate(retrievers, bytes_of, users, scenario, group, L, n_alone, out, reps
         for K in KS:
             recs, batched, alone, unions = [], [], [], []
             for ui, (hq, hi, u, tc) in enumerate(users):
-                runs = [timed(lambda: r.topk(hq, hi, u, K, tc)) for _ in range(1 if slow else reps)]
+                runs = [timed(r.topk, hq, hi, u, K, tc) for _ in range(1 if slow else reps)]
                 got = runs[0][0]
                 batched.append(min(dt for _, dt in runs) / len(u))
                 unions.append(getattr(r, "last_union", 0))
@@ -127,7 +128,7 @@ def evaluate(retrievers, bytes_of, users, scenario, group, L, n_alone, out, reps
                 if ui == 0:
                     for c in range(n_alone.get(r.name, 4)):
                         one = None if tc is None else (tc[0][c : c + 1], tc[1][c : c + 1])
-                        alone.append(timed(lambda: r.topk(hq, hi, u[c : c + 1], K, one))[1])
+                        alone.append(timed(r.topk, hq, hi, u[c : c + 1], K, one)[1])
             row = {
                 "scenario": scenario,
                 "group": group,
@@ -157,8 +158,8 @@ def paired_ratios(retrievers, users, scenario, group, L, reps, out):
             ratios = []
             for _ in range(reps):
                 for hq, hi, u, tc in users:
-                    te = timed(lambda: exact.topk(hq, hi, u, K, tc))[1]
-                    ratios.append(timed(lambda: r.topk(hq, hi, u, K, tc))[1] / te)
+                    te = timed(exact.topk, hq, hi, u, K, tc)[1]
+                    ratios.append(timed(r.topk, hq, hi, u, K, tc)[1] / te)
             out.append(
                 {
                     "scenario": scenario,

@@ -1,4 +1,5 @@
-"""HTTP load test of the Ray Serve scoring app against its zero-work floor, measured in the same run (docs/design.md, Serving).
+"""HTTP load test of the Ray Serve scoring app against its zero-work floor, measured in the same run (docs/design.md,
+Serving).
 
     python -m bench.serve_load --out bench/out/serve.json [--quick] [--checkpoint C --index I --data D]
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import sys
@@ -652,9 +654,10 @@ SKEW_CONCURRENCY = 12
 def skewed_runs(urls: list[str], reqs: Requests, base: dict, rec: ReplicaRecorder, max_s: float) -> dict:
     """Independent autoscaling: the bench's split topology (serve_variants.split_app: each deployment's ongoing-request
     count is its own work), Retriever and Scorer autoscaled 1..3; one made heavy with extra_cpu_ms (the natural work
-    of both stages is a few ms, too little to saturate either on 2 cores), then the other. Each phase starts at 1 replica
-    each and runs until the heavy deployment has run 3 replicas for 3 s (or max_s); `scaled` names the deployments
-    the autoscaler took above 1 replica (running + starting: a replica start is slow on a loaded shared machine).
+    of both stages is a few ms, too little to saturate either on 2 cores), then the other. Each phase starts at 1
+    replica each and runs until the heavy deployment has run 3 replicas for 3 s (or max_s); `scaled` names the
+    deployments the autoscaler took above 1 replica
+    (running + starting: a replica start is slow on a loaded shared machine).
 
     Between phases the app is redeployed: with the Python API, Serve gives every `serve.run` a new code version and
     rolls all replicas (only `serve deploy` of a config reconfigures in place), so each phase starts from 1 + 1."""
@@ -669,9 +672,8 @@ def skewed_runs(urls: list[str], reqs: Requests, base: dict, rec: ReplicaRecorde
         waited = deploy(split_app(base, **extra, options=scaling), {"Retriever": 1, "Scorer": 1})
         rec.phase = f"skew_{name}"
         start = len(rec.samples)
-        run = asyncio.run(
-            closed_loop_until(urls, reqs, SKEW_CONCURRENCY, max_s, lambda: scaled_and_held(rec, start, heavy, 3, 3.0))
-        )
+        until = functools.partial(scaled_and_held, rec, start, heavy, 3, 3.0)
+        run = asyncio.run(closed_loop_until(urls, reqs, SKEW_CONCURRENCY, max_s, until))
         samples, pair = rec.since(start), ("Retriever", "Scorer")
         max_running = {d: max((s.get(d, 0) for s in samples), default=0) for d in pair}
         max_target = {d: max((s.get(d, 0) + s.get(f"{d}_starting", 0) for s in samples), default=0) for d in pair}

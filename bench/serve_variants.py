@@ -88,8 +88,8 @@ class FloorRetriever:
 def floor_app(options: dict[str, dict] | None = None) -> serve.Application:
     options = options or {}
     return FloorRetriever.options(**options.get("Retriever", {})).bind(  # type: ignore[attr-defined]
-        FloorScorer.options(**options.get("Scorer", {})).bind()
-    )  # type: ignore[attr-defined]
+        FloorScorer.options(**options.get("Scorer", {})).bind()  # type: ignore[attr-defined]
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- split

@@ -248,11 +248,11 @@ def compose(args: AppArgs | dict, options: dict[str, dict] | None = None) -> ser
     models = {"checkpoint": args.checkpoint, "data": args.data}
     scorer = Scorer.options(user_config=models, **options.get("Scorer", {})).bind()  # type: ignore[attr-defined]
     writer = HistoryWriter.options(**options.get("HistoryWriter", {})).bind(args.store)  # type: ignore[attr-defined]
-    retriever = Retriever.options(
+    retriever = Retriever.options(  # type: ignore[attr-defined]
         user_config={
             **models,
             "index": args.index,
-            "store": args.store,  # type: ignore[attr-defined]
+            "store": args.store,
             "retrieval": args.retrieval,
             "rerank_factor": args.rerank_factor,
         },

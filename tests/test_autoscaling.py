@@ -1,4 +1,5 @@
-"""cluster.yaml's node types on Ray's real autoscaler with the fake_multinode provider (seminar_ray/testing/fake_cluster.py),
+"""cluster.yaml's node types on Ray's real autoscaler with the fake_multinode provider
+(seminar_ray/testing/fake_cluster.py),
 in the multi-node pytest process. The cluster starts with a head and no worker; every worker node below is launched
 by the autoscaler for a pending demand and terminated by it after the idle timeout. Each test records what the
 autoscaler did (node types and times, `autoscaler` in the junit properties and on stdout) and asserts on it.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -17,6 +19,8 @@ from pathlib import Path
 import pytest
 
 from seminar_ray.testing.fake_cluster import LocalAutoscalingCluster, NodeWatcher, local_node_types
+
+log = logging.getLogger(__name__)
 
 pytestmark = [pytest.mark.multinode, pytest.mark.timeout(600)]
 
@@ -65,7 +69,7 @@ def watch(types, record_property):  # request it after the cluster fixture: it p
     with NodeWatcher(types) as w:
         yield w
     record_property("autoscaler", json.dumps(w.summary()))
-    print("autoscaler:", w.summary())
+    log.info("autoscaler: %s", w.summary())  # shown with a failing test
 
 
 def _pretrain(cluster, tiny_data, out: Path, *flags: str, timeout_s: float = 420) -> subprocess.CompletedProcess:

@@ -1,4 +1,5 @@
-"""Building the index with Ray Data end to end: a tiny SEMINAR checkpoint → Ray Data encoding → a loadable index (docs/design.md, Retrieval)."""
+"""Building the index with Ray Data end to end: a tiny SEMINAR checkpoint → Ray Data encoding → a loadable index
+(docs/design.md, Retrieval)."""
 
 from __future__ import annotations
 

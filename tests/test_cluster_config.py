@@ -114,7 +114,8 @@ def test_worker_resources_flag_reaches_the_scaling_config(tmp_path):
 
 
 def test_local_cluster_yaml_has_cluster_yaml_node_types_on_the_fake_provider():
-    """cluster.local.yaml (docs/scaling.md, "On a laptop") is cluster.yaml's worker types as seminar_ray.testing.fake_cluster
+    """cluster.local.yaml (docs/scaling.md, "On a laptop") is cluster.yaml's worker types as
+    seminar_ray.testing.fake_cluster
     scales them for the tests and the bench, on the fake_multinode provider, and passes the launcher's schema."""
     from ray.autoscaler._private.util import validate_config
 

@@ -1,4 +1,5 @@
-"""Retrieval: PQ codecs, scorers, the serving shortlist + re-rank, and the index artefact (paper §3.3.3; docs/design.md, Retrieval)."""
+"""Retrieval: PQ codecs, scorers, the serving shortlist + re-rank, and the index artefact (paper §3.3.3;
+docs/design.md, Retrieval)."""
 
 from __future__ import annotations
 

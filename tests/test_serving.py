@@ -1,4 +1,5 @@
-"""Serving core without Ray Serve: stages agree with the model, validation, the fsynced history log (docs/design.md, Serving)."""
+"""Serving core without Ray Serve: stages agree with the model, validation, the fsynced history log (docs/design.md,
+Serving)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Shared storage through a URI (pyarrow.fs), exercised with file:// URIs: helpers, checkpoints, data, a training run."""
+"""Shared storage through a URI (pyarrow.fs), exercised with file:// URIs: helpers, checkpoints, data, a training
+run."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SCALE ?= small
 RUN_DIR ?= runs/demo
+LINTED := seminar_ray jobs serve_app bench tests
 
 .PHONY: install run lint test test-fast bench clean
 
@@ -20,10 +21,10 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) -m jobs.run_all --out $(RUN_DIR) --scale $(SCALE)
 
-# Lint, format and type checks of the library and the jobs (configured in pyproject.toml).
+# Lint, format and type checks of every Python directory (configured in pyproject.toml).
 lint: $(STAMP)
-	$(PY) -m ruff check seminar_ray jobs
-	$(PY) -m ruff format --check seminar_ray jobs
+	$(PY) -m ruff check $(LINTED)
+	$(PY) -m ruff format --check $(LINTED)
 	$(PY) -m mypy
 
 # The checks, then the whole suite inside a private network namespace with only loopback when available.
@@ -32,13 +33,13 @@ test: lint
 
 # Every benchmark; each writes JSON (and a baseline measured in the same run) to bench/out/.
 bench: $(STAMP)
-	$(PY) bench/data_throughput.py --out bench/out/data.json
-	$(PY) bench/model_speed.py --out bench/out/model.json
-	$(PY) bench/train_throughput.py --out bench/out/train.json
-	$(PY) bench/features.py --out bench/out/features.json
-	$(PY) bench/retrieval.py --out bench/out/retrieval.json --quick
-	$(PY) bench/serve_load.py --out bench/out/serve.json --quick
-	$(PY) bench/fuzz.py --out bench/out/fuzz.json
+	$(PY) -m bench.data_throughput --out bench/out/data.json
+	$(PY) -m bench.model_speed --out bench/out/model.json
+	$(PY) -m bench.train_throughput --out bench/out/train.json
+	$(PY) -m bench.features --out bench/out/features.json
+	$(PY) -m bench.retrieval --out bench/out/retrieval.json --quick
+	$(PY) -m bench.serve_load --out bench/out/serve.json --quick
+	$(PY) -m bench.fuzz --out bench/out/fuzz.json
 
 clean:
 	rm -rf runs .pytest_cache

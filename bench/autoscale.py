@@ -1,6 +1,7 @@
-"""Autoscaling on cluster.yaml's node types (Ray's fake_multinode provider: real autoscaler, real raylets on this machine).
+"""Autoscaling on cluster.yaml's node types (Ray's fake_multinode provider: real autoscaler, real raylets on this
+machine).
 
-    python bench/autoscale.py --quick            # -> bench/out/autoscale.json
+    python -m bench.autoscale --quick            # -> bench/out/autoscale.json
 
 Measures, starting each time from a head with no worker:
   scale_up_s    from a demand (a task that asks for gpu_trainer) to that task running on the new node: the node's
@@ -12,6 +13,7 @@ Measures, starting each time from a head with no worker:
   nodes_launched by type during the job, and the load average (os.getloadavg()) at the start and the end.
 Re-runs itself inside a private network namespace (as scripts/test.sh does) where the kernel allows one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,10 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from seminar_ray.testing.fake_cluster import LocalAutoscalingCluster, NodeWatcher, local_node_types
 
-from seminar_ray.autoscaling import LocalAutoscalingCluster, NodeWatcher, local_node_types  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RAY_DEFAULTS = {"idle_timeout_minutes": 5.0, "upscaling_speed": 1.0}  # ray/autoscaler/aws/defaults.yaml (2.60)
 IDLE_MINUTES = 0.1
@@ -58,21 +59,44 @@ def scale_cycle(watch: NodeWatcher, timeout_s: float = 300) -> dict:
     t_demand = time.time()
     started, node = ray.get(probe.remote(), timeout=timeout_s)
     t_idle = time.time()
-    t_down = watch.wait_for(lambda w: any(e.node_id == node and e.down_s is not None for e in w.launched()),
-                            timeout_s, "the gpu_trainer node terminated")
-    return {"scale_up_s": round(started - t_demand, 2),
-            "scale_down_s": round(watch.t0 + t_down - t_idle, 2)}
+    t_down = watch.wait_for(
+        lambda w: any(e.node_id == node and e.down_s is not None for e in w.launched()),
+        timeout_s,
+        "the gpu_trainer node terminated",
+    )
+    return {"scale_up_s": round(started - t_demand, 2), "scale_down_s": round(watch.t0 + t_down - t_idle, 2)}
 
 
 def pretrain_job(cluster: LocalAutoscalingCluster, watch: NodeWatcher, data: Path, out: Path) -> dict:
     watch.wait_for(lambda w: w.alive() == 0, 300, "no worker node before the job")
     t_start = watch.now()
-    cmd = [sys.executable, "-m", "jobs.pretrain", "--data", str(data), "--out", str(out),
-           "--epochs", "1", "--num-workers", "1", "--cpus-per-worker", "0.5", "--samples-per-user", "1",
-           "--eval-users", "32", "--set", "max_len=32", "--worker-resources", '{"gpu_trainer": 0.01}']
+    cmd = [
+        sys.executable,
+        "-m",
+        "jobs.pretrain",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--num-workers",
+        "1",
+        "--cpus-per-worker",
+        "0.5",
+        "--samples-per-user",
+        "1",
+        "--eval-users",
+        "32",
+        "--set",
+        "max_len=32",
+        "--worker-resources",
+        '{"gpu_trainer": 0.01}',
+    ]
     t0 = time.time()
-    proc = subprocess.run(cmd, env={**os.environ, "RAY_ADDRESS": cluster.address}, capture_output=True, text=True,
-                          timeout=900, cwd=ROOT)  # -m: jobs is a package
+    proc = subprocess.run(
+        cmd, env={**os.environ, "RAY_ADDRESS": cluster.address}, capture_output=True, text=True, timeout=900, cwd=ROOT
+    )  # -m: jobs is a package
     job_s = time.time() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"pretrain failed ({proc.returncode}): {proc.stderr[-3000:]}")
@@ -130,13 +154,20 @@ def main(argv: list[str] | None = None) -> int:
         "idle_timeout_s": idle_s,
         "scale_down_overhead_s": overhead,
         "projected_scale_down_s": {
-            "cluster_yaml": {"idle_timeout_minutes": ours["idle_timeout_minutes"],
-                             "scale_down_s": round(ours["idle_timeout_minutes"] * 60 + overhead, 1)},
-            "ray_default": {"idle_timeout_minutes": RAY_DEFAULTS["idle_timeout_minutes"],
-                            "scale_down_s": round(RAY_DEFAULTS["idle_timeout_minutes"] * 60 + overhead, 1)},
+            "cluster_yaml": {
+                "idle_timeout_minutes": ours["idle_timeout_minutes"],
+                "scale_down_s": round(ours["idle_timeout_minutes"] * 60 + overhead, 1),
+            },
+            "ray_default": {
+                "idle_timeout_minutes": RAY_DEFAULTS["idle_timeout_minutes"],
+                "scale_down_s": round(RAY_DEFAULTS["idle_timeout_minutes"] * 60 + overhead, 1),
+            },
         },
-        "upscaling_speed": {"cluster_yaml": ours["upscaling_speed"], "ray_default": RAY_DEFAULTS["upscaling_speed"],
-                            "bench": 1.0},
+        "upscaling_speed": {
+            "cluster_yaml": ours["upscaling_speed"],
+            "ray_default": RAY_DEFAULTS["upscaling_speed"],
+            "bench": 1.0,
+        },
         "node_types": {k: v["resources"] for k, v in types.items()},
         "timeline": timeline,
         "loadavg_start": [round(x, 2) for x in load_start],
@@ -145,8 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("scale_up_s", "scale_down_s", "job_s", "nodes_launched",
-                                              "loadavg_start", "loadavg_end")}))
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in ("scale_up_s", "scale_down_s", "job_s", "nodes_launched", "loadavg_start", "loadavg_end")
+            }
+        )
+    )
     return 0
 
 

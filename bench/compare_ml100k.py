@@ -1,13 +1,14 @@
 """MovieLens-100K end to end: SEMINAR, its no-pretraining ablation, DIN, SIM, TWIN and the rules, under
 --queries none (pure sequential recommendation) and --queries derived (each item's query from its leaf genre).
 
-    python bench/compare_ml100k.py [--quick] [--seeds 2] [--work runs/ml100k]
+    python -m bench.compare_ml100k [--quick] [--seeds 2] [--work runs/ml100k]
 
 The data is the RecBole atomic copy of MovieLens-100K that the `recbole` wheel on PyPI ships under
 recbole/dataset_example/ml-100k: the wheel is downloaded with pip into WORK (nothing of it is committed), then
 jobs/prepare_data.py and jobs/compare.py run once per query mode. Writes bench/out/compare_ml100k.{md,json}
 (--quick: compare_ml100k_quick.*) with the tables, the load average and the wall time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,14 +51,21 @@ def main() -> int:
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "ml100k")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--config", type=Path, default=ROOT / "configs" / "model_ml100k.yaml",
-                   help="model config (default: the small sizes with the paper's L = 100, K = 50 for short histories)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=ROOT / "configs" / "model_ml100k.yaml",
+        help="model config (default: the small sizes with the paper's L = 100, K = 50 for short histories)",
+    )
     p.add_argument("--pretrain-epochs", type=int, default=2)
     p.add_argument("--modes", default="none,derived")
     p.add_argument("--variants", default=VARIANTS)
     p.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, 1 pretraining epoch, SEMINAR and DIN")
-    p.add_argument("--report-only", action="store_true",
-                   help="train nothing: tabulate the seeds each mode's WORK/compare-MODE/compare_partial.json completes")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: tabulate the seeds each mode's WORK/compare-MODE/compare_partial.json completes",
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     if args.quick:
@@ -69,24 +77,68 @@ def main() -> int:
     for mode in args.modes.split(","):
         data, runs = args.work / f"data-{mode}", args.work / f"compare-{mode}{'-quick' if args.quick else ''}"
         if not (data / "meta.json").exists():
-            run("-m", "jobs.prepare_data", "--source", "recbole", "--input", str(raw), "--out", str(data), "--queries", mode)
-        run("-m", "jobs.compare", "--data", str(data), "--out", str(runs), "--seeds", str(args.seeds),
-            "--epochs", str(args.epochs), "--pretrain-epochs", str(args.pretrain_epochs), "--samples-per-user", "0",
-            "--eval-users", "0", "--config", str(args.config), "--variants", args.variants, *(["--report-only"] if args.report_only else []))
+            run(
+                "-m",
+                "jobs.prepare_data",
+                "--source",
+                "recbole",
+                "--input",
+                str(raw),
+                "--out",
+                str(data),
+                "--queries",
+                mode,
+            )
+        run(
+            "-m",
+            "jobs.compare",
+            "--data",
+            str(data),
+            "--out",
+            str(runs),
+            "--seeds",
+            str(args.seeds),
+            "--epochs",
+            str(args.epochs),
+            "--pretrain-epochs",
+            str(args.pretrain_epochs),
+            "--samples-per-user",
+            "0",
+            "--eval-users",
+            "0",
+            "--config",
+            str(args.config),
+            "--variants",
+            args.variants,
+            *(["--report-only"] if args.report_only else []),
+        )
         results[mode] = json.loads((runs / "compare.json").read_text())
         texts.append(f"## --queries {mode}\n\n" + (runs / "compare.md").read_text().split("\n", 2)[2])
     seconds = time.time() - t0
     load1 = os.getloadavg()
     seeds = {mode: r["seeds"] for mode, r in results.items()}
-    header = (f"# MovieLens-100K (RecBole atomic files from {WHEEL}), seeds per query mode {seeds}\n\n"
-              + ("Tabulated from finished runs (--report-only).\n\n" if args.report_only else
-                 f"Wall time {seconds / 60:.0f} min; load average {load0[0]:.1f} at start, {load1[0]:.1f} at end "
-                 f"(2-core machine).\n\n"))
+    header = f"# MovieLens-100K (RecBole atomic files from {WHEEL}), seeds per query mode {seeds}\n\n" + (
+        "Tabulated from finished runs (--report-only).\n\n"
+        if args.report_only
+        else f"Wall time {seconds / 60:.0f} min; load average {load0[0]:.1f} at start, {load1[0]:.1f} at end "
+        f"(2-core machine).\n\n"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(header + "\n".join(texts))
-    out.with_suffix(".json").write_text(json.dumps({"seconds": seconds, "loadavg_start": load0, "loadavg_end": load1,
-                                                    "seeds": args.seeds, "epochs": args.epochs,
-                                                    "pretrain_epochs": args.pretrain_epochs, "modes": results}, indent=1))
+    out.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "loadavg_start": load0,
+                "loadavg_end": load1,
+                "seeds": args.seeds,
+                "epochs": args.epochs,
+                "pretrain_epochs": args.pretrain_epochs,
+                "modes": results,
+            },
+            indent=1,
+        )
+    )
     print(out.with_suffix(".md").read_text())
     return 0
 

@@ -5,8 +5,9 @@ with their negatives and build the [B, L] tensors of the batch contract. The rat
 steady state (after the first batch) and end to end (including Ray Data's start-up, the time to the
 first batch, which a long epoch amortises).
 
-    python bench/data_throughput.py --out bench/out/data.json [--users 400] [--L 2000]
+    python -m bench.data_throughput --out bench/out/data.json [--users 400] [--L 2000]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-
 from seminar_ray.data.pipeline import TrainCollate, read_sequences, sample_config, train_batches
 from seminar_ray.data.schema import table_path
 from seminar_ray.data.synthetic import SyntheticConfig, generate_to_dir
@@ -29,7 +29,9 @@ from seminar_ray.runtime import init_ray
 def consume(batches) -> dict:
     """Touch every tensor like a training step's input would; time to the first batch and in all."""
     t0 = time.perf_counter()
-    users, samples, first, first_users = set(), 0, None, 0
+    users: set[int] = set()
+    first: float | None = None
+    samples, first_users = 0, 0
     for batch in batches:
         samples += int(batch["hist_items"].shape[0])
         users.update(batch["user_id"].tolist())
@@ -37,8 +39,14 @@ def consume(batches) -> dict:
         if first is None:
             first, first_users = time.perf_counter() - t0, len(users)
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "first_batch_s": first, "users": len(users), "samples": samples,
-            "seq_per_s": len(users) / seconds, "steady_seq_per_s": (len(users) - first_users) / max(seconds - first, 1e-9)}
+    return {
+        "seconds": seconds,
+        "first_batch_s": first,
+        "users": len(users),
+        "samples": samples,
+        "seq_per_s": len(users) / seconds,
+        "steady_seq_per_s": (len(users) - first_users) / max(seconds - (first or 0.0), 1e-9),
+    }
 
 
 def bench_ray(data: Path, cfg, users_per_batch: int, epoch: int) -> dict:
@@ -47,7 +55,9 @@ def bench_ray(data: Path, cfg, users_per_batch: int, epoch: int) -> dict:
 
 def bench_pyarrow(data: Path, cfg, users_per_batch: int, epoch: int) -> dict:
     collate = TrainCollate(cfg, epoch)
-    return consume(collate(b) for b in pq.ParquetFile(table_path(data, "sequences")).iter_batches(batch_size=users_per_batch))
+    return consume(
+        collate(b) for b in pq.ParquetFile(table_path(data, "sequences")).iter_batches(batch_size=users_per_batch)
+    )
 
 
 def main() -> None:
@@ -65,23 +75,30 @@ def main() -> None:
         cfg = sample_config(data, max_len=args.L, num_neg=4, samples_per_user=8)
         users_per_batch = 32
         bench_ray(data, cfg, users_per_batch, epoch=99)  # warm-up: worker processes, imports
-        runs = {"ray": [], "pyarrow": []}
+        runs: dict[str, list[dict]] = {"ray": [], "pyarrow": []}
         for rep in range(args.repeats):  # interleaved, so both see the same machine load
             runs["ray"].append(bench_ray(data, cfg, users_per_batch, rep))
             runs["pyarrow"].append(bench_pyarrow(data, cfg, users_per_batch, rep))
+
     def best(key: str, stat: str) -> float:
         return max(r[stat] for r in runs[key])
 
     out = {
-        "L": args.L, "users": args.users, "samples_per_user": cfg.samples_per_user,
-        "ray_data_seq_per_s": best("ray", "steady_seq_per_s"), "pyarrow_seq_per_s": best("pyarrow", "steady_seq_per_s"),
+        "L": args.L,
+        "users": args.users,
+        "samples_per_user": cfg.samples_per_user,
+        "ray_data_seq_per_s": best("ray", "steady_seq_per_s"),
+        "pyarrow_seq_per_s": best("pyarrow", "steady_seq_per_s"),
         "ray_data_seq_per_s_end_to_end": best("ray", "seq_per_s"),
         "pyarrow_seq_per_s_end_to_end": best("pyarrow", "seq_per_s"),
         "ray_data_first_batch_s": min(r["first_batch_s"] for r in runs["ray"]),
-        "runs": runs, "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
+        "runs": runs,
+        "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
     }
     out["ratio_ray_over_pyarrow"] = out["ray_data_seq_per_s"] / out["pyarrow_seq_per_s"]
-    out["ratio_ray_over_pyarrow_end_to_end"] = out["ray_data_seq_per_s_end_to_end"] / out["pyarrow_seq_per_s_end_to_end"]
+    out["ratio_ray_over_pyarrow_end_to_end"] = (
+        out["ray_data_seq_per_s_end_to_end"] / out["pyarrow_seq_per_s_end_to_end"]
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
     print(json.dumps({k: v for k, v in out.items() if k not in ("runs",)}, indent=1))

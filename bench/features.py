@@ -1,6 +1,6 @@
 """open_clip feature throughput on the Ray Data actor pool: 1 vs 2 actors, text and image separately.
 
-    python bench/features.py --out bench/out/features.json [--items 48] [--batch-size 4]
+    python -m bench.features --out bench/out/features.json [--items 48] [--batch-size 4]
 
 Headline keys (text|image)_items_per_s_(1|2) are wall-clock rates: all items divided by the time from asking
 the pool for its first batch to receiving the last, actor start-up (importing torch, building the model)
@@ -10,6 +10,7 @@ actor's first batch mostly finishes before that window opens, so it is counted w
 run: the same encoder called in this process over the same items with one thread. Random ViT-B-32 weights (no
 downloads here): speed does not depend on the values.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 from PIL import Image
-
 
 from seminar_ray.data.features import ClipEncoder, FeatureConfig, encoder_dataset
 from seminar_ray.runtime import init_ray
@@ -54,8 +54,12 @@ def pool_rate(rows: pa.Table, channel: str, actors: int, batch_size: int, root: 
     wall = time.perf_counter() - start
     steady_items = sum(k for _, k in arrivals[1:])
     steady_s = arrivals[-1][0] - arrivals[0][0]
-    return {"items_per_s": rows.num_rows / wall, "steady_items_per_s": steady_items / steady_s, "wall_s": wall,
-            "batches": len(arrivals)}
+    return {
+        "items_per_s": rows.num_rows / wall,
+        "steady_items_per_s": steady_items / steady_s,
+        "wall_s": wall,
+        "batches": len(arrivals),
+    }
 
 
 def baseline_rate(rows: pa.Table, channel: str, batch_size: int, root: Path) -> float:
@@ -65,7 +69,7 @@ def baseline_rate(rows: pa.Table, channel: str, batch_size: int, root: Path) -> 
     encode(values[:batch_size])  # warm-up
     start = time.perf_counter()
     for i in range(0, len(values), batch_size):
-        encode(values[i:i + batch_size])
+        encode(values[i : i + batch_size])
     return len(values) / (time.perf_counter() - start)
 
 
@@ -87,7 +91,9 @@ def main() -> int:
         for channel in ("text", "image"):
             # titles are cheap: twice as many for a longer timing window
             rows_ch = pa.concat_tables([rows, rows]) if channel == "text" else rows
-            result[f"{channel}_baseline_in_process_items_per_s"] = baseline_rate(rows_ch, channel, args.batch_size, root)
+            result[f"{channel}_baseline_in_process_items_per_s"] = baseline_rate(
+                rows_ch, channel, args.batch_size, root
+            )
             for actors in (1, 2):
                 run = pool_rate(rows_ch, channel, actors, args.batch_size, root)
                 result[f"{channel}_items_per_s_{actors}"] = run.pop("items_per_s")
@@ -99,12 +105,17 @@ def main() -> int:
         result[f"{channel}_ratio_1_actor_vs_baseline"] = result[f"{channel}_items_per_s_1"] / base
     result = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
     result["context"] = {
-        "model": "ViT-B-32 (random init)", "image_items": args.items, "text_items": 2 * args.items, "batch_size": args.batch_size,
-        "num_cpus_per_actor": FeatureConfig().num_cpus, "torch_threads_per_actor": 1, "device": "cpu",
+        "model": "ViT-B-32 (random init)",
+        "image_items": args.items,
+        "text_items": 2 * args.items,
+        "batch_size": args.batch_size,
+        "num_cpus_per_actor": FeatureConfig().num_cpus,
+        "torch_threads_per_actor": 1,
+        "device": "cpu",
         "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared, noisy)",
         "headline": "wall clock: all items / time from the first request to the last batch, actor start-up included",
         "secondary": "steady_*: items after the first batch / time from first to last batch; inflates the 2-actor "
-                     "rate (the second actor's first batch is not timed)",
+        "rate (the second actor's first batch is not timed)",
         "load_average_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "baseline": "same ClipEncoder in the driver process, 1 torch thread, same items and batch size",
     }

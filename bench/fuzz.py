@@ -1,6 +1,6 @@
 """Property-based fuzz of the running app's /v1/score and /v1/events (hypothesis strategies over the request models).
 
-    python bench/fuzz.py --out bench/out/fuzz.json [--requests 10000] [--ingress proxy]
+    python -m bench.fuzz --out bench/out/fuzz.json [--requests 10000] [--ingress proxy]
 
 Starts the app on 127.0.0.1 (a local Ray, small synthetic artefacts), sends generated requests, valid and
 malformed, a few at a time, and checks every answer:
@@ -13,6 +13,7 @@ Malformed means: ids and timestamps beyond int64 (2^63, 10^30, unbounded integer
 reads but the API cannot hold (NaN, ±Infinity, 1e400), wrong types, missing and unknown fields, lists past the
 limits, bodies that are not JSON. tests/test_serving_http.py runs the same fuzz with a bounded count.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,16 +28,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
-from seminar_ray.serving import Catalog, EventsRequest, Limits, ScoreRequest  # noqa: E402
-from seminar_ray.serving.api import INT64_MAX, INT64_MIN  # noqa: E402
-from seminar_ray.serving.history import LOG_FILE  # noqa: E402
+from seminar_ray.serving import Catalog, EventsRequest, Limits, ScoreRequest
+from seminar_ray.serving.api import INT64_MAX, INT64_MIN
+from seminar_ray.serving.history import LOG_FILE
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class Raw:
 
 def encode(value) -> bytes:
     """JSON text of `value` with NaN/Infinity tokens (what Python's parser accepts) and Raw tokens as given."""
+
     def enc(v) -> str:
         if isinstance(v, Raw):
             return v.token
@@ -73,19 +74,30 @@ class Space:
 
     catalog: Catalog
     query_texts: list[str]
-    users: st.SearchStrategy = field(default_factory=lambda: st.integers(0, 30) | st.integers(3 * 10**7, 3 * 10**7 + 30)
-                                     | st.just(INT64_MAX))
+    users: st.SearchStrategy = field(
+        default_factory=lambda: st.integers(0, 30) | st.integers(3 * 10**7, 3 * 10**7 + 30) | st.just(INT64_MAX)
+    )
 
     @classmethod
-    def load(cls, data: str | Path, limits: Limits) -> "Space":
+    def load(cls, data: str | Path, limits: Limits) -> Space:
         catalog = Catalog.load(data, limits)
         texts = sorted(t for t in catalog.query_text if len(t) <= limits.max_query_chars)[:50]
         return cls(catalog, texts)
 
 
 BIG_INTS = [2**63, 2**63 + 1, -(2**63) - 1, 2**64, 10**30, -(10**30), 10**400]
-BAD_NUMBERS = [Raw("1e400"), Raw("-1e400"), Raw("1E999"), float("nan"), float("inf"), float("-inf"), 1.5, -0.5, 1e308,
-               -1]
+BAD_NUMBERS = [
+    Raw("1e400"),
+    Raw("-1e400"),
+    Raw("1E999"),
+    float("nan"),
+    float("inf"),
+    float("-inf"),
+    1.5,
+    -0.5,
+    1e308,
+    -1,
+]
 
 
 def bad_numbers() -> st.SearchStrategy:
@@ -93,8 +105,13 @@ def bad_numbers() -> st.SearchStrategy:
 
 
 def junk() -> st.SearchStrategy:
-    return (st.none() | st.booleans() | st.text(max_size=12) | st.lists(st.integers(-3, 3), max_size=3)
-            | st.dictionaries(st.text(max_size=3), st.integers(-3, 3), max_size=2))
+    return (
+        st.none()
+        | st.booleans()
+        | st.text(max_size=12)
+        | st.lists(st.integers(-3, 3), max_size=3)
+        | st.dictionaries(st.text(max_size=3), st.integers(-3, 3), max_size=2)
+    )
 
 
 def mutated(valid: st.SearchStrategy) -> st.SearchStrategy:
@@ -109,55 +126,82 @@ class Strategies:
         self.space = space
         self.items = st.integers(1, c.num_items)
         texts = st.sampled_from(space.query_texts) if space.query_texts else st.just("")
-        self.queries = (st.none() | st.integers(0, c.num_queries) | texts
-                        | st.text(max_size=lim.max_query_chars))  # unknown text: a browse request with a note
+        self.queries = (
+            st.none() | st.integers(0, c.num_queries) | texts | st.text(max_size=lim.max_query_chars)
+        )  # unknown text: a browse request with a note
         self.timestamps = st.integers(INT64_MIN, INT64_MAX) | st.integers(0, 2**31)
         self.over_candidates = list(range(1, lim.max_candidates + 2))
         self.over_events = [{"item_id": 1}] * (lim.max_events + 1)
 
     def score_valid(self) -> st.SearchStrategy:
-        body = st.fixed_dictionaries({"user_id": self.space.users, "candidates": st.lists(self.items, min_size=1,
-                                                                                            max_size=8)},
-                                     optional={"query": self.queries, "return_topk": st.booleans()})
+        body = st.fixed_dictionaries(
+            {"user_id": self.space.users, "candidates": st.lists(self.items, min_size=1, max_size=8)},
+            optional={"query": self.queries, "return_topk": st.booleans()},
+        )
         return body.map(lambda b: Request("/v1/score", encode(b), True))
 
     def score_mutated(self) -> st.SearchStrategy:
-        candidates = (st.lists(mutated(self.items), max_size=6) | st.just(self.over_candidates) | bad_numbers()
-                      | junk())
-        body = st.fixed_dictionaries({}, optional={"user_id": mutated(self.space.users), "candidates": candidates,
-                                                   "query": mutated(self.queries) | st.text(min_size=65, max_size=300),
-                                                   "return_topk": mutated(st.booleans()),
-                                                   "extra": junk()})
+        candidates = st.lists(mutated(self.items), max_size=6) | st.just(self.over_candidates) | bad_numbers() | junk()
+        body = st.fixed_dictionaries(
+            {},
+            optional={
+                "user_id": mutated(self.space.users),
+                "candidates": candidates,
+                "query": mutated(self.queries) | st.text(min_size=65, max_size=300),
+                "return_topk": mutated(st.booleans()),
+                "extra": junk(),
+            },
+        )
         return body.map(lambda b: Request("/v1/score", encode(b), False))
 
     def event(self, valid: bool) -> st.SearchStrategy:
         fields = {"query": self.queries, "timestamp": self.timestamps}
         if valid:
             return st.fixed_dictionaries({"item_id": self.items}, optional=fields)
-        return st.fixed_dictionaries({}, optional={"item_id": mutated(self.items), "extra": junk(),
-                                                   **{k: mutated(v) for k, v in fields.items()}})
+        return st.fixed_dictionaries(
+            {}, optional={"item_id": mutated(self.items), "extra": junk(), **{k: mutated(v) for k, v in fields.items()}}
+        )
 
     def events_valid(self) -> st.SearchStrategy:
-        body = st.fixed_dictionaries({"user_id": self.space.users,
-                                      "events": st.lists(self.event(True), min_size=1, max_size=4)})
+        body = st.fixed_dictionaries(
+            {"user_id": self.space.users, "events": st.lists(self.event(True), min_size=1, max_size=4)}
+        )
         return body.map(lambda b: Request("/v1/events", encode(b), True))
 
     def events_mutated(self) -> st.SearchStrategy:
-        events = (st.lists(self.event(True) | self.event(False), max_size=4) | st.just(self.over_events)
-                  | bad_numbers() | junk())
-        body = st.fixed_dictionaries({}, optional={"user_id": mutated(self.space.users), "events": events,
-                                                   "extra": junk()})
+        events = (
+            st.lists(self.event(True) | self.event(False), max_size=4)
+            | st.just(self.over_events)
+            | bad_numbers()
+            | junk()
+        )
+        body = st.fixed_dictionaries(
+            {}, optional={"user_id": mutated(self.space.users), "events": events, "extra": junk()}
+        )
         return body.map(lambda b: Request("/v1/events", encode(b), False))
 
     def not_the_model(self) -> st.SearchStrategy:
-        raw = st.sampled_from([b"", b"{", b"null", b"[]", b"{}", b'{"user_id":', b"\xff\xfe\x00", b"[" * 3000,
-                               b'{"user_id": 1, "candidates": [1e400]}', b'{"user_id": NaN, "events": []}'])
+        raw = st.sampled_from(
+            [
+                b"",
+                b"{",
+                b"null",
+                b"[]",
+                b"{}",
+                b'{"user_id":',
+                b"\xff\xfe\x00",
+                b"[" * 3000,
+                b'{"user_id": 1, "candidates": [1e400]}',
+                b'{"user_id": NaN, "events": []}',
+            ]
+        )
         body = raw | st.binary(max_size=40) | st.builds(encode, junk() | bad_numbers())
         return st.tuples(st.sampled_from(["/v1/score", "/v1/events"]), body).map(lambda t: Request(t[0], t[1], False))
 
     def request(self) -> st.SearchStrategy:
-        return st.one_of(self.score_valid(), self.events_valid(), self.score_mutated(), self.events_mutated(),
-                         self.not_the_model())
+        return st.one_of(
+            self.score_valid(), self.events_valid(), self.score_mutated(), self.events_mutated(), self.not_the_model()
+        )
 
 
 @dataclass
@@ -173,10 +217,16 @@ class Outcome:
 
     def summary(self) -> dict:
         fivexx = sum(n for k, n in self.status.items() if k.split()[1].startswith("5"))
-        return {"requests": self.requests, "status_counts": dict(sorted(self.status.items())),
-                "responses_5xx": fivexx, "acknowledged_appends": len(self.acked),
-                "lost_events": self.lost_events, "unacknowledged_in_log": self.unacknowledged_in_log,
-                "problems": self.problems[:20], "problem_count": len(self.problems)}
+        return {
+            "requests": self.requests,
+            "status_counts": dict(sorted(self.status.items())),
+            "responses_5xx": fivexx,
+            "acknowledged_appends": len(self.acked),
+            "lost_events": self.lost_events,
+            "unacknowledged_in_log": self.unacknowledged_in_log,
+            "problems": self.problems[:20],
+            "problem_count": len(self.problems),
+        }
 
 
 def has_message(body) -> bool:
@@ -217,8 +267,11 @@ def check(req: Request, status: int, text: str, space: Space, out: Outcome) -> N
         return
     if isinstance(value, ScoreRequest):
         scores = body.get("scores")
-        if not isinstance(scores, list) or len(scores) != len(value.candidates) or not all(
-                isinstance(s, float) and math.isfinite(s) and 0.0 <= s <= 1.0 for s in scores):
+        if (
+            not isinstance(scores, list)
+            or len(scores) != len(value.candidates)
+            or not all(isinstance(s, float) and math.isfinite(s) and 0.0 <= s <= 1.0 for s in scores)
+        ):
             out.problems.append(f"bad scores: {where}")
         return
     queries = [space.catalog.resolve_query(e.query)[0] for e in value.events]
@@ -248,8 +301,9 @@ def compare_log(store: str | Path, seq_before: int, out: Outcome) -> None:
         out.problems.append(f"log records no answer acknowledged: seqs {extra[:10]}")
 
 
-def fuzz(base_url: str, space: Space, store: str | Path, requests: int, batch: int = 25, workers: int = 4,
-         seed: int = 0) -> Outcome:
+def fuzz(
+    base_url: str, space: Space, store: str | Path, requests: int, batch: int = 25, workers: int = 4, seed: int = 0
+) -> Outcome:
     """Send at least `requests` generated requests, `batch` per hypothesis example, `workers` at a time."""
     import httpx
     from hypothesis import seed as hypothesis_seed
@@ -258,16 +312,23 @@ def fuzz(base_url: str, space: Space, store: str | Path, requests: int, batch: i
     seq_before = max(log_records(store), default=0)
     strategies = Strategies(space)
     examples = -(-requests // batch)
-    with httpx.Client(base_url=base_url, timeout=60, headers={"content-type": "application/json"}) as client, \
-            ThreadPoolExecutor(workers) as pool:
+    with (
+        httpx.Client(base_url=base_url, timeout=60, headers={"content-type": "application/json"}) as client,
+        ThreadPoolExecutor(workers) as pool,
+    ):
 
         def send(req: Request) -> tuple[Request, int, str]:
             r = client.post(req.path, content=req.body)
             return req, r.status_code, r.text
 
         @hypothesis_seed(seed)
-        @settings(max_examples=examples, database=None, deadline=None, phases=[Phase.generate],
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=examples,
+            database=None,
+            deadline=None,
+            phases=[Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
         @given(st.lists(strategies.request(), min_size=batch, max_size=batch))
         def run(reqs: list[Request]) -> None:
             for req, status, text in pool.map(send, reqs):
@@ -287,17 +348,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     from ray import serve
-
     from seminar_ray.serving.artefacts import build_artefacts
+
     from serve_app.deploy import direct_urls, start
 
     t0 = time.time()
     load_before = os.getloadavg()
-    art = build_artefacts(Path(tempfile.mkdtemp(prefix="fuzz_")), num_users=30, min_len=30, max_len=200,
-                          model_max_len=256)
+    art = build_artefacts(
+        Path(tempfile.mkdtemp(prefix="fuzz_")), num_users=30, min_len=30, max_len=200, model_max_len=256
+    )
     limits = Limits()
-    start({"checkpoint": str(art.checkpoint), "index": str(art.index), "data": str(art.data), "store": str(art.store)},
-          port=args.port, ingress=args.ingress)
+    start(
+        {"checkpoint": str(art.checkpoint), "index": str(art.index), "data": str(art.data), "store": str(art.store)},
+        port=args.port,
+        ingress=args.ingress,
+    )
     url = direct_urls()[0] if args.ingress == "direct" else f"http://127.0.0.1:{args.port}"
     try:
         t1 = time.time()
@@ -305,9 +370,16 @@ def main(argv: list[str] | None = None) -> int:
         fuzz_s = time.time() - t1
     finally:
         serve.shutdown()
-    result = {"ingress": args.ingress, "seed": args.seed, **out.summary(), "fuzz_wall_s": fuzz_s,
-              "requests_per_s": out.requests / fuzz_s, "load_avg_before": load_before,
-              "load_avg_after": os.getloadavg(), "wall_s": time.time() - t0}
+    result = {
+        "ingress": args.ingress,
+        "seed": args.seed,
+        **out.summary(),
+        "fuzz_wall_s": fuzz_s,
+        "requests_per_s": out.requests / fuzz_s,
+        "load_avg_before": load_before,
+        "load_avg_after": os.getloadavg(),
+        "wall_s": time.time() - t0,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "problems"}, indent=1))

@@ -4,8 +4,9 @@ of one PSU step and one CTR step against this machine's GEMM FLOP/s and memory b
 process; and the chunked alignment loss's memory for N_ch = 1, 2, 4, 8 (paper §3.3.1: O(L²/N_ch)).
 
 Each measurement runs in its own subprocess so that its peak RSS is its own. The load average is recorded.
-    .venv/bin/python bench/model_speed.py --out bench/out/model.json [--quick]
+    .venv/bin/python -m bench.model_speed --out bench/out/model.json [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,18 +20,16 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-
+from bench.psu_reference import ReferencePSU
 from seminar_ray.data.entities import EntityTables
 from seminar_ray.data.schema import DatasetMeta
 from seminar_ray.models import ModelConfig, build_model
 from seminar_ray.models.psu import alignment_loss
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # run by path: the reference sits beside this file
-from psu_reference import ReferencePSU  # noqa: E402
 
 N_ITEMS, N_QUERIES, N_ATTRS, N_TOKENS = 20_000, 5_000, 500, 2_000
 
@@ -47,12 +46,23 @@ def synthetic_tables(seed: int = 0) -> EntityTables:
     tokens[0] = 0
     mask = lambda size: np.concatenate([[False], rng.random(size - 1) > 0.1])  # noqa: E731
     return EntityTables(
-        item_text=rng.normal(size=(n, 512)).astype(np.float32), item_text_mask=mask(n),
-        item_image=rng.normal(size=(n, 512)).astype(np.float32), item_image_mask=mask(n),
-        item_attrs=rng.integers(0, N_ATTRS + 1, size=(n, 4)), query_tokens=tokens,
-        query_text=rng.normal(size=(q, 512)).astype(np.float32), query_text_mask=mask(q),
-        meta=DatasetMeta(source="bench", num_items=N_ITEMS, num_queries=N_QUERIES, num_attrs=N_ATTRS,
-                         num_tokens=N_TOKENS, num_users=0, num_behaviours=0),
+        item_text=rng.normal(size=(n, 512)).astype(np.float32),
+        item_text_mask=mask(n),
+        item_image=rng.normal(size=(n, 512)).astype(np.float32),
+        item_image_mask=mask(n),
+        item_attrs=rng.integers(0, N_ATTRS + 1, size=(n, 4)),
+        query_tokens=tokens,
+        query_text=rng.normal(size=(q, 512)).astype(np.float32),
+        query_text_mask=mask(q),
+        meta=DatasetMeta(
+            source="bench",
+            num_items=N_ITEMS,
+            num_queries=N_QUERIES,
+            num_attrs=N_ATTRS,
+            num_tokens=N_TOKENS,
+            num_users=0,
+            num_behaviours=0,
+        ),
     )
 
 
@@ -65,12 +75,17 @@ def synthetic_batch(b: int, length: int, c: int, seed: int) -> dict[str, torch.T
     queries[torch.rand(b, length, generator=g) < 0.7] = 0
     labels = torch.zeros(b, c)
     labels[:, 0] = 1.0
-    return {"user_id": torch.arange(b), "hist_items": items, "hist_queries": queries,
-            "target_items": torch.randint(1, N_ITEMS + 1, (b, c), generator=g),
-            "target_queries": torch.randint(0, N_QUERIES + 1, (b, c), generator=g), "labels": labels}
+    return {
+        "user_id": torch.arange(b),
+        "hist_items": items,
+        "hist_queries": queries,
+        "target_items": torch.randint(1, N_ITEMS + 1, (b, c), generator=g),
+        "target_queries": torch.randint(0, N_QUERIES + 1, (b, c), generator=g),
+        "labels": labels,
+    }
 
 
-def step_fn(model: torch.nn.Module) -> Callable[[dict], dict]:
+def step_fn(model: Any) -> Callable[[dict], dict]:
     """One training step of `model` (Adam at its config's lr) on a batch; returns the loss parts."""
     opt = torch.optim.Adam(model.parameters(), lr=model.cfg.lr)
 
@@ -97,9 +112,15 @@ def train_worker(kind: str, batch: int, length: int, steps: int, warmup: int) ->
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     # the median step: the machine is shared, and one descheduled step should not move the figure
-    return {"kind": kind, "samples_per_s": batch / float(np.median(times)),
-            "mean_samples_per_s": batch * len(times) / sum(times), "step_s": times,
-            "peak_rss_mb": peak_rss_mb(), "rss_before_steps_mb": rss_before, "last_parts": parts}
+    return {
+        "kind": kind,
+        "samples_per_s": batch / float(np.median(times)),
+        "mean_samples_per_s": batch * len(times) / sum(times),
+        "step_s": times,
+        "peak_rss_mb": peak_rss_mb(),
+        "rss_before_steps_mb": rss_before,
+        "last_parts": parts,
+    }
 
 
 def align_worker(batch: int, length: int, n_chunks: int, d: int) -> dict:
@@ -112,8 +133,12 @@ def align_worker(batch: int, length: int, n_chunks: int, d: int) -> dict:
     t0 = time.perf_counter()
     alignment_loss(units, present, ids, n_chunks, 0.07).backward()
     size = math.ceil(length / n_chunks)
-    return {"n_chunks": n_chunks, "logits_bytes": 4 * batch * n_chunks * size * size,
-            "peak_rss_delta_mb": peak_rss_mb() - base, "seconds": time.perf_counter() - t0}
+    return {
+        "n_chunks": n_chunks,
+        "logits_bytes": 4 * batch * n_chunks * size * size,
+        "peak_rss_delta_mb": peak_rss_mb() - base,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def reference_worker(batch: int, length: int, steps: int, warmup: int) -> dict:
@@ -141,9 +166,15 @@ def reference_worker(batch: int, length: int, steps: int, warmup: int) -> dict:
     rate = {k: batch / float(np.median(v)) for k, v in times.items()}
     # CPU seconds per step: what the step costs whatever else the shared machine runs meanwhile
     cpu_ratio = float(np.median(cpu["reference"]) / np.median(cpu["psu"]))
-    return {"psu_samples_per_s": rate["psu"], "reference_samples_per_s": rate["reference"],
-            "psu_speedup_vs_reference": rate["psu"] / rate["reference"], "psu_speedup_cpu_time": cpu_ratio,
-            "step_s": times, "step_cpu_s": cpu, "losses": losses}
+    return {
+        "psu_samples_per_s": rate["psu"],
+        "reference_samples_per_s": rate["reference"],
+        "psu_speedup_vs_reference": rate["psu"] / rate["reference"],
+        "psu_speedup_cpu_time": cpu_ratio,
+        "step_s": times,
+        "step_cpu_s": cpu,
+        "losses": losses,
+    }
 
 
 def machine_peaks(threads: int) -> dict:
@@ -163,8 +194,11 @@ def machine_peaks(threads: int) -> dict:
 
     gemm_s = best(lambda: torch.mm(a, b))
     copy_s = best(lambda: dst.copy_(src))
-    return {"gemm_gflops": 2 * 2048**3 / gemm_s / 1e9, "mem_gbps": 2 * src.numel() * 4 / copy_s / 1e9,
-            "threads": threads}
+    return {
+        "gemm_gflops": 2 * 2048**3 / gemm_s / 1e9,
+        "mem_gbps": 2 * src.numel() * 4 / copy_s / 1e9,
+        "threads": threads,
+    }
 
 
 def profile_worker(kind: str, batch: int, length: int) -> dict:
@@ -189,8 +223,13 @@ def profile_worker(kind: str, batch: int, length: int) -> dict:
     peaks = machine_peaks(torch.get_num_threads())
     achieved = {"gflops": flops / seconds / 1e9, "gbps": (read + written) / seconds / 1e9}
     return {
-        "kind": kind, "step_s": seconds, "gflop": flops / 1e9, "gbytes_estimate": (read + written) / 1e9,
-        **achieved, "arithmetic_intensity_flop_per_byte": flops / max(read + written, 1), "machine": peaks,
+        "kind": kind,
+        "step_s": seconds,
+        "gflop": flops / 1e9,
+        "gbytes_estimate": (read + written) / 1e9,
+        **achieved,
+        "arithmetic_intensity_flop_per_byte": flops / max(read + written, 1),
+        "machine": peaks,
         "share_of_gemm_peak": achieved["gflops"] / peaks["gemm_gflops"],
         "share_of_mem_bandwidth": achieved["gbps"] / peaks["mem_gbps"],
         "top_ops_self_cpu_s": {e.key: round(e.self_cpu_time_total / 1e6, 3) for e in top},
@@ -243,19 +282,35 @@ def main() -> None:
         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs.values() if r["kind"] != "din"),
         "peak_rss_mb_by_model": {k: r["peak_rss_mb"] for k, r in runs.items()},
         "psu_speedup_vs_reference": reference["psu_speedup_vs_reference"],
-        "psu_speedup_cpu_time": reference["psu_speedup_cpu_time"], "reference": reference,
-        "roofline": roofline, "load_avg_1m": [load0[0], os.getloadavg()[0]],
-        "L": args.length, "batch": args.batch, "d": 64, "heads": 4, "K": 200, "candidates": 5,
-        "steps": steps, "warmup": warmup, "runs": runs,
+        "psu_speedup_cpu_time": reference["psu_speedup_cpu_time"],
+        "reference": reference,
+        "roofline": roofline,
+        "load_avg_1m": [load0[0], os.getloadavg()[0]],
+        "L": args.length,
+        "batch": args.batch,
+        "d": 64,
+        "heads": 4,
+        "K": 200,
+        "candidates": 5,
+        "steps": steps,
+        "warmup": warmup,
+        "runs": runs,
         "alignment_memory": {
-            "batch": args.align_batch, "L": args.length, "d": 64,
+            "batch": args.align_batch,
+            "L": args.length,
+            "d": 64,
             "by_n_chunks": align,
             "logits_bytes_ratio_vs_nch1": {a["n_chunks"]: a["logits_bytes"] / base_bytes for a in align},
-            "peak_rss_delta_ratio_vs_nch1": {a["n_chunks"]: a["peak_rss_delta_mb"] / max(align[0]["peak_rss_delta_mb"], 1e-9)
-                                             for a in align},
+            "peak_rss_delta_ratio_vs_nch1": {
+                a["n_chunks"]: a["peak_rss_delta_mb"] / max(align[0]["peak_rss_delta_mb"], 1e-9) for a in align
+            },
         },
-        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-                    "omp_threads": os.environ.get("OMP_NUM_THREADS", "2")},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "omp_threads": os.environ.get("OMP_NUM_THREADS", "2"),
+        },
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -263,8 +318,11 @@ def main() -> None:
     skip = ("runs", "alignment_memory", "reference", "roofline")
     print(json.dumps({k: v for k, v in result.items() if k not in skip}, indent=2))
     for kind, r in roofline.items():
-        print(f"{kind}: {r['gflops']:.1f} GFLOP/s ({r['share_of_gemm_peak']:.0%} of GEMM peak), "
-              f"{r['gbps']:.1f} GB/s ({r['share_of_mem_bandwidth']:.0%} of copy bandwidth), top ops {r['top_ops_self_cpu_s']}")
+        print(
+            f"{kind}: {r['gflops']:.1f} GFLOP/s ({r['share_of_gemm_peak']:.0%} of GEMM peak), "
+            f"{r['gbps']:.1f} GB/s ({r['share_of_mem_bandwidth']:.0%} of copy bandwidth), "
+            f"top ops {r['top_ops_self_cpu_s']}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""Recall/latency of GSU top-K retrievers (paper §4.2.2, Figure 2, Table 4; docs/design.md, Retrieval) → bench/out/retrieval.json.
+"""Recall/latency of GSU top-K retrievers (paper §4.2.2, Figure 2, Table 4; docs/design.md, Retrieval) →
+bench/out/retrieval.json.
 
 Scenarios: "paper" (i.i.d. N(μ,1) channels, d = 64, the three groups of Figure 2) and "catalog" (10^6 items,
 10^5 queries, Zipf histories by id, 64 candidates per user; baseline "exact_fp32" measured in the same run).
 Timings are this thread's CPU time (time.thread_time), single-threaded (BLAS, faiss and torch pinned to one
 thread), on a shared machine: compare ratios, and prefer the paired ratios (back-to-back calls).
 """
+
 from __future__ import annotations
 
 import os
@@ -17,6 +19,7 @@ import json  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any, cast  # noqa: E402
 
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
@@ -24,11 +27,16 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-from seminar_ray.retrieval.index import build_index  # noqa: E402
-from seminar_ray.retrieval.baselines import (CascadingHNSWRetriever, ChannelADCRetriever,  # noqa: E402
-                                             LSHRetriever, RQRetriever, SymmetricPQRetriever)
-from seminar_ray.retrieval.retrievers import (ADCRetriever, ExactRetriever, ServingRetriever,  # noqa: E402
-                                              SketchRerankRetriever)
+from seminar_ray.models import SeminarCTR  # noqa: E402
+from seminar_ray.retrieval.index import PQIndex, build_index  # noqa: E402
+from seminar_ray.retrieval.reference import (  # noqa: E402
+    CascadingHNSWRetriever,
+    ChannelADCRetriever,
+    LSHRetriever,
+    RQRetriever,
+    SymmetricPQRetriever,
+)
+from seminar_ray.retrieval.retrievers import ADCRetriever, ExactRetriever, PQRerankRetriever, SketchRerankRetriever  # noqa: E402
 from seminar_ray.retrieval.tables import GSUTables  # noqa: E402
 
 D, KS, C = 64, (32, 64, 128, 256), 64
@@ -45,7 +53,10 @@ GROUPS = {
     "same_norm_diff_gamma": ((1.0, 1.0, 1.0, 1.0), (0.1, 0.2, 0.3, 0.4)),
 }
 ADC_SERVING = {"folded_n_sub": 32, "folded_n_centroids": 16, "rerank_factor": 8}  # 16 B per entity, 4-bit fast-scan
-SERVING = {"sketch_dim": 32, "z": 3.0}  # int8 key sketch (32 B per entity), adaptive 3σ margin, fixed a priori
+SERVING: dict[str, Any] = {
+    "sketch_dim": 32,
+    "z": 3.0,
+}  # int8 key sketch (32 B per entity), adaptive 3σ margin, fixed a priori
 
 
 def channel_tables(rng, n_queries: int, n_items: int, mu, gamma, gate_noise: float = 0.0) -> GSUTables:
@@ -54,7 +65,7 @@ def channel_tables(rng, n_queries: int, n_items: int, mu, gamma, gate_noise: flo
     items = np.empty((n_items + 1, 3, D), np.float32)
     for j, m in enumerate((mt, mi, ma)):
         for s in range(0, n_items + 1, 1 << 18):
-            blk = items[s:s + (1 << 18), j, :]
+            blk = items[s : s + (1 << 18), j, :]
             blk[...] = rng.standard_normal(blk.shape, dtype=np.float32)
             blk += m
     items[0] = 0
@@ -89,11 +100,11 @@ def recall(got: np.ndarray, truth: np.ndarray, exact: np.ndarray) -> float:
     return float(np.mean(hits / n_valid))
 
 
-def timed(fn):
+def timed(fn, *args):
     """(result, seconds of this thread's CPU time): everything runs single-threaded in the caller's thread, and on
     this shared 2-core machine (load 30-60 while measured) wall-clock time mostly measures the scheduler."""
     t = time.thread_time()
-    out = fn()
+    out = fn(*args)
     return out, time.thread_time() - t
 
 
@@ -106,7 +117,7 @@ def evaluate(retrievers, bytes_of, users, scenario, group, L, n_alone, out, reps
         for K in KS:
             recs, batched, alone, unions = [], [], [], []
             for ui, (hq, hi, u, tc) in enumerate(users):
-                runs = [timed(lambda: r.topk(hq, hi, u, K, tc)) for _ in range(1 if slow else reps)]
+                runs = [timed(r.topk, hq, hi, u, K, tc) for _ in range(1 if slow else reps)]
                 got = runs[0][0]
                 batched.append(min(dt for _, dt in runs) / len(u))
                 unions.append(getattr(r, "last_union", 0))
@@ -116,13 +127,19 @@ def evaluate(retrievers, bytes_of, users, scenario, group, L, n_alone, out, reps
                 recs.append(recall(got, truth, exact_scores[ui]))
                 if ui == 0:
                     for c in range(n_alone.get(r.name, 4)):
-                        one = None if tc is None else (tc[0][c:c + 1], tc[1][c:c + 1])
-                        alone.append(timed(lambda: r.topk(hq, hi, u[c:c + 1], K, one))[1])
-            row = {"scenario": scenario, "group": group, "method": r.name, "L": L, "K": K,
-                   "recall": round(float(np.mean(recs)), 4),
-                   "us_per_candidate": round(1e6 * float(np.median(alone)), 2),
-                   "us_per_candidate_batched": round(1e6 * float(np.median(batched)), 2),
-                   **bytes_of(r, K, L, float(np.mean(unions)))}
+                        one = None if tc is None else (tc[0][c : c + 1], tc[1][c : c + 1])
+                        alone.append(timed(r.topk, hq, hi, u[c : c + 1], K, one)[1])
+            row = {
+                "scenario": scenario,
+                "group": group,
+                "method": r.name,
+                "L": L,
+                "K": K,
+                "recall": round(float(np.mean(recs)), 4),
+                "us_per_candidate": round(1e6 * float(np.median(alone)), 2),
+                "us_per_candidate_batched": round(1e6 * float(np.median(batched)), 2),
+                **bytes_of(r, K, L, float(np.mean(unions))),
+            }
             if unions[0]:
                 row["reranked_per_candidate_union"] = round(float(np.mean(unions)), 1)
             if scenario == "paper" and r.name in PAPER_TABLE4:
@@ -141,12 +158,20 @@ def paired_ratios(retrievers, users, scenario, group, L, reps, out):
             ratios = []
             for _ in range(reps):
                 for hq, hi, u, tc in users:
-                    te = timed(lambda: exact.topk(hq, hi, u, K, tc))[1]
-                    ratios.append(timed(lambda: r.topk(hq, hi, u, K, tc))[1] / te)
-            out.append({"scenario": scenario, "group": group, "method": r.name, "L": L, "K": K,
-                        "paired_ratio_vs_exact_fp32": round(float(np.median(ratios)), 3),
-                        "paired_ratio_iqr": [round(float(q), 3) for q in np.percentile(ratios, [25, 75])],
-                        "pairs": len(ratios)})
+                    te = timed(exact.topk, hq, hi, u, K, tc)[1]
+                    ratios.append(timed(r.topk, hq, hi, u, K, tc)[1] / te)
+            out.append(
+                {
+                    "scenario": scenario,
+                    "group": group,
+                    "method": r.name,
+                    "L": L,
+                    "K": K,
+                    "paired_ratio_vs_exact_fp32": round(float(np.median(ratios)), 3),
+                    "paired_ratio_iqr": [round(float(q), 3) for q in np.percentile(ratios, [25, 75])],
+                    "pairs": len(ratios),
+                }
+            )
             print(json.dumps(out[-1]), flush=True)
 
 
@@ -178,38 +203,60 @@ def make_bytes_of(index, rq_levels):
         else:  # hnsw: raw channel vectors in the per-request graphs
             ent, beh = 3 * 4 * d, 4 * 4 * d
         return {"bytes_per_entity": float(ent), "bytes_per_behaviour": float(beh)}
+
     return bytes_of
 
 
 def serving_retrievers(index):
-    return [SketchRerankRetriever(index, SERVING["z"]), ServingRetriever(index, ADC_SERVING["rerank_factor"])]
+    return [SketchRerankRetriever(index, SERVING["z"]), PQRerankRetriever(index, ADC_SERVING["rerank_factor"])]
 
 
 def paper_scenario(Ls, out, paired, n_centroids: int, rq_train: int, seed=0):
     """Figure 2's three groups; the two same-norm groups share their channel vectors, so their per-channel codecs
     are trained once (γ only weights the look-ups). Paper PQ: 8 sub-vectors × n_centroids (paper: 512)."""
     n = 39 * 512 + 32  # ≥ 10,000 distinct behaviours, and enough vectors for 512 centroids without the cap
-    channel_index = {}
+    channel_index: dict[tuple, PQIndex] = {}
     for group, (mu, gamma) in GROUPS.items():
         rng = np.random.default_rng(seed)
         tables = channel_tables(rng, n, n, mu, gamma)
         t0 = time.perf_counter()
-        index = build_index(tables, f"paper-{group}", n_sub=8, n_centroids=n_centroids,
-                            channel_parts=channel_index.get(mu), sketch_dim=SERVING["sketch_dim"],
-                            folded_n_sub=ADC_SERVING["folded_n_sub"],
-                            folded_n_centroids=ADC_SERVING["folded_n_centroids"])
+        index = build_index(
+            tables,
+            f"paper-{group}",
+            n_sub=8,
+            n_centroids=n_centroids,
+            channel_parts=channel_index.get(mu),
+            sketch_dim=SERVING["sketch_dim"],
+            folded_n_sub=ADC_SERVING["folded_n_sub"],
+            folded_n_centroids=ADC_SERVING["folded_n_centroids"],
+        )
         channel_index.setdefault(mu, index)
         rq = RQRetriever(tables, max_train=rq_train)
         print(f"[paper/{group}] index built in {time.perf_counter() - t0:.1f}s", flush=True)
-        retrievers = [ExactRetriever.from_tables(tables), SymmetricPQRetriever(index), ChannelADCRetriever(index),
-                      ADCRetriever(index), *serving_retrievers(index), CascadingHNSWRetriever(tables),
-                      LSHRetriever(tables), rq]
+        retrievers = [
+            ExactRetriever.from_tables(tables),
+            SymmetricPQRetriever(index),
+            ChannelADCRetriever(index),
+            ADCRetriever(index),
+            *serving_retrievers(index),
+            CascadingHNSWRetriever(tables),
+            LSHRetriever(tables),
+            rq,
+        ]
         for L in Ls:
             hq, hi = rng.permutation(n)[:L] + 1, rng.permutation(n)[:L] + 1  # each behaviour its own vectors
             fresh = channel_tables(rng, C, C, mu, gamma)  # fresh i.i.d. target pairs
             u, tc = target_pairs(fresh, np.arange(1, C + 1), np.arange(1, C + 1))
-            evaluate(retrievers, make_bytes_of(index, 8), [(hq, hi, u, tc)], "paper", group, L,
-                     {"hnsw_cascade": 1, "symmetric_pq": 2, "adc_channel": 2}, out)
+            evaluate(
+                retrievers,
+                make_bytes_of(index, 8),
+                [(hq, hi, u, tc)],
+                "paper",
+                group,
+                L,
+                {"hnsw_cascade": 1, "symmetric_pq": 2, "adc_channel": 2},
+                out,
+            )
             paired_ratios(retrievers, [(hq, hi, u, tc)], "paper", group, L, 5, paired)
 
 
@@ -230,9 +277,15 @@ def catalog_scenario(Ls, n_users, out, paired, n_queries=100_000, n_items=1_000_
     print(f"[catalog] tables in {time.perf_counter() - t0:.1f}s", flush=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        index = build_index(tables, "catalog", n_sub=8, n_centroids=256, sketch_dim=SERVING["sketch_dim"],
-                            folded_n_sub=ADC_SERVING["folded_n_sub"],
-                            folded_n_centroids=ADC_SERVING["folded_n_centroids"])
+        index = build_index(
+            tables,
+            "catalog",
+            n_sub=8,
+            n_centroids=256,
+            sketch_dim=SERVING["sketch_dim"],
+            folded_n_sub=ADC_SERVING["folded_n_sub"],
+            folded_n_centroids=ADC_SERVING["folded_n_centroids"],
+        )
     print(f"[catalog] index built in {time.perf_counter() - t0:.1f}s", flush=True)
     urng = np.random.default_rng(seed + 1)
     item_of, query_of = zipf_sampler(urng, n_items), zipf_sampler(urng, n_queries)
@@ -251,17 +304,34 @@ def catalog_scenario(Ls, n_users, out, paired, n_queries=100_000, n_items=1_000_
     rq_queries = np.unique(np.concatenate([h[0] for us in histories.values() for h in us]))
     rq = RQRetriever(tables, encode_ids=(rq_queries, rq_items), max_train=rq_train)
     print(f"[catalog] all built in {time.perf_counter() - t0:.1f}s", flush=True)
-    retrievers = [ExactRetriever.from_tables(tables), *serving_retrievers(index),
-                  ADCRetriever(index), ChannelADCRetriever(index), SymmetricPQRetriever(index),
-                  rq, LSHRetriever(tables), CascadingHNSWRetriever(tables)]
+    retrievers = [
+        ExactRetriever.from_tables(tables),
+        *serving_retrievers(index),
+        ADCRetriever(index),
+        ChannelADCRetriever(index),
+        SymmetricPQRetriever(index),
+        rq,
+        LSHRetriever(tables),
+        CascadingHNSWRetriever(tables),
+    ]
     for L in Ls:
-        evaluate(retrievers, make_bytes_of(index, 8), histories[L], "catalog", "zipf", L,
-                 {"hnsw_cascade": 1, "symmetric_pq": 2, "adc_channel": 2, "rq": 2, "lsh_simhash": 2}, out, reps=3)
+        evaluate(
+            retrievers,
+            make_bytes_of(index, 8),
+            histories[L],
+            "catalog",
+            "zipf",
+            L,
+            {"hnsw_cascade": 1, "symmetric_pq": 2, "adc_channel": 2, "rq": 2, "lsh_simhash": 2},
+            out,
+            reps=3,
+        )
         paired_ratios(retrievers, histories[L], "catalog", "zipf", L, 7, paired)
 
 
 def plot(results, path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -272,7 +342,9 @@ def plot(results, path):
         for li, L in enumerate(Ls):
             ax = axes[gi][li]
             for m in dict.fromkeys(r["method"] for r in rows if r["method"] != "exact_fp32"):
-                pts = sorted((r["K"], r["recall"]) for r in rows if r["group"] == group and r["L"] == L and r["method"] == m)
+                pts = sorted(
+                    (r["K"], r["recall"]) for r in rows if r["group"] == group and r["L"] == L and r["method"] == m
+                )
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
             ax.set(title=f"{group}, L={L}", xlabel="K", ylabel="Recall@K", xscale="log", ylim=(0, 1.02))
             ax.set_xticks(KS, [str(k) for k in KS])
@@ -295,17 +367,30 @@ def checkpoint_scenario(checkpoint: str, data: str, Ls, n_users: int, out, paire
     entities = EntityTables.load(data)
     model, _, _ = load_checkpoint(checkpoint, entities)
     model.eval()
-    gsu = export_gsu_tables(model)
+    gsu = export_gsu_tables(cast(SeminarCTR, model))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # small catalogues cap |C| (the warning says by how much)
-        index = build_index(gsu, "checkpoint", n_sub=min(8, gsu.dim), n_centroids=256, sketch_dim=SERVING["sketch_dim"],
-                            folded_n_sub=min(ADC_SERVING["folded_n_sub"], gsu.dim),
-                            folded_n_centroids=ADC_SERVING["folded_n_centroids"])
+        index = build_index(
+            gsu,
+            "checkpoint",
+            n_sub=min(8, gsu.dim),
+            n_centroids=256,
+            sketch_dim=SERVING["sketch_dim"],
+            folded_n_sub=min(ADC_SERVING["folded_n_sub"], gsu.dim),
+            folded_n_centroids=ADC_SERVING["folded_n_centroids"],
+        )
     seqs = pq.read_table(Path(data) / "sequences.parquet", columns=["item_ids", "query_ids"]).to_pylist()
     seqs = sorted(seqs, key=lambda r: -len(r["item_ids"]))  # the longest histories first
     rng = np.random.default_rng(seed + 1)
-    retrievers = [ExactRetriever.from_tables(gsu), *serving_retrievers(index), ADCRetriever(index),
-                  ChannelADCRetriever(index), RQRetriever(gsu), LSHRetriever(gsu), CascadingHNSWRetriever(gsu)]
+    retrievers = [
+        ExactRetriever.from_tables(gsu),
+        *serving_retrievers(index),
+        ADCRetriever(index),
+        ChannelADCRetriever(index),
+        RQRetriever(gsu),
+        LSHRetriever(gsu),
+        CascadingHNSWRetriever(gsu),
+    ]
     longest = len(seqs[0]["item_ids"]) - 1
     for L in sorted({min(L, longest) for L in Ls}):  # L: the history cap actually reached
         users = []
@@ -314,13 +399,19 @@ def checkpoint_scenario(checkpoint: str, data: str, Ls, n_users: int, out, paire
             hi, hq = items[:-1][-L:], queries[:-1][-L:]
             cand = np.concatenate([items[-1:], rng.integers(1, entities.meta.num_items + 1, C - 1)])
             with torch.no_grad():
-                u = model.gsu_target_vectors(
-                    target_queries=torch.full((C,), int(queries[-1])), target_items=torch.from_numpy(cand)).numpy()
+                u = (
+                    cast(SeminarCTR, model)
+                    .gsu_target_vectors(
+                        target_queries=torch.full((C,), int(queries[-1])), target_items=torch.from_numpy(cand)
+                    )
+                    .numpy()
+                )
             users.append((hq, hi, np.ascontiguousarray(u, dtype=np.float32), None))
         lengths = [len(h[1]) for h in users]
         print(f"[checkpoint] L ≤ {L}: {len(users)} users, history lengths {min(lengths)}..{max(lengths)}", flush=True)
-        evaluate(retrievers, make_bytes_of(index, 8), users, "checkpoint", Path(checkpoint).name, L,
-                 {"hnsw_cascade": 1}, out)
+        evaluate(
+            retrievers, make_bytes_of(index, 8), users, "checkpoint", Path(checkpoint).name, L, {"hnsw_cascade": 1}, out
+        )
         paired_ratios(retrievers, users, "checkpoint", Path(checkpoint).name, L, 2, paired)
 
 
@@ -334,19 +425,31 @@ def target_check(results, paired, scenario, serving):
         ex = {r["K"]: r for r in rows if r["method"] == "exact_fp32"}
         sv = {r["K"]: r for r in rows if r["method"] == serving}
         if ex and sv:
-            summary[f"L{L}"] = {f"K{K}": {"recall": sv[K]["recall"], "batched_cost_vs_exact_fp32": round(
-                sv[K]["us_per_candidate_batched"] / ex[K]["us_per_candidate_batched"], 3),
-                "paired_ratio_vs_exact_fp32": pair.get((L, K), {}).get("paired_ratio_vs_exact_fp32")} for K in KS}
+            summary[f"L{L}"] = {
+                f"K{K}": {
+                    "recall": sv[K]["recall"],
+                    "batched_cost_vs_exact_fp32": round(
+                        sv[K]["us_per_candidate_batched"] / ex[K]["us_per_candidate_batched"], 3
+                    ),
+                    "paired_ratio_vs_exact_fp32": pair.get((L, K), {}).get("paired_ratio_vs_exact_fp32"),
+                }
+                for K in KS
+            }
     return summary
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="bench/out/retrieval.json")
-    ap.add_argument("--quick", action="store_true",
-                    help="L = 2,000 and 10,000 only, 8×256 paper codebooks (full run: 8×512), fewer users")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="L = 2,000 and 10,000 only, 8×256 paper codebooks (full run: 8×512), fewer users",
+    )
     ap.add_argument("--scenarios", default="paper,catalog")
-    ap.add_argument("--checkpoint", help="a fine-tuned SEMINAR checkpoint: recall on its real GSU tables (needs --data)")
+    ap.add_argument(
+        "--checkpoint", help="a fine-tuned SEMINAR checkpoint: recall on its real GSU tables (needs --data)"
+    )
     ap.add_argument("--data", help="the dataset directory the checkpoint was trained on")
     args = ap.parse_args(argv)
     if args.checkpoint and not args.data:
@@ -356,9 +459,11 @@ def main(argv=None):
     results, paired, t0, elapsed = [], [], time.perf_counter(), {}
     rq_train = 39 * 256 if args.quick else 32768
     n_centroids, n_users = (256, 3) if args.quick else (512, 8)
-    runs = {"paper": lambda: paper_scenario(Ls, results, paired, n_centroids=n_centroids, rq_train=rq_train),
-            "catalog": lambda: catalog_scenario((2000, 10000), n_users, results, paired, rq_train=rq_train),
-            "checkpoint": lambda: checkpoint_scenario(args.checkpoint, args.data, Ls, 16 * n_users // 3, results, paired)}
+    runs = {
+        "paper": lambda: paper_scenario(Ls, results, paired, n_centroids=n_centroids, rq_train=rq_train),
+        "catalog": lambda: catalog_scenario((2000, 10000), n_users, results, paired, rq_train=rq_train),
+        "checkpoint": lambda: checkpoint_scenario(args.checkpoint, args.data, Ls, 16 * n_users // 3, results, paired),
+    }
     for name, run in runs.items():
         if name in args.scenarios or (name == "checkpoint" and args.checkpoint):
             t = time.perf_counter()
@@ -367,13 +472,23 @@ def main(argv=None):
     serving = f"serving_sketch{SERVING['sketch_dim']}_z{SERVING['z']:g}"  # capped at d on a smaller model
     checks = {}
     for sc in dict.fromkeys(r["scenario"] for r in results):
-        methods = dict.fromkeys(r["method"] for r in results if r["scenario"] == sc and r["method"].startswith("serving"))
+        methods = dict.fromkeys(
+            r["method"] for r in results if r["scenario"] == sc and r["method"].startswith("serving")
+        )
         checks[sc] = {m: target_check(results, paired, sc, m) for m in methods}
-    doc = {"serving_method": serving, "serving_config": SERVING, "adc_serving_config": ADC_SERVING,
-           "target_check": checks,
-           "threads": 1, "elapsed_s": round(time.perf_counter() - t0, 1), "elapsed_s_by_scenario": elapsed, "quick": args.quick,
-           "paper_table4": {m: {str(k): v for k, v in t.items()} for m, t in PAPER_TABLE4.items()},
-           "results": results, "paired_cost": paired}
+    doc = {
+        "serving_method": serving,
+        "serving_config": SERVING,
+        "adc_serving_config": ADC_SERVING,
+        "target_check": checks,
+        "threads": 1,
+        "elapsed_s": round(time.perf_counter() - t0, 1),
+        "elapsed_s_by_scenario": elapsed,
+        "quick": args.quick,
+        "paper_table4": {m: {str(k): v for k, v in t.items()} for m, t in PAPER_TABLE4.items()},
+        "results": results,
+        "paired_cost": paired,
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))

@@ -1,7 +1,7 @@
 """The app's per-request work in one process, hot and with another process taking its core between stages: how much
 dearer the same work gets on a shared core (serve_app/README.md, "Where the time goes at c = 1").
 
-    python bench/serve_cold_work.py --out bench/out/serve_cold_work.json [--quick]
+    python -m bench.serve_cold_work --out bench/out/serve_cold_work.json [--quick]
 
 Same artefacts and requests as bench/serve_load.py (L = 2,000, 100 candidates, exact retrieval), the stages called
 as serve_app/app.py calls them. The process is pinned to one core. Before the retrieval and before the scoring of
@@ -14,24 +14,23 @@ to answer (at c = 1 a replica waits in the same way while the proxy, the other r
 The modes alternate in rounds, so a drift in this shared machine's speed hits all alike; the figures are each stage's
 median thread CPU and its ratio to hot. The load average is recorded beside them.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before numpy loads OpenBLAS: one BLAS thread, as in the replicas
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.serve_load import InProcessWork, Requests, build_default_artefacts  # noqa: E402
-from seminar_ray.serving import ScoreJob  # noqa: E402
+from bench.serve_load import InProcessWork, Requests, build_default_artefacts
+from seminar_ray.serving import ScoreJob
 
 MODES = ("hot", "idle", "switch", "serve_like")
 
@@ -39,7 +38,7 @@ MODES = ("hot", "idle", "switch", "serve_like")
 def partner(mode: str, gap_s: float, go: int, done: int) -> None:
     """The other process on the core: on each byte from `go`, occupy the core (or not) for gap_s, then answer."""
     sweep = np.zeros(8 << 20, np.uint8)
-    objs = [{"id": i, "name": str(i), "tags": [i, i + 1]} for i in range(50_000)]
+    objs: list[dict[str, Any]] = [{"id": i, "name": str(i), "tags": [i, i + 1]} for i in range(50_000)]
     while os.read(go, 1) == b"g":
         end = time.perf_counter() + gap_s
         if mode == "idle":
@@ -103,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     work = InProcessWork(art, "exact")
     reqs = Requests(users, meta.num_queries, meta.num_items)
     measure(work, reqs, "hot", 30, 0.0)  # warm-up
-    cpu = {m: {"retrieve": [], "score": []} for m in MODES}
+    cpu: dict[str, dict[str, list[float]]] = {m: {"retrieve": [], "score": []} for m in MODES}
     for r in range(rounds):
         for mode in MODES:
             for stage, values in measure(work, reqs, mode, n, args.gap_ms / 1e3).items():
@@ -113,10 +112,18 @@ def main(argv: list[str] | None = None) -> int:
     for m in p50:
         p50[m]["total"] = float(np.median(np.add(cpu[m]["retrieve"], cpu[m]["score"]))) * 1e3
     result = {
-        "L": 2000, "candidates": 100, "retrieval": "exact", "gap_ms": args.gap_ms, "rounds": rounds,
-        "requests_per_round": n, "core": core, "cpu_p50_ms": p50,
+        "L": 2000,
+        "candidates": 100,
+        "retrieval": "exact",
+        "gap_ms": args.gap_ms,
+        "rounds": rounds,
+        "requests_per_round": n,
+        "core": core,
+        "cpu_p50_ms": p50,
         "ratio_to_hot": {m: {s: v / p50["hot"][s] for s, v in st.items()} for m, st in p50.items()},
-        "load_avg_start": load_start, "load_avg_end": os.getloadavg(), "wall_s": time.time() - t0,
+        "load_avg_start": load_start,
+        "load_avg_end": os.getloadavg(),
+        "wall_s": time.time() - t0,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

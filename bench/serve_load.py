@@ -1,6 +1,7 @@
-"""HTTP load test of the Ray Serve scoring app against its zero-work floor, measured in the same run (docs/design.md, Serving).
+"""HTTP load test of the Ray Serve scoring app against its zero-work floor, measured in the same run (docs/design.md,
+Serving).
 
-    python bench/serve_load.py --out bench/out/serve.json [--quick] [--checkpoint C --index I --data D]
+    python -m bench.serve_load --out bench/out/serve.json [--quick] [--checkpoint C --index I --data D]
 
 Self-contained: without --checkpoint/--index/--data it builds synthetic data with L = 2,000 histories, an untrained
 small SEMINAR and its folded PQ index. Every request: a user with a 2,000-long history, 100 candidates.
@@ -17,10 +18,12 @@ throughput-optimized preset, clients spread over the ingress replicas' own ports
 The machine is shared and noisy: the ratios against the floor of the same run are the figures, and every figure
 has the machine's load average (os.getloadavg) beside it.
 """
+
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import sys
@@ -29,19 +32,18 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # Before numpy loads OpenBLAS: the in-process reference computes with one BLAS thread, as the replicas do (Ray sets
 # OMP_NUM_THREADS=1 in its workers); a second thread had made the reference's GEMM cheaper than the replicas' one.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.serve_variants import floor_app, split_app  # noqa: E402
-from serve_app.app import compose  # noqa: E402
-from serve_app.deploy import INGRESS_MODES, direct_urls, set_ingress_env  # noqa: E402
+from bench.serve_variants import floor_app, split_app
+from serve_app.app import compose
+from serve_app.deploy import INGRESS_MODES, direct_urls, set_ingress_env
 
 APP, FLOOR_APP = "bench", "floor"
 L, CANDIDATES = 2000, 100
@@ -59,10 +61,14 @@ class Requests:
 
     def __init__(self, users: list[int], num_queries: int, num_items: int, seed: int = 0):
         rng = np.random.default_rng(seed)
-        self.bodies = [{"user_id": int(rng.choice(users)),
-                        "candidates": (rng.choice(num_items, CANDIDATES, replace=False) + 1).tolist(),
-                        "query": int(rng.integers(0, num_queries + 1)) if rng.random() < 0.3 else None}
-                       for _ in range(256)]
+        self.bodies = [
+            {
+                "user_id": int(rng.choice(users)),
+                "candidates": (rng.choice(num_items, CANDIDATES, replace=False) + 1).tolist(),
+                "query": int(rng.integers(0, num_queries + 1)) if rng.random() < 0.3 else None,
+            }
+            for _ in range(256)
+        ]
 
     def __getitem__(self, n: int) -> dict:
         return self.bodies[n % len(self.bodies)]
@@ -76,8 +82,14 @@ def _clients(urls: list[str], n: int):
     return [httpx.AsyncClient(base_url=u, timeout=60, limits=limits) for u in urls]
 
 
-async def closed_loop(urls: list[str], reqs: Requests, concurrency: int, max_requests: int, max_s: float,
-                      stop: asyncio.Event | None = None) -> dict:
+async def closed_loop(
+    urls: list[str],
+    reqs: Requests,
+    concurrency: int,
+    max_requests: int,
+    max_s: float,
+    stop: asyncio.Event | None = None,
+) -> dict:
     """`concurrency` workers, each sending its next request when the last one answered; worker i talks to
     urls[i % len(urls)] (direct ingress: one address per ingress replica, spread like a load balancer would)."""
     import httpx
@@ -104,24 +116,42 @@ async def closed_loop(urls: list[str], reqs: Requests, concurrency: int, max_req
                 first_error = first_error or f"{client.base_url}: {e!r}"
             lat.append(time.perf_counter() - t0) if ok else None
             errors += 0 if ok else 1
+
     t0 = time.perf_counter()
     await asyncio.gather(*(worker(clients[i % len(clients)]) for i in range(concurrency)))
     wall = time.perf_counter() - t0
     for client in clients:
         await client.aclose()
-    return {"concurrency": concurrency, "requests": sent, "errors": errors, "wall_s": wall,
-            "rps": len(lat) / wall, **percentiles(lat), "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
-            "first_error": first_error, "_lat": lat}
+    return {
+        "concurrency": concurrency,
+        "requests": sent,
+        "errors": errors,
+        "wall_s": wall,
+        "rps": len(lat) / wall,
+        **percentiles(lat),
+        "load_avg_start": load_start,
+        "load_avg_end": os.getloadavg(),
+        "first_error": first_error,
+        "_lat": lat,
+    }
 
 
 def pooled(parts: list[dict]) -> dict:
     """One closed-loop result from several bursts at the same concurrency (latencies pooled, rate = ok / wall)."""
     lat = [x for p in parts for x in p.pop("_lat")]
     wall = sum(p["wall_s"] for p in parts)
-    return {"concurrency": parts[0]["concurrency"], "requests": sum(p["requests"] for p in parts),
-            "errors": sum(p["errors"] for p in parts), "wall_s": wall, "rps": len(lat) / wall, "bursts": len(parts),
-            "burst_rps": [p["rps"] for p in parts], **percentiles(lat),
-            "load_avg_start": parts[0]["load_avg_start"], "load_avg_end": parts[-1]["load_avg_end"]}
+    return {
+        "concurrency": parts[0]["concurrency"],
+        "requests": sum(p["requests"] for p in parts),
+        "errors": sum(p["errors"] for p in parts),
+        "wall_s": wall,
+        "rps": len(lat) / wall,
+        "bursts": len(parts),
+        "burst_rps": [p["rps"] for p in parts],
+        **percentiles(lat),
+        "load_avg_start": parts[0]["load_avg_start"],
+        "load_avg_end": parts[-1]["load_avg_end"],
+    }
 
 
 async def open_loop(urls: list[str], reqs: Requests, rate: float, duration_s: float) -> dict:
@@ -145,19 +175,29 @@ async def open_loop(urls: list[str], reqs: Requests, rate: float, duration_s: fl
             ok = False
         lat.append(time.perf_counter() - due) if ok else None
         errors += 0 if ok else 1
+
     await asyncio.gather(*(one(i) for i in range(n)))
     wall = time.perf_counter() - start
     for client in clients:
         await client.aclose()
-    return {"rate": rate, "requests": n, "errors": errors, "wall_s": wall, "rps": len(lat) / wall,
-            **percentiles(lat), "load_avg_start": load_start, "load_avg_end": os.getloadavg()}
+    return {
+        "rate": rate,
+        "requests": n,
+        "errors": errors,
+        "wall_s": wall,
+        "rps": len(lat) / wall,
+        **percentiles(lat),
+        "load_avg_start": load_start,
+        "load_avg_end": os.getloadavg(),
+    }
 
 
 class ReplicaRecorder:
     """Polls serve.status() once a second: RUNNING and STARTING replicas per deployment, with a phase label."""
 
     def __init__(self, period_s: float = 1.0):
-        self.samples, self.phase, self.period = [], "start", period_s
+        self.samples: list[dict] = []
+        self.phase, self.period = "start", period_s
         self.t0 = time.time()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -189,9 +229,9 @@ def replica_counts(app_name: str = APP) -> dict:
     from ray import serve
 
     app = serve.status().applications.get(app_name)
-    out = {}
-    for name, d in (app.deployments.items() if app is not None else ()):
-        states = d.replica_states
+    out: dict[str, int] = {}
+    for name, d in app.deployments.items() if app is not None else ():
+        states: dict[Any, int] = d.replica_states
         out[name] = states.get("RUNNING", 0)
         out[f"{name}_starting"] = states.get("STARTING", 0) + states.get("PENDING_ALLOCATION", 0)
         out[f"{name}_stopping"] = states.get("STOPPING", 0)
@@ -207,7 +247,8 @@ def deploy(app, expect: dict[str, int], max_wait_s: float = 240, name: str = APP
     while time.perf_counter() - t0 < max_wait_s:
         counts = replica_counts(name)
         if all(counts.get(d, 0) == n for d, n in expect.items()) and not any(
-                v for k, v in counts.items() if k.endswith(("_starting", "_stopping"))):
+            v for k, v in counts.items() if k.endswith(("_starting", "_stopping"))
+        ):
             return time.perf_counter() - t0
         time.sleep(0.5)
     raise RuntimeError(f"replicas not up after {max_wait_s} s: want {expect}, have {replica_counts(name)}")
@@ -248,7 +289,9 @@ class InProcessWork:
 def in_process(art, reqs: Requests, n: int, method: str) -> dict:
     """The same retrieval + scoring called directly in this process, one request at a time (no HTTP, no Serve)."""
     work = InProcessWork(art, method)
-    lat, cpu, stage_s = [], [], {"retrieve": [], "score": []}
+    lat: list[float] = []
+    cpu: list[float] = []
+    stage_s: dict[str, list[float]] = {"retrieve": [], "score": []}
     load_start = os.getloadavg()
     for i in range(n + 5):
         t0, c0 = time.perf_counter(), time.thread_time()
@@ -261,10 +304,15 @@ def in_process(art, reqs: Requests, n: int, method: str) -> dict:
             cpu.append(time.thread_time() - c0)
             stage_s["retrieve"].append(t1 - t0)
             stage_s["score"].append(t2 - t1)
-    return {"retrieval": method, "requests": n, **percentiles(lat),
-            **{f"{k}_p50_ms": float(np.median(v) * 1e3) for k, v in stage_s.items()},
-            "cpu_p50_ms": float(np.median(cpu) * 1e3),  # thread CPU time: what a loaded machine does not inflate
-            "load_avg_start": load_start, "load_avg_end": os.getloadavg()}
+    return {
+        "retrieval": method,
+        "requests": n,
+        **percentiles(lat),
+        **{f"{k}_p50_ms": float(np.median(v) * 1e3) for k, v in stage_s.items()},
+        "cpu_p50_ms": float(np.median(cpu) * 1e3),  # thread CPU time: what a loaded machine does not inflate
+        "load_avg_start": load_start,
+        "load_avg_end": os.getloadavg(),
+    }
 
 
 def build_default_artefacts(root: Path, users: int) -> dict:
@@ -283,11 +331,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data")
     ap.add_argument("--port", type=int, default=18321)
     ap.add_argument("--retrieval", default="exact", choices=("exact", "pq", "sketch"))
-    ap.add_argument("--replicas", help="Retriever,Scorer replicas of the throughput runs in every mode "
-                                        f"(default per mode: {DEFAULT_REPLICAS})")
-    ap.add_argument("--ingress", default="direct,proxy",
-                    help="ingress modes to measure, each on its own Ray instance (serve_app/deploy.py); the first "
-                         "gives the top-level figures and runs the in-process and skewed-load phases")
+    ap.add_argument(
+        "--replicas",
+        help=f"Retriever,Scorer replicas of the throughput runs in every mode (default per mode: {DEFAULT_REPLICAS})",
+    )
+    ap.add_argument(
+        "--ingress",
+        default="direct,proxy",
+        help="ingress modes to measure, each on its own Ray instance (serve_app/deploy.py); the first "
+        "gives the top-level figures and runs the in-process and skewed-load phases",
+    )
     args = ap.parse_args(argv)
     modes = args.ingress.split(",")
     if not modes or any(m not in INGRESS_MODES for m in modes):
@@ -308,10 +361,17 @@ def main(argv: list[str] | None = None) -> int:
     if not users:
         raise SystemExit(f"{art['data']}: no user has a history of {L}; pass data with long histories or none")
     reqs = Requests(users, meta.num_queries, meta.num_items)
-    result: dict = {"candidates": CANDIDATES, "L": L, "quick": args.quick, "headline_concurrency": plan.headline,
-                    "retrieval": args.retrieval,
-                    "load_avg_before": os.getloadavg(), "artefacts_s": time.time() - t_start,
-                    "replicas_over_time": [], "modes": {}}
+    result: dict = {
+        "candidates": CANDIDATES,
+        "L": L,
+        "quick": args.quick,
+        "headline_concurrency": plan.headline,
+        "retrieval": args.retrieval,
+        "load_avg_before": os.getloadavg(),
+        "artefacts_s": time.time() - t_start,
+        "replicas_over_time": [],
+        "modes": {},
+    }
     base = {**art, "limits": {"max_candidates": 200}, "retrieval": args.retrieval}
     for i, mode in enumerate(modes):
         run = run_mode(mode, args.port, base, reqs, plan, first=i == 0)
@@ -322,26 +382,47 @@ def main(argv: list[str] | None = None) -> int:
     for run in result["modes"].values():
         run.update(summarise(run, inproc["p50_ms"], inproc["cpu_p50_ms"], plan.headline))
     skew = head["skew"]
-    head["targets"].update({
-        "retriever_heavy_scaled_only_retriever": skew["retriever_heavy"]["scaled"] == ["Retriever"],
-        "scorer_heavy_scaled_only_scorer": skew["scorer_heavy"]["scaled"] == ["Scorer"],
-        "heavy_stage_scaled_first_both_ways": (skew["retriever_heavy"]["first_to_scale"] == "Retriever"
-                                               and skew["scorer_heavy"]["first_to_scale"] == "Scorer")})
+    head["targets"].update(
+        {
+            "retriever_heavy_scaled_only_retriever": skew["retriever_heavy"]["scaled"] == ["Retriever"],
+            "scorer_heavy_scaled_only_scorer": skew["scorer_heavy"]["scaled"] == ["Scorer"],
+            "heavy_stage_scaled_first_both_ways": (
+                skew["retriever_heavy"]["first_to_scale"] == "Retriever"
+                and skew["scorer_heavy"]["first_to_scale"] == "Scorer"
+            ),
+        }
+    )
     meeting = [m for m, r in result["modes"].items() if r["targets"]["rps_and_p99_and_zero_errors"]]
-    result.update({k: head[k] for k in SUMMARY_KEYS}, ingress=modes[0], targets=head["targets"],
-                  inprocess=head["inprocess"], skew=head["skew"], mode_meeting_targets=meeting[0] if meeting else None,
-                  modes_meeting_targets=meeting)
+    result.update(
+        {k: head[k] for k in SUMMARY_KEYS},
+        ingress=modes[0],
+        targets=head["targets"],
+        inprocess=head["inprocess"],
+        skew=head["skew"],
+        mode_meeting_targets=meeting[0] if meeting else None,
+        modes_meeting_targets=meeting,
+    )
     result["load_avg_after"] = os.getloadavg()
     result["wall_s"] = time.time() - t_start
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     plot_replicas(result, args.out.with_suffix(".png"))
-    print(json.dumps({"load_avg_before": result["load_avg_before"], "load_avg_after": result["load_avg_after"],
-                      "wall_s": result["wall_s"], "mode_meeting_targets": result["mode_meeting_targets"],
-                      **{m: {**{k: r[k] for k in SUMMARY_KEYS if k != "requests"}, "targets": r["targets"]}
-                         for m, r in result["modes"].items()},
-                      "skew": {k: v["mean_running_plus_starting"] for k, v in head["skew"].items()
-                               if k.endswith("_heavy")}}, indent=1))
+    print(
+        json.dumps(
+            {
+                "load_avg_before": result["load_avg_before"],
+                "load_avg_after": result["load_avg_after"],
+                "wall_s": result["wall_s"],
+                "mode_meeting_targets": result["mode_meeting_targets"],
+                **{
+                    m: {**{k: r[k] for k in SUMMARY_KEYS if k != "requests"}, "targets": r["targets"]}
+                    for m, r in result["modes"].items()
+                },
+                "skew": {k: v["mean_running_plus_starting"] for k, v in head["skew"].items() if k.endswith("_heavy")},
+            },
+            indent=1,
+        )
+    )
     return 0
 
 
@@ -362,8 +443,14 @@ def plot_replicas(result: dict, path: Path) -> None:
         t = [s["t_s"] - t0 for s in samples]
         for name, color in (("Retriever", "tab:blue"), ("Scorer", "tab:orange")):
             ax.step(t, [s.get(name, 0) for s in samples], "-", color=color, where="post", label=f"{name} running")
-            ax.step(t, [s.get(name, 0) + s.get(f"{name}_starting", 0) for s in samples], ":", color=color,
-                    where="post", label=f"{name} running + starting")
+            ax.step(
+                t,
+                [s.get(name, 0) + s.get(f"{name}_starting", 0) for s in samples],
+                ":",
+                color=color,
+                where="post",
+                label=f"{name} running + starting",
+            )
         ax.set_yticks([1, 2, 3])
         ax.set_title(f"{phase.replace('_', '-')} load (extra {SKEW_EXTRA_MS:.0f} ms CPU on that stage)")
         ax.set_xlabel("seconds into the phase")
@@ -375,8 +462,22 @@ def plot_replicas(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-SUMMARY_KEYS = ("rps", "p50_ms", "p95_ms", "p99_ms", "errors", "requests", "floor_rps", "floor_p99_ms",
-                "inprocess_p50_ms", "c1_p50_ms", "floor_c1_p50_ms", "alone_rps", "alone_p99_ms", "load_avg_1m_during")
+SUMMARY_KEYS = (
+    "rps",
+    "p50_ms",
+    "p95_ms",
+    "p99_ms",
+    "errors",
+    "requests",
+    "floor_rps",
+    "floor_p99_ms",
+    "inprocess_p50_ms",
+    "c1_p50_ms",
+    "floor_c1_p50_ms",
+    "alone_rps",
+    "alone_p99_ms",
+    "load_avg_1m_during",
+)
 
 
 # Fixed replica counts of the throughput runs (Retriever, Scorer) per ingress mode, the better count of each mode on
@@ -397,10 +498,11 @@ class Plan:
     bursts: int = 4  # alternating floor/real bursts per concurrency
 
     @classmethod
-    def make(cls, quick: bool, replicas: str | None) -> "Plan":
+    def make(cls, quick: bool, replicas: str | None) -> Plan:
         fixed = DEFAULT_REPLICAS
         if replicas:
-            fixed = {m: tuple(int(x) for x in replicas.split(",")) for m in INGRESS_MODES}
+            r, s = (int(x) for x in replicas.split(","))
+            fixed = {m: (r, s) for m in INGRESS_MODES}
         return cls(quick, [1, 8] if quick else [1, 2, 4, 8, 16], 8, fixed, 6 if quick else 20)
 
     def limits(self, concurrency: int) -> dict:
@@ -437,20 +539,28 @@ def run_mode(mode: str, port: int, base: dict, reqs: Requests, plan: Plan, first
         at each concurrency alternating bursts floor, real, floor, real, ... pooled per side, so a drift in the
         machine's load hits both alike (sequential phases swung the ratio between runs; serve_app/README.md)."""
         rec.phase = f"{mode}/{label}:deploy"
-        waits = {"floor": deploy(floor_app(fixed), expect, name=FLOOR_APP, route_prefix="/floor"),
-                 "real": deploy(compose(base, fixed), expect)}
+        waits = {
+            "floor": deploy(floor_app(fixed), expect, name=FLOOR_APP, route_prefix="/floor"),
+            "real": deploy(compose(base, fixed), expect),
+        }
         urls = {"floor": endpoints(FLOOR_APP, "/floor"), "real": endpoints(APP, "")}
         rec.phase = f"{mode}/{label}:warmup"
         for side in urls.values():
             warm(side, reqs, 30)
-        out = {k: {"deploy_wait_s": waits[k], "urls": urls[k], "closed": []} for k in urls}
+        out: dict[str, dict[str, Any]] = {k: {"deploy_wait_s": waits[k], "urls": urls[k], "closed": []} for k in urls}
         for c in levels:
-            lim, parts = plan.limits(c), {"floor": [], "real": []}
+            lim = plan.limits(c)
+            parts: dict[str, list[dict]] = {"floor": [], "real": []}
             for _ in range(plan.bursts):
                 for k in parts:
                     rec.phase = f"{mode}/{label}:{k}_c{c}"
-                    parts[k].append(asyncio.run(closed_loop(urls[k], reqs, c, lim["max_requests"] // plan.bursts,
-                                                            lim["max_s"] / plan.bursts)))
+                    parts[k].append(
+                        asyncio.run(
+                            closed_loop(
+                                urls[k], reqs, c, lim["max_requests"] // plan.bursts, lim["max_s"] / plan.bursts
+                            )
+                        )
+                    )
             for k in parts:
                 out[k]["closed"].append(pooled(parts[k]))
         serve.delete(FLOOR_APP)
@@ -467,8 +577,10 @@ def run_mode(mode: str, port: int, base: dict, reqs: Requests, plan: Plan, first
         out = {"replicas": expect, "floor": floor, "real": real}
         if first:
             rec.phase = f"{mode}/inprocess"
-            out["inprocess"] = {m: in_process(base, reqs, 40 if plan.quick else 200, m)
-                                for m in dict.fromkeys([base["retrieval"], "pq"])}
+            out["inprocess"] = {
+                m: in_process(base, reqs, 40 if plan.quick else 200, m)
+                for m in dict.fromkeys([base["retrieval"], "pq"])
+            }
             out["skew"] = skewed_runs(proxy_url, reqs, base, rec, max_s=35 if plan.quick else 90)
         out["topology"] = {"merged": {"floor": at(floor, plan.headline), "real": real_head}}
     serve.shutdown()
@@ -480,13 +592,22 @@ def summarise(run: dict, inproc_p50_ms: float, inproc_cpu_ms: float, headline: i
     """The issue's figures and targets for one mode (floor and real from the same Ray instance)."""
     floor, real = run["floor"], run["real"]
     head, floor_head, c1 = at(real, headline), at(floor, headline), at(real, 1)
-    s = {"rps": head["rps"], "p50_ms": head["p50_ms"], "p95_ms": head["p95_ms"], "p99_ms": head["p99_ms"],
-         "errors": sum(r["errors"] for r in (*real["closed"], real["open"], real["alone"])),
-         "requests": sum(r["requests"] for r in (*real["closed"], real["open"], real["alone"])),
-         "floor_rps": floor_head["rps"], "floor_p99_ms": floor_head["p99_ms"], "inprocess_p50_ms": inproc_p50_ms,
-         "inprocess_cpu_p50_ms": inproc_cpu_ms,
-         "c1_p50_ms": c1["p50_ms"], "floor_c1_p50_ms": at(floor, 1)["p50_ms"], "alone_rps": real["alone"]["rps"],
-         "alone_p99_ms": real["alone"]["p99_ms"]}
+    s = {
+        "rps": head["rps"],
+        "p50_ms": head["p50_ms"],
+        "p95_ms": head["p95_ms"],
+        "p99_ms": head["p99_ms"],
+        "errors": sum(r["errors"] for r in (*real["closed"], real["open"], real["alone"])),
+        "requests": sum(r["requests"] for r in (*real["closed"], real["open"], real["alone"])),
+        "floor_rps": floor_head["rps"],
+        "floor_p99_ms": floor_head["p99_ms"],
+        "inprocess_p50_ms": inproc_p50_ms,
+        "inprocess_cpu_p50_ms": inproc_cpu_ms,
+        "c1_p50_ms": c1["p50_ms"],
+        "floor_c1_p50_ms": at(floor, 1)["p50_ms"],
+        "alone_rps": real["alone"]["rps"],
+        "alone_p99_ms": real["alone"]["p99_ms"],
+    }
     s["targets"] = {
         "rps_ratio_vs_floor": s["rps"] / s["floor_rps"],
         "rps_ge_0.8_floor": s["rps"] >= 0.8 * s["floor_rps"],
@@ -503,11 +624,13 @@ def summarise(run: dict, inproc_p50_ms: float, inproc_cpu_ms: float, headline: i
         "c1_extra_le_inprocess_cpu_plus_1ms": s["c1_p50_ms"] - s["floor_c1_p50_ms"] <= inproc_cpu_ms + 1,
         "stretch_100_rps": s["alone_rps"] >= 100,  # the app alone: no idle floor app beside it
     }
-    s["targets"]["rps_and_p99_and_zero_errors"] = (s["targets"]["rps_ge_0.8_floor"]
-                                                   and s["targets"]["p99_le_floor_p99_plus_20ms"]
-                                                   and s["targets"]["zero_errors"])
-    s["load_avg_1m_during"] = [min(r["load_avg_start"][0] for r in (*floor["closed"], *real["closed"])),
-                               max(r["load_avg_end"][0] for r in (*floor["closed"], *real["closed"]))]
+    s["targets"]["rps_and_p99_and_zero_errors"] = (
+        s["targets"]["rps_ge_0.8_floor"] and s["targets"]["p99_le_floor_p99_plus_20ms"] and s["targets"]["zero_errors"]
+    )
+    s["load_avg_1m_during"] = [
+        min(r["load_avg_start"][0] for r in (*floor["closed"], *real["closed"])),
+        max(r["load_avg_end"][0] for r in (*floor["closed"], *real["closed"])),
+    ]
     return s
 
 
@@ -515,8 +638,15 @@ def at(phase: dict, concurrency: int) -> dict:
     return next(r for r in phase["closed"] if r["concurrency"] == concurrency)
 
 
-SKEW_AUTOSCALING = {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 4, "upscale_delay_s": 1,
-                    "downscale_delay_s": 4, "look_back_period_s": 2, "metrics_interval_s": 0.5}
+SKEW_AUTOSCALING = {
+    "min_replicas": 1,
+    "max_replicas": 3,
+    "target_ongoing_requests": 4,
+    "upscale_delay_s": 1,
+    "downscale_delay_s": 4,
+    "look_back_period_s": 2,
+    "metrics_interval_s": 0.5,
+}
 SKEW_EXTRA_MS = 40.0
 SKEW_CONCURRENCY = 12
 
@@ -524,36 +654,50 @@ SKEW_CONCURRENCY = 12
 def skewed_runs(urls: list[str], reqs: Requests, base: dict, rec: ReplicaRecorder, max_s: float) -> dict:
     """Independent autoscaling: the bench's split topology (serve_variants.split_app: each deployment's ongoing-request
     count is its own work), Retriever and Scorer autoscaled 1..3; one made heavy with extra_cpu_ms (the natural work
-    of both stages is a few ms, too little to saturate either on 2 cores), then the other. Each phase starts at 1 replica
-    each and runs until the heavy deployment has run 3 replicas for 3 s (or max_s); `scaled` names the deployments
-    the autoscaler took above 1 replica (running + starting: a replica start is slow on a loaded shared machine).
+    of both stages is a few ms, too little to saturate either on 2 cores), then the other. Each phase starts at 1
+    replica each and runs until the heavy deployment has run 3 replicas for 3 s (or max_s); `scaled` names the
+    deployments the autoscaler took above 1 replica
+    (running + starting: a replica start is slow on a loaded shared machine).
 
     Between phases the app is redeployed: with the Python API, Serve gives every `serve.run` a new code version and
     rolls all replicas (only `serve deploy` of a config reconfigures in place), so each phase starts from 1 + 1."""
     scaling = {d: {"autoscaling_config": SKEW_AUTOSCALING} for d in ("Retriever", "Scorer")}
     out = {"autoscaling_config": SKEW_AUTOSCALING, "concurrency": SKEW_CONCURRENCY, "extra_cpu_ms": SKEW_EXTRA_MS}
-    phases = (("retriever_heavy", "Retriever", {"retriever_extra_cpu_ms": SKEW_EXTRA_MS}),
-              ("scorer_heavy", "Scorer", {"scorer_extra_cpu_ms": SKEW_EXTRA_MS}))
+    phases = (
+        ("retriever_heavy", "Retriever", {"retriever_extra_cpu_ms": SKEW_EXTRA_MS}),
+        ("scorer_heavy", "Scorer", {"scorer_extra_cpu_ms": SKEW_EXTRA_MS}),
+    )
     for name, heavy, extra in phases:
         rec.phase = f"skew_{name}:deploy"
         waited = deploy(split_app(base, **extra, options=scaling), {"Retriever": 1, "Scorer": 1})
         rec.phase = f"skew_{name}"
         start = len(rec.samples)
-        run = asyncio.run(closed_loop_until(urls, reqs, SKEW_CONCURRENCY, max_s,
-                                            lambda: scaled_and_held(rec, start, heavy, 3, 3.0)))
+        until = functools.partial(scaled_and_held, rec, start, heavy, 3, 3.0)
+        run = asyncio.run(closed_loop_until(urls, reqs, SKEW_CONCURRENCY, max_s, until))
         samples, pair = rec.since(start), ("Retriever", "Scorer")
         max_running = {d: max((s.get(d, 0) for s in samples), default=0) for d in pair}
         max_target = {d: max((s.get(d, 0) + s.get(f"{d}_starting", 0) for s in samples), default=0) for d in pair}
         t0 = samples[0]["t_s"] if samples else 0.0
-        first = {d: next((s["t_s"] - t0 for s in samples if s.get(d, 0) + s.get(f"{d}_starting", 0) > 1), None)
-                 for d in pair}
-        mean = {d: float(np.mean([s.get(d, 0) + s.get(f"{d}_starting", 0) for s in samples])) if samples else 0.0
-                for d in pair}
-        out[name] = {**run, "extra": extra, "deploy_wait_s": waited, "max_running": max_running,
-                     "max_running_plus_starting": max_target, "mean_running_plus_starting": mean,
-                     "s_to_first_upscale": first, "scaled": [d for d, n in max_target.items() if n > 1],
-                     "first_to_scale": min((d for d in pair if first[d] is not None), key=lambda d: first[d],
-                                           default=None)}
+        first = {
+            d: next((s["t_s"] - t0 for s in samples if s.get(d, 0) + s.get(f"{d}_starting", 0) > 1), None) for d in pair
+        }
+        mean = {
+            d: float(np.mean([s.get(d, 0) + s.get(f"{d}_starting", 0) for s in samples])) if samples else 0.0
+            for d in pair
+        }
+        out[name] = {
+            **run,
+            "extra": extra,
+            "deploy_wait_s": waited,
+            "max_running": max_running,
+            "max_running_plus_starting": max_target,
+            "mean_running_plus_starting": mean,
+            "s_to_first_upscale": first,
+            "scaled": [d for d, n in max_target.items() if n > 1],
+            "first_to_scale": min(
+                (d for d in pair if first[d] is not None), key=lambda d: first[d] or 0.0, default=None
+            ),
+        }
     return out
 
 
@@ -565,6 +709,7 @@ def scaled_and_held(rec: ReplicaRecorder, start: int, deployment: str, n: int, h
 
 async def closed_loop_until(urls: list[str], reqs: Requests, concurrency: int, max_s: float, done) -> dict:
     """Closed loop that stops when done() is true (checked every 0.5 s) or after max_s."""
+
     async def watch():
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < max_s and not done():

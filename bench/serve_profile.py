@@ -1,6 +1,6 @@
 """Where the app's time goes at concurrency 1: py-spy on the replicas of the app and of its zero-work floor.
 
-    python bench/serve_profile.py --out bench/out/serve_profile.json [--ingress direct] [--seconds 20]
+    python -m bench.serve_profile --out bench/out/serve_profile.json [--ingress direct] [--seconds 20]
 
 Same artefacts and requests as bench/serve_load.py (L = 2,000, 100 candidates), 1 Retriever + 1 Scorer each, on a
 local Ray on 127.0.0.1. For each side (floor, then app), a closed loop at c = 1 runs for --seconds while py-spy
@@ -10,6 +10,7 @@ sampled wall time) and the
 heaviest frames (self and inclusive sampled time per request), so the app's extra time over the floor can be read
 off by process and by frame. The in-process stage times of the same requests are measured too.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,16 +24,15 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from bench.serve_load import (APP, FLOOR_APP, L, Requests, build_default_artefacts, closed_loop, deploy,  # noqa: E402
-                              in_process, warm)
-from bench.serve_variants import floor_app  # noqa: E402
-from serve_app.app import compose  # noqa: E402
-from serve_app.deploy import direct_urls, set_ingress_env  # noqa: E402
+from bench.serve_load import APP, FLOOR_APP, L, Requests, build_default_artefacts, closed_loop, deploy, in_process, warm
+from bench.serve_variants import floor_app
+from serve_app.app import compose
+from serve_app.deploy import direct_urls, set_ingress_env
 
 RATE_HZ = 250
 IDLE_S = 5.0
@@ -63,7 +63,7 @@ def replica_pids(app: str) -> dict[str, int]:
 
 def parse_raw(text: str) -> Counter:
     """py-spy --format raw: one collapsed stack per line, `frame;frame;... count`."""
-    stacks = Counter()
+    stacks: Counter[str] = Counter()
     for line in text.splitlines():
         stack, _, n = line.rpartition(" ")
         if stack and n.isdigit():
@@ -83,7 +83,8 @@ WAITING = {"Worker.main_loop (worker.py)", "Thread.run (threading.py)", "_worker
 
 def summarise(stacks: Counter, requests: int, top: int = 25) -> dict:
     ms = 1000.0 / RATE_HZ / max(requests, 1)  # one sample, in milliseconds per request
-    self_t, incl = Counter(), Counter()
+    self_t: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
     for stack, n in stacks.items():
         frames = [frame_name(f) for f in stack.split(";")]
         if frames[-1] in WAITING:
@@ -92,9 +93,12 @@ def summarise(stacks: Counter, requests: int, top: int = 25) -> dict:
         for f in set(frames):
             incl[f] += n
     total = sum(self_t.values())
-    return {"busy_ms_per_request": total * ms, "samples": total,
-            "self_ms_per_request": {f: round(n * ms, 4) for f, n in self_t.most_common(top)},
-            "inclusive_ms_per_request": {f: round(n * ms, 4) for f, n in incl.most_common(top)}}
+    return {
+        "busy_ms_per_request": total * ms,
+        "samples": total,
+        "self_ms_per_request": {f: round(n * ms, 4) for f, n in self_t.most_common(top)},
+        "inclusive_ms_per_request": {f: round(n * ms, 4) for f, n in incl.most_common(top)},
+    }
 
 
 def profile_side(label: str, app: str, urls: list[str], reqs: Requests, seconds: float, out_dir: Path) -> dict:
@@ -102,10 +106,28 @@ def profile_side(label: str, app: str, urls: list[str], reqs: Requests, seconds:
     procs = {}
     for deployment, pid in pids.items():  # py-spy runs through the idle window and the loop
         path = out_dir / f"{label}_{deployment}.txt"
-        procs[deployment] = (subprocess.Popen(
-            [shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid),
-             "--rate", str(RATE_HZ), "--format", "raw", "--nonblocking", "--duration", str(int(seconds + IDLE_S) + 2),
-             "--output", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), path)
+        procs[deployment] = (
+            subprocess.Popen(
+                [
+                    shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"),
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--rate",
+                    str(RATE_HZ),
+                    "--format",
+                    "raw",
+                    "--nonblocking",
+                    "--duration",
+                    str(int(seconds + IDLE_S) + 2),
+                    "--output",
+                    str(path),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            ),
+            path,
+        )
     # the replicas' background CPU (metrics, health checks) while idle, subtracted below: spread over requests it
     # would weigh more on the side that served fewer of them
     idle_start, t_idle = {d: cpu_s(pid) for d, pid in pids.items()}, time.perf_counter()
@@ -119,7 +141,12 @@ def profile_side(label: str, app: str, urls: list[str], reqs: Requests, seconds:
     cpu_used = {d: end[d][0] - start[d][0] - idle_rate[d] * busy_s for d in pids}
     faults = {d: end[d][1] - start[d][1] for d in pids}
     run.pop("_lat")
-    result = {"closed_c1": run, "processes": {}, "load_avg_start": load_start, "load_avg_end": os.getloadavg()}
+    result: dict[str, Any] = {
+        "closed_c1": run,
+        "processes": {},
+        "load_avg_start": load_start,
+        "load_avg_end": os.getloadavg(),
+    }
     for deployment, (proc, path) in procs.items():
         _, err = proc.communicate(timeout=seconds + 30)
         if proc.returncode != 0 or not path.exists():
@@ -129,7 +156,8 @@ def profile_side(label: str, app: str, urls: list[str], reqs: Requests, seconds:
             "cpu_ms_per_request": 1e3 * cpu_used[deployment] / max(run["requests"], 1),
             "idle_cpu_ms_per_s": 1e3 * idle_rate[deployment],
             "minor_faults_per_request": faults[deployment] / max(run["requests"], 1),
-            **summarise(parse_raw(path.read_text()), run["requests"])}
+            **summarise(parse_raw(path.read_text()), run["requests"]),
+        }
     return result
 
 
@@ -150,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     art = build_default_artefacts(root, users=24)
     meta = DatasetMeta.load(art["data"])
     seqs = read_table(art["data"], "sequences", ["user_id", "item_ids"]).to_pydict()
-    reqs = Requests([u for u, i in zip(seqs["user_id"], seqs["item_ids"]) if len(i) >= L], meta.num_queries,
-                    meta.num_items)
+    reqs = Requests(
+        [u for u, i in zip(seqs["user_id"], seqs["item_ids"]) if len(i) >= L], meta.num_queries, meta.num_items
+    )
     base = {**art, "limits": {"max_candidates": 200}}
     set_ingress_env(args.ingress)
     os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "2"
@@ -172,8 +201,13 @@ def main(argv: list[str] | None = None) -> int:
             warm(u, reqs, 60)
         out_dir = root / "pyspy"
         out_dir.mkdir()
-        result = {"ingress": args.ingress, "rate_hz": RATE_HZ, "seconds": args.seconds,
-                  "load_avg_before": os.getloadavg(), "sides": {}}
+        result = {
+            "ingress": args.ingress,
+            "rate_hz": RATE_HZ,
+            "seconds": args.seconds,
+            "load_avg_before": os.getloadavg(),
+            "sides": {},
+        }
         for label, (app, u) in sides.items():
             result["sides"][label] = profile_side(label, app, u, reqs, args.seconds, out_dir)
         result["inprocess"] = in_process(base | {"retrieval": "exact"}, reqs, 200, "exact")
@@ -182,17 +216,33 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
     f, a = result["sides"]["floor"], result["sides"]["app"]
     result["c1_p50_ms"] = {"floor": f["closed_c1"]["p50_ms"], "app": a["closed_c1"]["p50_ms"]}
-    result["cpu_ms_per_request"] = {side: {d: p["cpu_ms_per_request"] for d, p in r["processes"].items()}
-                                    for side, r in result["sides"].items()}
-    result["minor_faults_per_request"] = {side: {d: p["minor_faults_per_request"] for d, p in r["processes"].items()}
-                                          for side, r in result["sides"].items()}
+    result["cpu_ms_per_request"] = {
+        side: {d: p["cpu_ms_per_request"] for d, p in r["processes"].items()} for side, r in result["sides"].items()
+    }
+    result["minor_faults_per_request"] = {
+        side: {d: p["minor_faults_per_request"] for d, p in r["processes"].items()}
+        for side, r in result["sides"].items()
+    }
     result["load_avg_after"] = os.getloadavg()
     result["wall_s"] = time.time() - t0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: result[k] for k in ("c1_p50_ms", "cpu_ms_per_request", "minor_faults_per_request", "load_avg_before",
-                                             "load_avg_after")} | {"inprocess_p50_ms": result["inprocess"]["p50_ms"]},
-                     indent=1))
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in (
+                    "c1_p50_ms",
+                    "cpu_ms_per_request",
+                    "minor_faults_per_request",
+                    "load_avg_before",
+                    "load_avg_after",
+                )
+            }
+            | {"inprocess_p50_ms": result["inprocess"]["p50_ms"]},
+            indent=1,
+        )
+    )
     return 0
 
 

@@ -11,21 +11,31 @@
 No `from __future__ import annotations` here: FastAPI must see the route parameters' real types (ScoreRequest) in
 the pickled routes, or it reads them as query parameters.
 """
+
 import time
+from typing import Any
 
 import numpy as np
 from fastapi import FastAPI
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from seminar_ray.serving import (Catalog, Limits, LogHistoryStore, RetrievalStage, ScoreJob, ScoreRequest,
-                                 ScoreResponse, ScoringStage)
+from seminar_ray.serving import (
+    Catalog,
+    Limits,
+    LogHistoryStore,
+    RetrievalStage,
+    ScoreJob,
+    ScoreRequest,
+    ScoreResponse,
+    ScoringStage,
+)
 from seminar_ray.serving.api import http_errors
 from seminar_ray.serving.process import setup_serving_process
 from serve_app.app import QUIET, AppArgs, load_model, retry_once, strict_json_errors
 
 FLOOR_VERSION = "zero-work"
-CPU = {"ray_actor_options": {"num_cpus": 0.25}}
+CPU: dict[str, Any] = {"ray_actor_options": {"num_cpus": 0.25}}
 
 
 def busy_ms(ms: float) -> None:
@@ -60,17 +70,26 @@ class FloorRetriever:
     @floor_api.post("/v1/score", response_model=ScoreResponse)
     async def score(self, req: ScoreRequest) -> ScoreResponse:
         candidates = np.asarray(req.candidates, dtype=np.int64)
-        job = ScoreJob(hist_queries=EMPTY, hist_items=EMPTY, topk=np.zeros((len(candidates), 0), np.int16),
-                       candidates=candidates, query_id=0, history_len=0, index_version=FLOOR_VERSION)
+        job = ScoreJob(
+            hist_queries=EMPTY,
+            hist_items=EMPTY,
+            topk=np.zeros((len(candidates), 0), np.int16),
+            candidates=candidates,
+            query_id=0,
+            history_len=0,
+            index_version=FLOOR_VERSION,
+        )
         scores, version = await self.scorer.score.remote(job.to_wire())
-        return ScoreResponse(scores=scores, model_version=version, index_version=FLOOR_VERSION, query_id=0,
-                             history_len=0)
+        return ScoreResponse(
+            scores=scores, model_version=version, index_version=FLOOR_VERSION, query_id=0, history_len=0
+        )
 
 
 def floor_app(options: dict[str, dict] | None = None) -> serve.Application:
     options = options or {}
-    return FloorRetriever.options(**options.get("Retriever", {})).bind(
-        FloorScorer.options(**options.get("Scorer", {})).bind())
+    return FloorRetriever.options(**options.get("Retriever", {})).bind(  # type: ignore[attr-defined]
+        FloorScorer.options(**options.get("Scorer", {})).bind()  # type: ignore[attr-defined]
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- split
@@ -92,7 +111,9 @@ class BusyRetriever:
         from seminar_ray.retrieval.index import PQIndex
 
         setup_serving_process()
-        self.stage = RetrievalStage(load_model(args)[0], PQIndex.load(args["index"], mmap=True), method=args["retrieval"])
+        self.stage = RetrievalStage(
+            load_model(args)[0], PQIndex.load(args["index"], mmap=True), method=args["retrieval"]
+        )
         self.history = LogHistoryStore(args["store"], args["data"])
         self.extra_ms = extra_cpu_ms
 
@@ -119,14 +140,24 @@ class Ingress:
         wire = await retry_once(lambda: self.retriever.prepare.remote(req.user_id, query_id, candidates))
         scores, version = await retry_once(lambda: self.scorer.score.remote(wire))
         job = ScoreJob.from_wire(wire)
-        return ScoreResponse(scores=scores, model_version=version, index_version=job.index_version,
-                             query_id=query_id, history_len=job.history_len, note=note)
+        return ScoreResponse(
+            scores=scores,
+            model_version=version,
+            index_version=job.index_version,
+            query_id=query_id,
+            history_len=job.history_len,
+            note=note,
+        )
 
 
-def split_app(args: AppArgs | dict, retriever_extra_cpu_ms: float = 0.0, scorer_extra_cpu_ms: float = 0.0,
-              options: dict[str, dict] | None = None) -> serve.Application:
+def split_app(
+    args: AppArgs | dict,
+    retriever_extra_cpu_ms: float = 0.0,
+    scorer_extra_cpu_ms: float = 0.0,
+    options: dict[str, dict] | None = None,
+) -> serve.Application:
     args, options = AppArgs.model_validate(args), options or {}
     stage_args = args.model_dump(exclude={"limits"})
-    retriever = BusyRetriever.options(**options.get("Retriever", {})).bind(stage_args, retriever_extra_cpu_ms)
-    scorer = BusyScorer.options(**options.get("Scorer", {})).bind(stage_args, scorer_extra_cpu_ms)
-    return Ingress.options(**options.get("Ingress", {})).bind(retriever, scorer, args.data, args.limits.model_dump())
+    retriever = BusyRetriever.options(**options.get("Retriever", {})).bind(stage_args, retriever_extra_cpu_ms)  # type: ignore[attr-defined]
+    scorer = BusyScorer.options(**options.get("Scorer", {})).bind(stage_args, scorer_extra_cpu_ms)  # type: ignore[attr-defined]
+    return Ingress.options(**options.get("Ingress", {})).bind(retriever, scorer, args.data, args.limits.model_dump())  # type: ignore[attr-defined]

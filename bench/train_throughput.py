@@ -13,7 +13,7 @@ Figures: samples/s = samples / training seconds over all epochs (validation and 
 batch's wait included), `data_wait_share` = time waiting for batches / training time, `epoch2_first_batch_s` =
 epoch 2's wait for its first batch. The ratios are the figures; the load average is recorded beside them.
 
-    python bench/train_throughput.py [--quick] [--out bench/out/train.json]
+    python -m bench.train_throughput [--quick] [--out bench/out/train.json]
 """
 
 from __future__ import annotations
@@ -72,9 +72,18 @@ def plain_torch(data: Path, cfg: ModelConfig, epochs: int, samples_per_user: int
 
 
 def ray_train(data: Path, cfg: ModelConfig, epochs: int, workers: int, samples_per_user: int, storage: Path) -> dict:
-    job = TrainJob(kind="seminar", data=str(data), storage_path=str(storage), run_name=f"bench_{workers}w",
-                   model=cfg.to_dict(), epochs=epochs, num_workers=workers, cpus_per_worker=0.5,
-                   samples_per_user=samples_per_user, eval_users=50)
+    job = TrainJob(
+        kind="seminar",
+        data=str(data),
+        storage_path=str(storage),
+        run_name=f"bench_{workers}w",
+        model=cfg.to_dict(),
+        epochs=epochs,
+        num_workers=workers,
+        cpus_per_worker=0.5,
+        samples_per_user=samples_per_user,
+        eval_users=50,
+    )
     t0 = time.time()
     history = run_training(job)["history"]
     rows = [{k.removeprefix("train_"): v for k, v in h.items() if k.startswith("train_")} for h in history]
@@ -96,17 +105,26 @@ def measure(shape: str, quick: bool, epochs: int, two_workers: bool, tmp: Path) 
     after = plain_torch(data, cfg, epochs, spu)
     plain = {k: (before[k] + after[k]) / 2 for k in ("samples_per_s", "data_wait_share")}
     out = {
-        "L": cfg.max_len, "batch": cfg.batch, "users": users, "samples_per_user": spu, "epochs": epochs,
+        "L": cfg.max_len,
+        "batch": cfg.batch,
+        "users": users,
+        "samples_per_user": spu,
+        "epochs": epochs,
         "ratio_ray1_over_plain": one["samples_per_s"] / plain["samples_per_s"],
-        "data_wait_share": one["data_wait_share"], "epoch2_first_batch_s": one["epoch2_first_batch_s"],
+        "data_wait_share": one["data_wait_share"],
+        "epoch2_first_batch_s": one["epoch2_first_batch_s"],
         "data_wait_share_plain": plain["data_wait_share"],
-        "ray_1_worker_samples_per_s": one["samples_per_s"], "plain_torch_samples_per_s": plain["samples_per_s"],
+        "ray_1_worker_samples_per_s": one["samples_per_s"],
+        "plain_torch_samples_per_s": plain["samples_per_s"],
         "details": {"plain_before": before, "plain_after": after, "ray_1": one},
     }
     if two_workers:
         two = ray_train(data, cfg, epochs, 2, spu, tmp / f"runs_{shape}")
-        out.update(ray_2_workers_samples_per_s=two["samples_per_s"], ratio_ray2_over_ray1=two["samples_per_s"]
-                   / one["samples_per_s"], data_wait_share_2_workers=two["data_wait_share"])
+        out.update(
+            ray_2_workers_samples_per_s=two["samples_per_s"],
+            ratio_ray2_over_ray1=two["samples_per_s"] / one["samples_per_s"],
+            data_wait_share_2_workers=two["data_wait_share"],
+        )
         out["details"]["ray_2"] = two
     out["load_avg_1m"] = [load0, os.getloadavg()[0]]
     return out
@@ -128,13 +146,26 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         small = measure("small", args.quick, args.epochs, two_workers=True, tmp=Path(tmp))
         paper = measure("paper", args.quick, args.epochs, two_workers=False, tmp=Path(tmp))
-    out = {**paper, "small": small, "model": "seminar", "quick": args.quick, "wall_s": time.time() - t0,
-           "niceness_of_plain_loop_and_ray_workers": niceness,
-           "note": "2 workers on a 2-core machine share the cores with each other and with Ray: no scaling expected"}
+    out = {
+        **paper,
+        "small": small,
+        "model": "seminar",
+        "quick": args.quick,
+        "wall_s": time.time() - t0,
+        "niceness_of_plain_loop_and_ray_workers": niceness,
+        "note": "2 workers on a 2-core machine share the cores with each other and with Ray: no scaling expected",
+    }
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(out, indent=1))
-    keys = ("L", "ratio_ray1_over_plain", "data_wait_share", "epoch2_first_batch_s", "data_wait_share_plain",
-            "ratio_ray2_over_ray1", "load_avg_1m")
+    keys = (
+        "L",
+        "ratio_ray1_over_plain",
+        "data_wait_share",
+        "epoch2_first_batch_s",
+        "data_wait_share_plain",
+        "ratio_ray2_over_ray1",
+        "load_avg_1m",
+    )
     print(json.dumps({"paper": {k: paper.get(k) for k in keys}, "small": {k: small.get(k) for k in keys}}, indent=1))
 
 

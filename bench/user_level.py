@@ -46,15 +46,24 @@ def peak_rss_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def batches(seqs: SequenceBatch, scfg: SampleConfig, path: str, users_per_step: int, targets_per_row: int,
-            pool: np.ndarray | None) -> list[dict[str, torch.Tensor]]:
+def batches(
+    seqs: SequenceBatch,
+    scfg: SampleConfig,
+    path: str,
+    users_per_step: int,
+    targets_per_row: int,
+    pool: np.ndarray | None,
+) -> list[dict[str, torch.Tensor]]:
     """One epoch's steps: `users_per_step` users each, in the path's batch form (the same targets either way)."""
     out = []
     for start in range(0, len(seqs.user_id), users_per_step):
-        part = SequenceBatch(user_id=seqs.user_id[start:start + users_per_step], queries=seqs.queries,
-                             items=seqs.items, offsets=seqs.offsets[start:start + users_per_step + 1])
-        b = (user_batch(part, scfg, 0, targets_per_row, pool) if path == "user"
-             else train_batch(part, scfg, 0, pool))
+        part = SequenceBatch(
+            user_id=seqs.user_id[start : start + users_per_step],
+            queries=seqs.queries,
+            items=seqs.items,
+            offsets=seqs.offsets[start : start + users_per_step + 1],
+        )
+        b = user_batch(part, scfg, 0, targets_per_row, pool) if path == "user" else train_batch(part, scfg, 0, pool)
         out.append({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in b.items()})
     return out
 
@@ -66,8 +75,13 @@ def worker(data: str, config: str, kind: str, path: str, users: int, max_targets
     tables = EntityTables.load(data)
     model = build_model(kind, cfg, tables)
     seqs = SequenceBatch.from_arrow(read_table(data, "sequences").slice(0, users))
-    scfg = SampleConfig(max_len=cfg.max_len, num_items=DatasetMeta.load(data).num_items, num_neg=cfg.n_neg,
-                        samples_per_user=0, task="psu" if kind == "psu" else "ctr")
+    scfg = SampleConfig(
+        max_len=cfg.max_len,
+        num_items=DatasetMeta.load(data).num_items,
+        num_neg=cfg.n_neg,
+        samples_per_user=0,
+        task="psu" if kind == "psu" else "ctr",
+    )
     pool = np.asarray(seqs.queries[:10_000], dtype=np.int64) if kind == "psu" else None
     steps = batches(seqs, scfg, path, 1, min(cfg.batch, cfg.max_len), pool)
     if max_targets:  # the per-target path at L = 2,000 is slow: time the first max_targets targets of each user
@@ -80,11 +94,21 @@ def worker(data: str, config: str, kind: str, path: str, users: int, max_targets
     t0, c0 = time.perf_counter(), time.process_time()
     stats = train_one_epoch(net, steps, opt)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    out = {"kind": kind, "path": path, "targets": stats["samples"], "seconds": wall, "cpu_seconds": cpu,
-           "targets_per_s": stats["samples"] / wall, "targets_per_cpu_s": stats["samples"] / cpu,
-           "loss": stats["loss"], "peak_rss_mb": peak_rss_mb(), "rss_before_steps_mb": rss0,
-           "window_columns": int(sum(b["seq_items"].numel() if path == "user" else b["hist_items"].numel()
-                                     for b in steps))}
+    out = {
+        "kind": kind,
+        "path": path,
+        "targets": stats["samples"],
+        "seconds": wall,
+        "cpu_seconds": cpu,
+        "targets_per_s": stats["samples"] / wall,
+        "targets_per_cpu_s": stats["samples"] / cpu,
+        "loss": stats["loss"],
+        "peak_rss_mb": peak_rss_mb(),
+        "rss_before_steps_mb": rss0,
+        "window_columns": int(
+            sum(b["seq_items"].numel() if path == "user" else b["hist_items"].numel() for b in steps)
+        ),
+    }
     if profile:
         out["profile_top_ops_self_cpu_s"] = _profile(net, opt, steps[0])
     return out
@@ -97,8 +121,11 @@ def _first_targets(batch: dict[str, torch.Tensor], n: int) -> dict[str, torch.Te
     seen = valid.flatten().cumsum(0).view_as(valid)
     valid &= seen <= n
     rows = valid.any(1)
-    return {**{k: v[rows] for k, v in batch.items()}, "target_valid": valid[rows],
-            "labels": (batch["labels"] * valid.unsqueeze(-1))[rows]}
+    return {
+        **{k: v[rows] for k, v in batch.items()},
+        "target_valid": valid[rows],
+        "labels": (batch["labels"] * valid.unsqueeze(-1))[rows],
+    }
 
 
 def _profile(net, opt, batch, top: int = 12) -> dict:
@@ -129,19 +156,31 @@ def measure(shape: str, quick: bool, tmp: Path) -> dict:
         prof = kind in ("psu", "seminar")
         per = run_worker(data, config, kind, "target", users, per_target_cap, int(prof))
         user = run_worker(data, config, kind, "user", users, 0, int(prof))
-        runs[kind] = {"per_target": per, "user_level": user,
-                      "speedup": user["targets_per_s"] / per["targets_per_s"],
-                      "speedup_cpu_time": user["targets_per_cpu_s"] / per["targets_per_cpu_s"]}
+        runs[kind] = {
+            "per_target": per,
+            "user_level": user,
+            "speedup": user["targets_per_s"] / per["targets_per_s"],
+            "speedup_cpu_time": user["targets_per_cpu_s"] / per["targets_per_cpu_s"],
+        }
         load.append(os.getloadavg()[0])
-        print(f"{shape} {kind}: user-level {user['targets_per_s']:.0f} targets/s, per-target "
-              f"{per['targets_per_s']:.1f} targets/s: {runs[kind]['speedup']:.1f}x (load {load[-1]:.1f})", flush=True)
+        print(
+            f"{shape} {kind}: user-level {user['targets_per_s']:.0f} targets/s, per-target "
+            f"{per['targets_per_s']:.1f} targets/s: {runs[kind]['speedup']:.1f}x (load {load[-1]:.1f})",
+            flush=True,
+        )
     cfg = ModelConfig.from_yaml(CONFIGS / config)
-    return {"L": cfg.max_len, "K": cfg.K, "batch": cfg.batch, "users": users,
-            "per_target_targets_per_user_cap": per_target_cap or None,
-            "user_level_speedup": {k: r["speedup"] for k, r in runs.items()},
-            "user_level_speedup_cpu_time": {k: r["speedup_cpu_time"] for k, r in runs.items()},
-            "peak_rss_mb": {k: {p: r[p]["peak_rss_mb"] for p in ("per_target", "user_level")} for k, r in runs.items()},
-            "load_avg_1m": load, "runs": runs}
+    return {
+        "L": cfg.max_len,
+        "K": cfg.K,
+        "batch": cfg.batch,
+        "users": users,
+        "per_target_targets_per_user_cap": per_target_cap or None,
+        "user_level_speedup": {k: r["speedup"] for k, r in runs.items()},
+        "user_level_speedup_cpu_time": {k: r["speedup_cpu_time"] for k, r in runs.items()},
+        "peak_rss_mb": {k: {p: r[p]["peak_rss_mb"] for p in ("per_target", "user_level")} for k, r in runs.items()},
+        "load_avg_1m": load,
+        "runs": runs,
+    }
 
 
 def main() -> None:
@@ -158,12 +197,22 @@ def main() -> None:
     t0 = time.time()
     big = measure("L2000", args.quick, args.tmp)
     small = measure("small", args.quick, args.tmp)
-    result = {"L": big["L"], "user_level_speedup": big["user_level_speedup"],
-              "small": small["user_level_speedup"], "peak_rss_mb": big["peak_rss_mb"]["seminar"]["user_level"],
-              "peak_rss_mb_by_model": big["peak_rss_mb"], "load_avg_1m": big["load_avg_1m"] + small["load_avg_1m"],
-              "quick": args.quick, "wall_s": time.time() - t0, "shapes": {"L2000": big, "small": small},
-              "machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
-                          "omp_threads": os.environ.get("OMP_NUM_THREADS")}}
+    result = {
+        "L": big["L"],
+        "user_level_speedup": big["user_level_speedup"],
+        "small": small["user_level_speedup"],
+        "peak_rss_mb": big["peak_rss_mb"]["seminar"]["user_level"],
+        "peak_rss_mb_by_model": big["peak_rss_mb"],
+        "load_avg_1m": big["load_avg_1m"] + small["load_avg_1m"],
+        "quick": args.quick,
+        "wall_s": time.time() - t0,
+        "shapes": {"L2000": big, "small": small},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "omp_threads": os.environ.get("OMP_NUM_THREADS"),
+        },
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

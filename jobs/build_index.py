@@ -8,10 +8,56 @@ Plain `python jobs/build_index.py ...` starts an embedded local Ray.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from pathlib import Path
+from typing import cast
 
-from seminar_ray.retrieval.encode import ENCODE_CPUS, index_checkpoint
+from seminar_ray.data.entities import EntityTables
+from seminar_ray.models import SeminarCTR, export_gsu_tables, load_checkpoint
+from seminar_ray.retrieval.encode import ENCODE_CPUS, build_with_ray, fit_n_sub, save_index
+from seminar_ray.retrieval.index import PQIndex
+from seminar_ray.runs import resolve_checkpoint
 from seminar_ray.runtime import init_ray, run_cli
+
+log = logging.getLogger(__name__)
+
+
+def index_checkpoint(
+    checkpoint: str | Path,
+    data: str | Path,
+    out: str | Path,
+    n_sub: int = 8,
+    n_centroids: int = 256,
+    folded_n_sub: int = 32,
+    folded_n_centroids: int = 16,
+    sketch_dim: int = 32,
+    actors: int = 4,
+) -> tuple[PQIndex, str]:
+    """A fine-tuned SEMINAR checkpoint (or run directory: its selected checkpoint) → the index written at `out`.
+
+    Needs a running Ray (`seminar_ray.runtime.init_ray`). Returns the index and where it was written.
+    """
+    tables = EntityTables.load(data)
+    resolved = resolve_checkpoint(checkpoint)
+    model, _, _ = load_checkpoint(resolved, tables, kind="seminar")
+    gsu = export_gsu_tables(cast(SeminarCTR, model))
+    n_sub = fit_n_sub(gsu.dim, n_sub, "--n-sub")
+    folded_n_sub = fit_n_sub(gsu.dim, folded_n_sub, "--folded-n-sub")
+    version = f"{Path(str(resolved)).name}-pq{n_sub}x{n_centroids}"
+    index = build_with_ray(
+        gsu, version, n_sub, n_centroids, folded_n_sub, folded_n_centroids, sketch_dim, actors=actors
+    )
+    written = save_index(index, out)
+    log.info(
+        "index %s: %d items, %d queries, dim %d → %s",
+        index.version,
+        index.num_items,
+        index.num_queries,
+        index.dim,
+        written,
+    )
+    return index, written
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 from seminar_ray.data.splits import EVAL_NEG, EVAL_SEED
 from seminar_ray.errors import InputError
 from seminar_ray.models import ModelConfig
-from seminar_ray.train.checkpoints import PATIENCE
+from seminar_ray.runs import PATIENCE
 from seminar_ray.train.job import TrainJob
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "model_small.yaml"

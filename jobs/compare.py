@@ -21,16 +21,17 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from jobs.common import add_eval_neg_flag, parse_overrides
-from seminar_ray.baselines import evaluate_rule
 from seminar_ray.data.splits import EVAL_SEED
 from seminar_ray.errors import InputError
+from seminar_ray.rule_rankers import evaluate_rule
+from seminar_ray.runs import PATIENCE
 from seminar_ray.runtime import init_ray, run_cli, setup_logging
-from seminar_ray.train.checkpoints import PATIENCE
 
 # name → (kind, PSU tasks to pretrain with, or None for no pretraining)
 VARIANTS: dict[str, tuple[str, tuple[str, ...] | None]] = {
@@ -115,7 +116,7 @@ def aggregate(per_seed: dict[str, list[dict]]) -> dict[str, dict[str, tuple[floa
     }
 
 
-def markdown(agg: dict, names: list[str], title: str) -> str:
+def markdown(agg: dict, names: Sequence[str], title: str) -> str:
     head = f"### {title}\n\n| method | " + " | ".join(TABLE_KEYS) + " |\n|---|" + "---|" * len(TABLE_KEYS) + "\n"
     rows = "".join(
         f"| {n} | " + " | ".join(f"{agg[n][k][0]:.4f} ± {agg[n][k][1]:.4f}" for k in TABLE_KEYS) + " |\n"

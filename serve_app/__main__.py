@@ -4,6 +4,7 @@ Serves on 127.0.0.1. Starts an embedded local Ray when no cluster is running; Ct
 `--ingress direct` starts that Ray in Serve's throughput-optimized mode (serve_app/deploy.py) and prints the ingress
 replicas' own addresses, which answer faster than the proxy's port (the proxy keeps working too).
 """
+
 import argparse
 import time
 
@@ -22,8 +23,12 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     from ray import serve
 
-    start({"checkpoint": args.checkpoint, "index": args.index, "data": args.data, "store": args.store},
-          host=args.host, port=args.port, ingress=args.ingress)
+    start(
+        {"checkpoint": args.checkpoint, "index": args.index, "data": args.data, "store": args.store},
+        host=args.host,
+        port=args.port,
+        ingress=args.ingress,
+    )
     print(f"serving on http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
     if args.ingress == "direct":
         print(f"direct ingress replicas: {' '.join(direct_urls(APP_NAME))}", flush=True)

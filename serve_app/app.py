@@ -7,10 +7,11 @@
 has its default here, in the decorators; `config.yaml` (Serve's `deployments:` list) overrides them per
 deployment, and Python callers (tests, bench) pass the same overrides to `compose`.
 """
+
 import os
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -21,11 +22,23 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
-from seminar_ray.serving import (Catalog, EventsRequest, EventsResponse, HealthResponse, Limits, LogHistoryStore,
-                                 RetrievalStage, ScoreJob, ScoreRequest, ScoreResponse, ScoringStage,
-                                 load_serving_model)
+from seminar_ray.serving import (
+    Catalog,
+    EventsRequest,
+    EventsResponse,
+    HealthResponse,
+    Limits,
+    LogHistoryStore,
+    RetrievalStage,
+    ScoreJob,
+    ScoreRequest,
+    ScoreResponse,
+    ScoringStage,
+    load_serving_model,
+)
 from seminar_ray.serving.api import http_errors, json_safe
 from seminar_ray.serving.process import setup_serving_process
+from seminar_ray.serving.stages import DEFAULT_RETRIEVAL, RetrievalMethod
 
 
 class AppArgs(BaseModel):
@@ -36,7 +49,7 @@ class AppArgs(BaseModel):
     index: str = Field(description="serving index directory from jobs/build_index.py")
     data: str = Field(description="dataset directory the model was trained on (catalogue, base histories)")
     store: str = Field(description="history log directory (events.log); one writer, every retriever reads it")
-    retrieval: Literal["exact", "pq", "sketch"] = Field("exact", description="top-K ranker over the index (stages.py)")
+    retrieval: RetrievalMethod = Field(DEFAULT_RETRIEVAL, description="top-K ranker over the index (stages.py)")
     rerank_factor: int = Field(8, ge=1, description="shortlist size / K for retrieval 'pq'")
     limits: Limits = Field(default_factory=Limits)
 
@@ -45,7 +58,7 @@ QUIET = {"enable_access_log": False}  # a log line per request is real CPU on a 
 # Rolls (a new checkpoint or index) start each replacement before its old replica stops and give a draining
 # replica a minute: Serve's default stops first, which left the single Scorer replica gone while its successor
 # loaded, and cut requests held by a draining retriever (500s). The single HistoryWriter keeps stop-then-start.
-ROLL = {"max_surge_percent": 100, "graceful_shutdown_timeout_s": 60}
+ROLL: dict[str, Any] = {"max_surge_percent": 100, "graceful_shutdown_timeout_s": 60}
 
 
 def load_model(config: dict):
@@ -65,8 +78,7 @@ def strict_json_errors(api: FastAPI) -> FastAPI:
 
 
 # ---------------------------------------------------------------------------------------------------- writer
-@serve.deployment(logging_config=QUIET, num_replicas=1, ray_actor_options={"num_cpus": 0.1},
-                  max_ongoing_requests=64)
+@serve.deployment(logging_config=QUIET, num_replicas=1, ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64)
 class HistoryWriter:
     """The only writer of the history log: appends and fsyncs before it acknowledges (returns the seq)."""
 
@@ -81,10 +93,21 @@ class HistoryWriter:
 
 
 # ---------------------------------------------------------------------------------------------------- scorer
-@serve.deployment(logging_config=QUIET, **ROLL, ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32,
-                  autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 6,
-                                      "upscale_delay_s": 2, "downscale_delay_s": 15,
-                                      "look_back_period_s": 4, "metrics_interval_s": 1})
+@serve.deployment(
+    logging_config=QUIET,
+    **ROLL,
+    ray_actor_options={"num_cpus": 0.25},
+    max_ongoing_requests=32,
+    autoscaling_config={
+        "min_replicas": 1,
+        "max_replicas": 4,
+        "target_ongoing_requests": 6,
+        "upscale_delay_s": 2,
+        "downscale_delay_s": 15,
+        "look_back_period_s": 4,
+        "metrics_interval_s": 1,
+    },
+)
 class Scorer:
     """ESU + MLP over the retrieved K, batched across requests. user_config: checkpoint, data."""
 
@@ -125,10 +148,21 @@ async def retry_once(call):
 api = strict_json_errors(FastAPI(title="SEMINAR scoring"))
 
 
-@serve.deployment(logging_config=QUIET, **ROLL, ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=16,
-                  autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 3,
-                                      "upscale_delay_s": 2, "downscale_delay_s": 15,
-                                      "look_back_period_s": 4, "metrics_interval_s": 1})
+@serve.deployment(
+    logging_config=QUIET,
+    **ROLL,
+    ray_actor_options={"num_cpus": 0.25},
+    max_ongoing_requests=16,
+    autoscaling_config={
+        "min_replicas": 1,
+        "max_replicas": 4,
+        "target_ongoing_requests": 3,
+        "upscale_delay_s": 2,
+        "downscale_delay_s": 15,
+        "look_back_period_s": 4,
+        "metrics_interval_s": 1,
+    },
+)
 @serve.ingress(api)
 class Retriever:
     """The HTTP ingress and the GSU stage: validation, history, top-K by the index, then one hop to the Scorer.
@@ -139,11 +173,12 @@ class Retriever:
     rerank_factor.
     """
 
+    history: LogHistoryStore  # set by the first reconfigure
+
     def __init__(self, scorer: DeploymentHandle, writer: DeploymentHandle, data: str, limits: dict):
         setup_serving_process()
         self.catalog = Catalog.load(data, Limits(**limits))
         self.scorer, self.writer = scorer, writer
-        self.history: LogHistoryStore | None = None
 
     def reconfigure(self, config: dict) -> None:
         from seminar_ray.retrieval.index import PQIndex
@@ -151,7 +186,7 @@ class Retriever:
         model, model_version = load_model(config)
         index = PQIndex.load(config["index"], mmap=True)
         stage = RetrievalStage(model, index, rerank_factor=config["rerank_factor"], method=config["retrieval"])
-        if self.history is None:
+        if not hasattr(self, "history"):  # one reader for the replica's life: a roll keeps its position
             self.history = LogHistoryStore(config["store"], config["data"])
         self.loaded = Loaded(stage, model_version, index.version)
 
@@ -166,9 +201,16 @@ class Retriever:
         job = loaded.stage.prepare(history, query_id, candidates, keep_full_topk=req.return_topk)
         wire = job.to_wire()
         scores, model_version = await retry_once(lambda: self.scorer.score.remote(wire))
-        topk = job.full_topk.tolist() if req.return_topk else None
-        return ScoreResponse(scores=scores, model_version=model_version, index_version=job.index_version,
-                             query_id=query_id, history_len=job.history_len, note=note, topk=topk)
+        topk = job.full_topk.tolist() if job.full_topk is not None else None
+        return ScoreResponse(
+            scores=scores,
+            model_version=model_version,
+            index_version=job.index_version,
+            query_id=query_id,
+            history_len=job.history_len,
+            note=note,
+            topk=topk,
+        )
 
     @api.post("/v1/events", response_model=EventsResponse)
     async def events(self, req: EventsRequest) -> EventsResponse:
@@ -179,14 +221,19 @@ class Retriever:
         stamps = [e.timestamp if e.timestamp is not None else now for e in req.events]
         seq = await self.writer.append.remote(req.user_id, queries, items, stamps)
         loaded = self.loaded
-        return EventsResponse(seq=seq, appended=len(items), model_version=loaded.model_version,
-                              index_version=loaded.index_version)
+        return EventsResponse(
+            seq=seq, appended=len(items), model_version=loaded.model_version, index_version=loaded.index_version
+        )
 
     @api.get("/healthz", response_model=HealthResponse)
     async def health(self) -> HealthResponse:
         loaded = self.loaded
-        return HealthResponse(status="ok", model_version=loaded.model_version, index_version=loaded.index_version,
-                              history_seq=self.history.refresh())
+        return HealthResponse(
+            status="ok",
+            model_version=loaded.model_version,
+            index_version=loaded.index_version,
+            history_seq=self.history.refresh(),
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- builder
@@ -199,11 +246,18 @@ def compose(args: AppArgs | dict, options: dict[str, dict] | None = None) -> ser
     if unknown:
         raise ValueError(f"options for unknown deployments {sorted(unknown)}: Retriever, Scorer, HistoryWriter")
     models = {"checkpoint": args.checkpoint, "data": args.data}
-    scorer = Scorer.options(user_config=models, **options.get("Scorer", {})).bind()
-    writer = HistoryWriter.options(**options.get("HistoryWriter", {})).bind(args.store)
-    retriever = Retriever.options(user_config={**models, "index": args.index, "store": args.store,
-                                               "retrieval": args.retrieval, "rerank_factor": args.rerank_factor},
-                                  **options.get("Retriever", {}))
+    scorer = Scorer.options(user_config=models, **options.get("Scorer", {})).bind()  # type: ignore[attr-defined]
+    writer = HistoryWriter.options(**options.get("HistoryWriter", {})).bind(args.store)  # type: ignore[attr-defined]
+    retriever = Retriever.options(  # type: ignore[attr-defined]
+        user_config={
+            **models,
+            "index": args.index,
+            "store": args.store,
+            "retrieval": args.retrieval,
+            "rerank_factor": args.rerank_factor,
+        },
+        **options.get("Retriever", {}),
+    )
     return retriever.bind(scorer, writer, args.data, args.limits.model_dump())
 
 

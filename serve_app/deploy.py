@@ -8,6 +8,7 @@ Two ingress modes, chosen when Ray starts (Serve reads them from the environment
   `direct_urls()` (what HAProxy does in Serve's `RAY_SERVE_ENABLE_HA_PROXY` mode on a cluster). The measured
   comparison is in serve_app/README.md.
 """
+
 import os
 import time
 
@@ -35,20 +36,29 @@ def set_ingress_env(ingress: str) -> None:
         os.environ.update(DIRECT_ENV)
 
 
-def start(args: AppArgs | dict, host: str = "127.0.0.1", port: int = 8000, num_cpus: float = 4,
-          name: str = APP_NAME, ingress: str = "proxy", options: dict[str, dict] | None = None
-          ) -> serve.handle.DeploymentHandle:
+def start(
+    args: AppArgs | dict,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    num_cpus: int = 4,
+    name: str = APP_NAME,
+    ingress: str = "proxy",
+    options: dict[str, dict] | None = None,
+) -> serve.handle.DeploymentHandle:
     """Deploy or update the app (serve.run gives a new code version, so Serve rolls every replica with no failed
     request; `serve deploy` of a config changing only user_config reconfigures in place)."""
     _check_ingress(ingress)
     if not ray.is_initialized() and not _cluster_running():
         set_ingress_env(ingress)
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, configure_logging=False,
-                 log_to_driver=False)
+        ray.init(
+            address="local", num_cpus=num_cpus, include_dashboard=False, configure_logging=False, log_to_driver=False
+        )
     elif ingress == "direct" and os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") != "1":
         # a running Ray's processes keep the environment they started with
-        raise ValueError("ingress='direct' needs a Ray started in that mode: RAY_SERVE_THROUGHPUT_OPTIMIZED=1 "
-                         "ray start ... (and the same variable here)")
+        raise ValueError(
+            "ingress='direct' needs a Ray started in that mode: RAY_SERVE_THROUGHPUT_OPTIMIZED=1 "
+            "ray start ... (and the same variable here)"
+        )
     elif not ray.is_initialized():
         ray.init(address="auto", include_dashboard=False, configure_logging=False, log_to_driver=False)
     serve.start(http_options={"host": host, "port": port}, logging_config={"enable_access_log": False})
@@ -66,13 +76,17 @@ def direct_urls(app: str = APP_NAME, wait_s: float = 10.0) -> list[str]:
     controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
     # A target is listed with its node's address; replicas listen on http_options.host, which is the address to use
     # when it is loopback (the default here: nothing else can reach them).
-    bound = ray.get(controller.get_http_config.remote()).host
+    bound: str = ray.get(controller.get_http_config.remote()).host  # type: ignore[attr-defined]  # an actor call
     loopback = bound if bound == "localhost" or bound.startswith("127.") else None
     deadline = time.monotonic() + wait_s
     while True:
         groups = ray.get(controller.get_target_groups.remote(app))
-        urls = sorted(f"http://{loopback or t.ip}:{t.port}" for g in groups if g.protocol == "HTTP"
-                      and g.app_name == app for t in g.targets)
+        urls = sorted(
+            f"http://{loopback or t.ip}:{t.port}"
+            for g in groups
+            if g.protocol == "HTTP" and g.app_name == app
+            for t in g.targets
+        )
         if urls or time.monotonic() > deadline:
             return urls
         time.sleep(0.2)

@@ -1,4 +1,5 @@
 """Shared fixtures. One Ray cluster per test session: ray.init() costs ~10 s on this machine."""
+
 from __future__ import annotations
 
 import os

@@ -1,12 +1,15 @@
-"""cluster.yaml's node types on Ray's real autoscaler with the fake_multinode provider (seminar_ray/autoscaling.py),
+"""cluster.yaml's node types on Ray's real autoscaler with the fake_multinode provider
+(seminar_ray/testing/fake_cluster.py),
 in the multi-node pytest process. The cluster starts with a head and no worker; every worker node below is launched
 by the autoscaler for a pending demand and terminated by it after the idle timeout. Each test records what the
 autoscaler did (node types and times, `autoscaler` in the junit properties and on stdout) and asserts on it.
 """
+
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -15,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from seminar_ray.autoscaling import LocalAutoscalingCluster, NodeWatcher, local_node_types
+from seminar_ray.testing.fake_cluster import LocalAutoscalingCluster, NodeWatcher, local_node_types
+
+log = logging.getLogger(__name__)
 
 pytestmark = [pytest.mark.multinode, pytest.mark.timeout(600)]
 
@@ -64,14 +69,33 @@ def watch(types, record_property):  # request it after the cluster fixture: it p
     with NodeWatcher(types) as w:
         yield w
     record_property("autoscaler", json.dumps(w.summary()))
-    print("autoscaler:", w.summary())
+    log.info("autoscaler: %s", w.summary())  # shown with a failing test
 
 
 def _pretrain(cluster, tiny_data, out: Path, *flags: str, timeout_s: float = 420) -> subprocess.CompletedProcess:
     """jobs/pretrain.py as `ray job submit` runs it: a driver joining the cluster through RAY_ADDRESS."""
-    cmd = [sys.executable, "-m", "jobs.pretrain", "--data", str(tiny_data), "--out", str(out),
-           "--epochs", "1", "--num-workers", "1", "--cpus-per-worker", "0.5", "--samples-per-user", "1",
-           "--eval-users", "16", "--set", "max_len=16", *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jobs.pretrain",
+        "--data",
+        str(tiny_data),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--num-workers",
+        "1",
+        "--cpus-per-worker",
+        "0.5",
+        "--samples-per-user",
+        "1",
+        "--eval-users",
+        "16",
+        "--set",
+        "max_len=16",
+        *flags,
+    ]
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
 
@@ -85,8 +109,10 @@ def test_cluster_starts_from_zero_workers_of_cluster_yaml_types(cluster, types, 
 def test_infeasible_training_request_fails_fast_with_the_node_types(cluster, tiny_data, tmp_path, watch):
     """No node type has 4 CPUs with gpu_trainer, nor a `tpu` resource: the job exits 2 with a message naming the
     node types, before any work and without launching anything (no silent wait for a node that never comes)."""
-    for flags in (["--cpus-per-worker", "4", "--worker-resources", '{"gpu_trainer": 0.01}'],
-                  ["--worker-resources", '{"tpu": 1}']):
+    for flags in (
+        ["--cpus-per-worker", "4", "--worker-resources", '{"gpu_trainer": 0.01}'],
+        ["--worker-resources", '{"tpu": 1}'],
+    ):
         proc = _pretrain(cluster, tiny_data, tmp_path, *flags, timeout_s=120)
         assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
         assert "cannot be placed" in proc.stderr and "gpu_trainer (up to 2" in proc.stderr, proc.stderr[-2000:]
@@ -112,10 +138,19 @@ def test_pretrain_brings_up_a_gpu_trainer_node_and_gives_it_back(train_cluster, 
 # serve_app/config.cluster.yaml, without the cpu_worker steering so that CPU alone decides where it goes: the first
 # fits on the head beside the Scorer (0.25) and the HistoryWriter (0.1); the 2nd and 3rd (1.35 + 1 > 2) can only run
 # on a node the autoscaler launches. Small delays so that Serve follows the load within seconds.
-RETRIEVER_SCALING = {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1, "upscale_delay_s": 1,
-                     "downscale_delay_s": 5, "metrics_interval_s": 0.5, "look_back_period_s": 2}
-SERVE_OPTIONS = {"Retriever": {"ray_actor_options": {"num_cpus": 1}, "autoscaling_config": RETRIEVER_SCALING},
-                 "Scorer": {"num_replicas": 1, "autoscaling_config": None}}
+RETRIEVER_SCALING = {
+    "min_replicas": 1,
+    "max_replicas": 3,
+    "target_ongoing_requests": 1,
+    "upscale_delay_s": 1,
+    "downscale_delay_s": 5,
+    "metrics_interval_s": 0.5,
+    "look_back_period_s": 2,
+}
+SERVE_OPTIONS = {
+    "Retriever": {"ray_actor_options": {"num_cpus": 1}, "autoscaling_config": RETRIEVER_SCALING},
+    "Scorer": {"num_replicas": 1, "autoscaling_config": None},
+}
 CLIENTS = 16  # threads, each with one request in flight: ongoing requests far above the target of 1
 
 
@@ -123,8 +158,11 @@ def _retriever_nodes() -> set[str]:
     """The nodes the live Retriever replicas run on (GCS actor table)."""
     from ray._private.state import actors
 
-    return {a["Address"]["NodeID"] for a in actors().values()
-            if a["State"] == "ALIVE" and (a.get("Name") or "").startswith("SERVE_REPLICA::seminar#Retriever#")}
+    return {
+        a["Address"]["NodeID"]
+        for a in actors().values()
+        if a["State"] == "ALIVE" and (a.get("Name") or "").startswith("SERVE_REPLICA::seminar#Retriever#")
+    }
 
 
 def _pending_demand() -> list:
@@ -148,7 +186,7 @@ class Load:
 
     def __init__(self, handle, users: int):
         self.handle, self.users = handle.options(method_name="score"), users
-        self.served, self.errors = 0, []
+        self.served, self.errors = 0, list[str]()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
 
@@ -183,7 +221,7 @@ def test_serve_load_past_the_head_brings_cpu_workers_and_gives_them_back(cluster
     replica and the nodes are terminated. Every request of both phases succeeds."""
     from ray import serve
 
-    from seminar_ray.serving.artefacts import build_artefacts
+    from seminar_ray.testing.artefacts import build_artefacts
     from serve_app.app import compose
 
     art = build_artefacts(tmp_path, num_users=8, min_len=10, max_len=30, model_max_len=32)
@@ -214,8 +252,11 @@ def test_serve_load_past_the_head_brings_cpu_workers_and_gives_them_back(cluster
         served_heavy = load.served
         load.start(1, trickle, pause_s=0.2)  # serving goes on while Serve scales down and the nodes go
         try:
-            watch.wait_for(lambda w: bool(w.launched("cpu_worker")) and w.alive() == 0, WAIT_S,
-                           "every cpu_worker node terminated once the load stopped")
+            watch.wait_for(
+                lambda w: bool(w.launched("cpu_worker")) and w.alive() == 0,
+                WAIT_S,
+                "every cpu_worker node terminated once the load stopped",
+            )
         finally:
             trickle.set()
             load.join()

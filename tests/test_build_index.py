@@ -1,13 +1,16 @@
-"""Building the index with Ray Data end to end: a tiny SEMINAR checkpoint → Ray Data encoding → a loadable index (docs/design.md, Retrieval)."""
+"""Building the index with Ray Data end to end: a tiny SEMINAR checkpoint → Ray Data encoding → a loadable index
+(docs/design.md, Retrieval)."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
+from jobs.build_index import index_checkpoint
 from seminar_ray.data.entities import EntityTables
 from seminar_ray.models import ModelConfig, build_model, export_gsu_tables, save_checkpoint
-from seminar_ray.retrieval.encode import fit_n_sub, index_checkpoint, part_vectors
+from seminar_ray.retrieval.encode import fit_n_sub, part_vectors
 from seminar_ray.retrieval.index import PQIndex
 from seminar_ray.retrieval.retrievers import ExactRetriever, SketchRerankRetriever
 
@@ -36,7 +39,9 @@ def test_index_built_with_ray_data_loads_and_ranks_like_the_model(ray_local, tin
     hi = rng.integers(1, index.num_items, 300)
     hq = np.where(rng.random(300) < 0.5, rng.integers(1, index.num_queries, 300), 0)
     with torch.no_grad():
-        u = model.gsu_target_vectors(target_items=torch.from_numpy(hi[:8]), target_queries=torch.from_numpy(hq[:8])).numpy()
+        u = model.gsu_target_vectors(
+            target_items=torch.from_numpy(hi[:8]), target_queries=torch.from_numpy(hq[:8])
+        ).numpy()
     exact = ExactRetriever.from_tables(gsu)
     want, got = exact.topk(hq, hi, u, 16), SketchRerankRetriever(index).topk(hq, hi, u, 16)
     scores = exact.scores(hq, hi, u)

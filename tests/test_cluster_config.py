@@ -3,6 +3,7 @@
 Offline: prepare_config only merges the provider's defaults.yaml (no boto3, no credentials, no API calls); the
 cloud-side bootstrap (key pairs, IAM roles, subnets) happens in `ray up` and is not run here.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,9 @@ def test_setup_commands_install_this_project_from_the_synced_tree(prepared):
     assert (ROOT / "constraints.txt").exists() and (ROOT / "pyproject.toml").exists()
     assert {".venv", "runs"} <= set(prepared["rsync_exclude"]), "the local venv and run outputs are not synced"
     pinned = re.search(r"^ray(?:\[.*\])?==(\S+)", (ROOT / "constraints.txt").read_text(), re.M).group(1)
-    images = [prepared["docker"]["image"]] + [t["docker"]["worker_image"] for t in prepared["available_node_types"]
-                                              .values() if "docker" in t]
+    images = [prepared["docker"]["image"]] + [
+        t["docker"]["worker_image"] for t in prepared["available_node_types"].values() if "docker" in t
+    ]
     assert all(f":{pinned}-" in image for image in images), f"images {images} do not run ray {pinned}"
 
 
@@ -75,8 +77,7 @@ def test_steering_resources_exist_on_the_intended_node_type(prepared):
 def test_serve_cluster_config_passes_serve_schema():
     from ray.serve.schema import ServeDeploySchema
 
-    config = ServeDeploySchema.model_validate(
-        yaml.safe_load((ROOT / "serve_app" / "config.cluster.yaml").read_text()))
+    config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "serve_app" / "config.cluster.yaml").read_text()))
     assert config.http_options.host == "0.0.0.0" and config.proxy_location.value == "EveryNode"
     app = config.applications[0]
     assert app.import_path == "serve_app.app:build_app"
@@ -89,8 +90,21 @@ def test_worker_resources_flag_reaches_the_scaling_config(tmp_path):
 
     p = argparse.ArgumentParser()
     add_train_flags(p)
-    args = p.parse_args(["--data", "s3://bucket/data", "--out", "s3://bucket/runs", "--num-workers", "4",
-                         "--cpus-per-worker", "6", "--use-gpu", "--worker-resources", '{"gpu_trainer": 0.01}'])
+    args = p.parse_args(
+        [
+            "--data",
+            "s3://bucket/data",
+            "--out",
+            "s3://bucket/runs",
+            "--num-workers",
+            "4",
+            "--cpus-per-worker",
+            "6",
+            "--use-gpu",
+            "--worker-resources",
+            '{"gpu_trainer": 0.01}',
+        ]
+    )
     job = job_from_args(args, "psu")
     assert job.data == "s3://bucket/data" and job.run_dir == "s3://bucket/runs/psu"
     assert worker_resources(job) == {"CPU": 6.0, "GPU": 1, "gpu_trainer": 0.01}
@@ -100,11 +114,13 @@ def test_worker_resources_flag_reaches_the_scaling_config(tmp_path):
 
 
 def test_local_cluster_yaml_has_cluster_yaml_node_types_on_the_fake_provider():
-    """cluster.local.yaml (docs/scaling.md, "On a laptop") is cluster.yaml's worker types as seminar_ray.autoscaling
+    """cluster.local.yaml (docs/scaling.md, "On a laptop") is cluster.yaml's worker types as
+    seminar_ray.testing.fake_cluster
     scales them for the tests and the bench, on the fake_multinode provider, and passes the launcher's schema."""
     from ray.autoscaler._private.util import validate_config
 
-    from seminar_ray.autoscaling import HEAD_TYPE, launchable, local_node_types
+    from seminar_ray.autoscaling import launchable
+    from seminar_ray.testing.fake_cluster import HEAD_TYPE, local_node_types
 
     local = yaml.safe_load((ROOT / "cluster.local.yaml").read_text())
     validate_config(local)
@@ -119,6 +135,7 @@ def test_cluster_yaml_head_publishes_its_node_types_for_the_placement_check(prep
     jobs' placement check reads (so GPU workers are accepted while no gpu_trainer node runs yet)."""
     from seminar_ray.autoscaling import launchable
 
-    assert any("seminar_ray.autoscaling publish ~/ray_bootstrap_config.yaml" in c
-               for c in prepared["head_start_ray_commands"])
+    assert any(
+        "seminar_ray.autoscaling publish ~/ray_bootstrap_config.yaml" in c for c in prepared["head_start_ray_commands"]
+    )
     assert {t["name"]: t["max_count"] for t in launchable(prepared)} == {"cpu_worker": 6, "gpu_trainer": 4}

@@ -1,4 +1,5 @@
 """The data layer: schema, generator, splits, negative sampling, the Ray Data pipeline and bad input."""
+
 from __future__ import annotations
 
 import threading
@@ -12,8 +13,16 @@ import pytest
 from seminar_ray.data.entities import EntityTables
 from seminar_ray.data.errors import DataError
 from seminar_ray.data.schema import ITEMS, QUERIES, SEQUENCES, DatasetMeta, read_table, write_dataset
-from seminar_ray.data.splits import (SampleConfig, SequenceBatch, candidates_digest, eval_batch, eval_users,
-                                     sample_negatives, train_batch, train_positions)
+from seminar_ray.data.splits import (
+    SampleConfig,
+    SequenceBatch,
+    candidates_digest,
+    eval_batch,
+    eval_users,
+    sample_negatives,
+    train_batch,
+    train_positions,
+)
 from seminar_ray.data.synthetic import Oracle, SyntheticConfig, generate
 from seminar_ray.metrics import ranking_metrics
 
@@ -42,7 +51,9 @@ def test_written_tables_have_the_declared_schemas_and_load_as_id_indexed_feature
     items = read_table(tiny_data, "items")
     first_text = items.column("text_emb")[0]
     if first_text.is_valid:
-        np.testing.assert_array_equal(tables.item_text[items.column("item_id")[0].as_py()], np.asarray(first_text.as_py(), dtype=np.float32))
+        np.testing.assert_array_equal(
+            tables.item_text[items.column("item_id")[0].as_py()], np.asarray(first_text.as_py(), dtype=np.float32)
+        )
 
 
 def test_generator_is_deterministic_and_seeded():
@@ -58,7 +69,9 @@ def test_planted_structure_lets_an_oracle_beat_popularity(tiny_data, seqs):
     cfg = SampleConfig(max_len=64, num_items=DatasetMeta.load(tiny_data).num_items)
     ev = eval_batch(seqs, "test", cfg)
     oracle = Oracle(tiny_data / "truth.npz")
-    scores = np.stack([oracle.score(u, q, c) for u, q, c in zip(ev["user_id"], ev["target_queries"][:, 0], ev["target_items"])])
+    scores = np.stack(
+        [oracle.score(u, q, c) for u, q, c in zip(ev["user_id"], ev["target_queries"][:, 0], ev["target_items"])]
+    )
     counts = np.bincount(seqs.items, minlength=cfg.num_items + 1)
     assert ranking_metrics(scores)["ndcg@10"] >= 0.8
     assert ranking_metrics(counts[ev["target_items"]].astype(float))["ndcg@10"] <= 0.35
@@ -72,21 +85,22 @@ def test_eval_targets_are_the_last_behaviours_against_99_unseen_negatives(seqs, 
     assert test["target_items"].shape == (len(seqs.lengths), 100)
     for j, u in enumerate(test["user_id"]):
         row = int(np.nonzero(seqs.user_id == u)[0][0])
-        items, queries = seqs.user_items(row), seqs.queries[seqs.offsets[row]:seqs.offsets[row + 1]]
+        items, queries = seqs.user_items(row), seqs.queries[seqs.offsets[row] : seqs.offsets[row + 1]]
         assert test["target_items"][j, 0] == items[-1] and valid["target_items"][j, 0] == items[-2]
         assert (test["target_queries"][j] == queries[-1]).all(), "all candidates carry the positive's query"
         negs = test["target_items"][j, 1:]
         assert len(np.unique(negs)) == 99 and not np.isin(negs, items).any()
         hist = test["hist_items"][j]
         real = hist[hist > 0]
-        np.testing.assert_array_equal(real, items[:-1][-cfg.max_len:])
+        np.testing.assert_array_equal(real, items[:-1][-cfg.max_len :])
         assert (hist[: cfg.max_len - len(real)] == 0).all(), "left-padded"
     again = eval_batch(seqs, "test", cfg)
     np.testing.assert_array_equal(again["target_items"], test["target_items"])
     # the model's seed never moves the evaluation negatives; only the protocol's eval_seed does
     np.testing.assert_array_equal(eval_batch(seqs, "test", replace(cfg, seed=7))["target_items"], test["target_items"])
-    assert not np.array_equal(eval_batch(seqs, "test", replace(cfg, eval_seed=7))["target_items"][:, 1:],
-                              test["target_items"][:, 1:])
+    assert not np.array_equal(
+        eval_batch(seqs, "test", replace(cfg, eval_seed=7))["target_items"][:, 1:], test["target_items"][:, 1:]
+    )
 
 
 def test_eval_users_are_a_fixed_seeded_subset_in_any_block_order(seqs, cfg):
@@ -100,7 +114,8 @@ def test_eval_users_are_a_fixed_seeded_subset_in_any_block_order(seqs, cfg):
     full = eval_batch(seqs, "valid", cfg)
     rows = np.isin(full["user_id"], users)
     assert candidates_digest(picked["user_id"], picked["target_items"]) == candidates_digest(
-        full["user_id"][rows][::-1], full["target_items"][rows][::-1]), "the digest ignores row order"
+        full["user_id"][rows][::-1], full["target_items"][rows][::-1]
+    ), "the digest ignores row order"
 
 
 def test_train_positions_are_seeded_fresh_per_epoch_and_exclude_eval(seqs, cfg):
@@ -114,7 +129,9 @@ def test_train_positions_are_seeded_fresh_per_epoch_and_exclude_eval(seqs, cfg):
 
 def test_train_negatives_share_the_target_query_for_ctr_and_sample_queries_for_psu(seqs, cfg):
     ctr = train_batch(seqs, cfg, epoch=0)
-    assert ctr["target_items"].shape[1] == 1 + cfg.num_neg and ctr["labels"][:, 0].all() and not ctr["labels"][:, 1:].any()
+    assert (
+        ctr["target_items"].shape[1] == 1 + cfg.num_neg and ctr["labels"][:, 0].all() and not ctr["labels"][:, 1:].any()
+    )
     assert (ctr["target_queries"] == ctr["target_queries"][:, :1]).all()
     for j in range(len(ctr["user_id"])):
         assert ctr["target_items"][j, 0] not in ctr["target_items"][j, 1:]
@@ -168,9 +185,15 @@ def _assert_nothing_written(out):
 def test_bad_tables_fail_clearly_and_write_nothing(tiny_data, tmp_path):
     (items, queries, seqs), meta = _tables(tiny_data)
     out = tmp_path / "out"
-    bad_seq = seqs.set_column(1, "item_ids", pa.array([[999_999]] + seqs.column("item_ids").to_pylist()[1:], pa.list_(pa.int64())))
-    bad_seq = bad_seq.set_column(2, "query_ids", pa.array([[0]] + seqs.column("query_ids").to_pylist()[1:], pa.list_(pa.int64())))
-    bad_seq = bad_seq.set_column(3, "timestamps", pa.array([[1]] + seqs.column("timestamps").to_pylist()[1:], pa.list_(pa.int64())))
+    bad_seq = seqs.set_column(
+        1, "item_ids", pa.array([[999_999]] + seqs.column("item_ids").to_pylist()[1:], pa.list_(pa.int64()))
+    )
+    bad_seq = bad_seq.set_column(
+        2, "query_ids", pa.array([[0]] + seqs.column("query_ids").to_pylist()[1:], pa.list_(pa.int64()))
+    )
+    bad_seq = bad_seq.set_column(
+        3, "timestamps", pa.array([[1]] + seqs.column("timestamps").to_pylist()[1:], pa.list_(pa.int64()))
+    )
     with pytest.raises(DataError, match=r"sequences row 0 \(user_id 0\)\.item_ids: unknown id 999999"):
         write_dataset(out, items, queries, bad_seq, meta)
     _assert_nothing_written(out)

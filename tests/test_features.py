@@ -1,4 +1,5 @@
 """open_clip features through the Ray Data actor pool: embeddings land on the right rows, missing is recorded."""
+
 from __future__ import annotations
 
 import base64
@@ -14,7 +15,15 @@ from PIL import Image
 from seminar_ray.data.entities import EntityTables
 from seminar_ray.data.errors import DataError
 from seminar_ray.data.features import (
-    FETCH_FAILED, NO_IMAGE, OK, UNREADABLE, ClipEncoder, FeatureConfig, extract_features, load_clip, load_image,
+    FETCH_FAILED,
+    NO_IMAGE,
+    OK,
+    UNREADABLE,
+    ClipEncoder,
+    FeatureConfig,
+    extract_features,
+    load_clip,
+    load_image,
 )
 from seminar_ray.data.schema import ITEMS, QUERIES, SEQUENCES, DatasetMeta, DatasetTables, read_table
 
@@ -38,19 +47,43 @@ def dataset(tmp_path) -> Path:
         (images / f"{name}.png").write_bytes(png_bytes(colour))
     (images / "corrupt.png").write_bytes(png_bytes((0, 255, 0))[:40])  # a truncated PNG
     data_uri = "data:image/png;base64," + base64.b64encode(png_bytes((9, 9, 9))).decode()
-    refs = [str(images / "red.png"), str(images / "blue.png"), data_uri, str(images / "corrupt.png"),
-            UNREACHABLE_URL, None, str(images / "red.png")]
+    refs = [
+        str(images / "red.png"),
+        str(images / "blue.png"),
+        data_uri,
+        str(images / "corrupt.png"),
+        UNREACHABLE_URL,
+        None,
+        str(images / "red.png"),
+    ]
     titles = ["red shoes", "blue jeans", "grey coat", "green hat", "poster", "no picture", None]
     n = len(refs)
-    items = pa.table({"item_id": np.arange(1, n + 1), "title": titles, "attr_ids": [[1]] * n, "image_ref": refs,
-                      "text_emb": pa.nulls(n, ITEMS.field("text_emb").type),
-                      "image_emb": pa.nulls(n, ITEMS.field("image_emb").type)}, schema=ITEMS)
-    queries = pa.table({"query_id": [0, 1, 2], "token_ids": [[], [1, 2], [3]], "text": [None, "blue jeans", None],
-                        "text_emb": pa.nulls(3, QUERIES.field("text_emb").type)}, schema=QUERIES)
-    sequences = pa.table({"user_id": [1], "item_ids": [[1, 2, 3]], "query_ids": [[0, 1, 2]],
-                          "timestamps": [[1, 2, 3]]}, schema=SEQUENCES)
-    meta = DatasetMeta(source="test", num_items=n, num_queries=2, num_attrs=1, num_tokens=3, num_users=1,
-                       num_behaviours=3)
+    items = pa.table(
+        {
+            "item_id": np.arange(1, n + 1),
+            "title": titles,
+            "attr_ids": [[1]] * n,
+            "image_ref": refs,
+            "text_emb": pa.nulls(n, ITEMS.field("text_emb").type),
+            "image_emb": pa.nulls(n, ITEMS.field("image_emb").type),
+        },
+        schema=ITEMS,
+    )
+    queries = pa.table(
+        {
+            "query_id": [0, 1, 2],
+            "token_ids": [[], [1, 2], [3]],
+            "text": [None, "blue jeans", None],
+            "text_emb": pa.nulls(3, QUERIES.field("text_emb").type),
+        },
+        schema=QUERIES,
+    )
+    sequences = pa.table(
+        {"user_id": [1], "item_ids": [[1, 2, 3]], "query_ids": [[0, 1, 2]], "timestamps": [[1, 2, 3]]}, schema=SEQUENCES
+    )
+    meta = DatasetMeta(
+        source="test", num_items=n, num_queries=2, num_attrs=1, num_tokens=3, num_users=1, num_behaviours=3
+    )
     return DatasetTables(items, queries, sequences, meta).write(tmp_path / "data")
 
 
@@ -88,8 +121,13 @@ def test_image_references_and_their_missing_reasons(tmp_path):
     (tmp_path / "ok.png").write_bytes(png_bytes((1, 2, 3)))
     (tmp_path / "text.png").write_text("this is not an image")
     cases = {
-        "ok.png": OK, str(tmp_path / "ok.png"): OK, "absent.png": UNREADABLE, "text.png": UNREADABLE,
-        UNREACHABLE_URL: FETCH_FAILED, "data:image/png;base64,@@@": UNREADABLE, "": NO_IMAGE,
+        "ok.png": OK,
+        str(tmp_path / "ok.png"): OK,
+        "absent.png": UNREADABLE,
+        "text.png": UNREADABLE,
+        UNREACHABLE_URL: FETCH_FAILED,
+        "data:image/png;base64,@@@": UNREADABLE,
+        "": NO_IMAGE,
     }
     for ref, expected in cases.items():
         image, status = load_image(ref, tmp_path, timeout_s=2.0)

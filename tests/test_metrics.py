@@ -1,4 +1,5 @@
 """Metric code against hand-computed cases, ties included (expected values under random tie-breaking)."""
+
 import math
 
 import numpy as np

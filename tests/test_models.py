@@ -1,4 +1,5 @@
 """Model tests: each defect of the public reference code (README, "The model") is made impossible here."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,15 +13,23 @@ from seminar_ray.data.entities import EntityTables
 from seminar_ray.data.schema import DatasetMeta
 from seminar_ray.models import MODELS, ModelConfig, build_model, export_gsu_tables, load_checkpoint, save_checkpoint
 from seminar_ray.models.base import PAIR_KEYS
-from seminar_ray.models.layers import (Channels, MultiHeadTargetAttention, gather_rows, masked_softmax, masked_topk)
+from seminar_ray.models.layers import Channels, MultiHeadTargetAttention, gather_rows, masked_softmax, masked_topk
 from seminar_ray.models.psu import RelevanceHead, alignment_loss, derangement, relevance_loss
 from seminar_ray.models.seminar import gsu_target_tables, restore_psu
 
 torch.set_num_threads(1)
 N_ITEMS, N_QUERIES, N_ATTRS, N_TOKENS = 60, 25, 12, 30
 L, B, C = 2000, 4, 3
-FROZEN = ("item_text", "item_image", "query_text", "item_text_mask", "item_image_mask", "query_text_mask",
-          "item_attrs", "query_tokens")
+FROZEN = (
+    "item_text",
+    "item_image",
+    "query_text",
+    "item_text_mask",
+    "item_image_mask",
+    "query_text_mask",
+    "item_attrs",
+    "query_tokens",
+)
 
 
 def make_tables(n_queries: int = N_QUERIES, n_items: int = N_ITEMS, seed: int = 0) -> EntityTables:
@@ -41,11 +50,26 @@ def make_tables(n_queries: int = N_QUERIES, n_items: int = N_ITEMS, seed: int = 
     qtext_mask = rng.random(n_queries + 1) > 0.5
     qtext_mask[0] = False
     qtext[~qtext_mask] = 0.0
-    meta = DatasetMeta(source="test", num_items=n_items, num_queries=n_queries, num_attrs=N_ATTRS,
-                       num_tokens=N_TOKENS, num_users=B, num_behaviours=B * L)
-    return EntityTables(item_text=text, item_text_mask=text_mask, item_image=image, item_image_mask=image_mask,
-                        item_attrs=attrs.astype(np.int64), query_tokens=tokens.astype(np.int64), query_text=qtext,
-                        query_text_mask=qtext_mask, meta=meta)
+    meta = DatasetMeta(
+        source="test",
+        num_items=n_items,
+        num_queries=n_queries,
+        num_attrs=N_ATTRS,
+        num_tokens=N_TOKENS,
+        num_users=B,
+        num_behaviours=B * L,
+    )
+    return EntityTables(
+        item_text=text,
+        item_text_mask=text_mask,
+        item_image=image,
+        item_image_mask=image_mask,
+        item_attrs=attrs.astype(np.int64),
+        query_tokens=tokens.astype(np.int64),
+        query_text=qtext,
+        query_text_mask=qtext_mask,
+        meta=meta,
+    )
 
 
 def make_batch(length: int = L, b: int = B, c: int = C, seed: int = 0, lengths=(2000, 1500, 7, 0)) -> dict:
@@ -61,8 +85,14 @@ def make_batch(length: int = L, b: int = B, c: int = C, seed: int = 0, lengths=(
     tq = torch.randint(0, N_QUERIES + 1, (b, c), generator=g)
     labels = torch.zeros(b, c)
     labels[:, 0] = 1.0
-    return {"user_id": torch.arange(b), "hist_items": items, "hist_queries": queries, "target_items": targets,
-            "target_queries": tq, "labels": labels}
+    return {
+        "user_id": torch.arange(b),
+        "hist_items": items,
+        "hist_queries": queries,
+        "target_items": targets,
+        "target_queries": tq,
+        "labels": labels,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +102,20 @@ def tables() -> EntityTables:
 
 @pytest.fixture(scope="module")
 def cfg() -> ModelConfig:
-    return ModelConfig.preset("small", d=8, heads=2, K=12, mlp_hidden=(16,), gate_hidden=8, n_chunks=8,
-                              din_recent=10, qin_k1=40, qin_k2=12, recent_len=5, eta_bits=16)
+    return ModelConfig.preset(
+        "small",
+        d=8,
+        heads=2,
+        K=12,
+        mlp_hidden=(16,),
+        gate_hidden=8,
+        n_chunks=8,
+        din_recent=10,
+        qin_k1=40,
+        qin_k2=12,
+        recent_len=5,
+        eta_bits=16,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +124,7 @@ def batch() -> dict:
 
 
 # --- configuration -----------------------------------------------------------------------------------------------
+
 
 def test_config_has_the_papers_defaults_and_reads_yaml(tmp_path):
     paper = ModelConfig.preset("paper")
@@ -108,6 +151,7 @@ def test_every_config_in_configs_loads():
 
 
 # --- every model: forward, backward, every parameter trained -----------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", sorted(MODELS))
 def test_forward_backward_every_parameter_gets_gradient(kind, cfg, tables, batch):
@@ -168,6 +212,7 @@ def test_gamma_is_lambda_and_item_gate(cfg, tables):
 
 # --- attention: padding, top-K, fused = decomposed ----------------------------------------------------------------
 
+
 def test_padding_gets_zero_attention_and_cannot_change_output():
     torch.manual_seed(0)
     att = MultiHeadTargetAttention(8, 3)
@@ -223,8 +268,9 @@ def test_seminar_gsu_scores_decompose_over_its_own_channels(cfg, tables, batch):
     """The model's GSU score (fused keys after G_j) equals the §3.3.1 decomposition over its norms and unit vectors."""
     model = build_model("seminar", cfg, tables)
     hq, hi = batch["hist_queries"][:2, -50:], batch["hist_items"][:2, -50:]
-    table, (hq_r, tq_r), (hi_r, ti_r) = model.embedding.table([hq, batch["target_queries"][:2]],
-                                                              [hi, batch["target_items"][:2]], model.G)
+    table, (hq_r, tq_r), (hi_r, ti_r) = model.embedding.table(
+        [hq, batch["target_queries"][:2]], [hi, batch["target_items"][:2]], model.G
+    )
     q, k = table.channels(tq_r, ti_r), table.channels(hq_r, hi_r)
     with torch.no_grad():
         fused = model.gsu.attention.scores(q.fused, table.keys(hq_r, hi_r))
@@ -236,11 +282,13 @@ def test_gather_rows_matches_indexing():
     idx = torch.tensor([[[0, 8, -1]], [[4, 4, 2]]])
     out = gather_rows(table, idx)
     assert torch.equal(out[1, 0, 2], table[1, 2]) and torch.equal(out[0, 0, 1], table[0, 8])
-    assert torch.equal(masked_softmax(torch.zeros(1, 3), torch.tensor([[True, False, True]])),
-                       torch.tensor([[0.5, 0.0, 0.5]]))
+    assert torch.equal(
+        masked_softmax(torch.zeros(1, 3), torch.tensor([[True, False, True]])), torch.tensor([[0.5, 0.0, 0.5]])
+    )
 
 
 # --- PSU losses ---------------------------------------------------------------------------------------------------
+
 
 def test_relevance_loss_lower_for_matching_pairs():
     torch.manual_seed(2)
@@ -322,6 +370,7 @@ def test_psu_loss_switches(cfg, tables, batch):
 
 
 # --- checkpoints, PSU → CTR restore, serving contracts -------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["psu", "seminar", "eta"])
 def test_checkpoint_roundtrip_identical_outputs(kind, cfg, tables, batch, tmp_path):
@@ -443,8 +492,12 @@ def test_ctr_scores_candidates_against_one_history_encoding(cfg, tables):
     with torch.no_grad():
         together = model(small)
         for c in range(5):
-            alone = dict(small, target_items=small["target_items"][:, c:c + 1],
-                         target_queries=small["target_queries"][:, c:c + 1], labels=small["labels"][:, c:c + 1])
+            alone = dict(
+                small,
+                target_items=small["target_items"][:, c : c + 1],
+                target_queries=small["target_queries"][:, c : c + 1],
+                labels=small["labels"][:, c : c + 1],
+            )
             assert torch.allclose(model(alone)[:, 0], together[:, c], atol=1e-5)
 
 

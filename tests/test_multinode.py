@@ -4,6 +4,7 @@ Worker nodes carry the custom resources of cluster.yaml's node types (gpu_traine
 neither, so anything that asks for them is steered off it. One gpu_trainer per node and one per training worker
 force the workers onto distinct nodes; Serve's max_replicas_per_node does the same for replicas.
 """
+
 from __future__ import annotations
 
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from seminar_ray.train.checkpoints import run_checkpoints
+from seminar_ray.runs import run_checkpoints
 
 pytestmark = [pytest.mark.multinode, pytest.mark.timeout(1200)]
 
@@ -50,9 +51,20 @@ def _job(tiny_data, storage: Path, run_name: str, epochs: int):
     from seminar_ray.train.job import TrainJob
 
     cfg = ModelConfig.preset("small", max_len=32, K=8, qin_k1=16, qin_k2=8, din_recent=8, batch=32)
-    return TrainJob(kind="din", data=str(tiny_data), storage_path=str(storage), run_name=run_name,
-                    model=cfg.to_dict(), epochs=epochs, num_workers=2, cpus_per_worker=0.5,
-                    worker_resources={"gpu_trainer": 1}, samples_per_user=2, eval_users=32, max_failures=2)
+    return TrainJob(
+        kind="din",
+        data=str(tiny_data),
+        storage_path=str(storage),
+        run_name=run_name,
+        model=cfg.to_dict(),
+        epochs=epochs,
+        num_workers=2,
+        cpus_per_worker=0.5,
+        worker_resources={"gpu_trainer": 1},
+        samples_per_user=2,
+        eval_users=32,
+        max_failures=2,
+    )
 
 
 def _serve_config(replicas: int, artefacts) -> dict:
@@ -104,7 +116,7 @@ def test_serve_replicas_spread_over_cpu_worker_nodes(cluster, tmp_path):
     from ray.serve.schema import ServeDeploySchema
 
     from seminar_ray.serving import ScoreRequest
-    from seminar_ray.serving.artefacts import build_artefacts
+    from seminar_ray.testing.artefacts import build_artefacts
 
     artefacts = build_artefacts(tmp_path, num_users=8, min_len=10, max_len=30, model_max_len=32)
     config = ServeDeploySchema.model_validate(_serve_config(replicas=2, artefacts=artefacts))
@@ -147,9 +159,9 @@ def _hold_epoch_2_until_the_node_is_removed(job, rank: int, epoch: int):
 def preempted_run(cluster, tiny_data, tmp_path_factory) -> dict:
     """One 2-worker run of 2 epochs; after epoch 1's checkpoint a fresh node joins and a worker's node is removed
     (a reclaimed spot node). Returns the summary and which nodes were removed and added."""
-    from seminar_ray.train.job import run_training
-
     import ray.cloudpickle
+
+    from seminar_ray.train.job import run_training
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the hook travels to the workers by value
     job = _job(tiny_data, tmp_path_factory.mktemp("runs"), "preempted", epochs=2)
@@ -174,10 +186,16 @@ def preempted_run(cluster, tiny_data, tmp_path_factory) -> dict:
     cluster.remove_node(victim)
     (Path(job.storage_path) / NODE_REMOVED).write_text(victim.node_id)
     thread.join(timeout=600)
-    assert not thread.is_alive() and "summary" in result, f"the run did not finish after the node was removed: " \
-                                                          f"{result.get('error')!r}"
-    return {"summary": result["summary"], "run_dir": job.run_dir, "trainers": trainers,
-            "victim": victim.node_id, "fresh": fresh.node_id}
+    assert not thread.is_alive() and "summary" in result, (
+        f"the run did not finish after the node was removed: {result.get('error')!r}"
+    )
+    return {
+        "summary": result["summary"],
+        "run_dir": job.run_dir,
+        "trainers": trainers,
+        "victim": victim.node_id,
+        "fresh": fresh.node_id,
+    }
 
 
 def test_training_workers_sit_on_two_nodes(preempted_run):

@@ -1,15 +1,17 @@
 """The evaluation protocol behind every table: one eval seed for all models, fixed validation users, checkpoint
 selection by one rule, and a training run that stops on a non-finite loss."""
+
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from seminar_ray.baselines import evaluate_rule
 from seminar_ray.models import DIN, MODELS, ModelConfig
-from seminar_ray.train.checkpoints import HISTORY_FILE, resolve_checkpoint, run_checkpoints
+from seminar_ray.rule_rankers import evaluate_rule
+from seminar_ray.runs import HISTORY_FILE, resolve_checkpoint, run_checkpoints
 from seminar_ray.train.evaluation import evaluate_checkpoint
 from seminar_ray.train.job import TrainJob, run_training
 
@@ -17,12 +19,21 @@ CFG = ModelConfig.preset("small", max_len=32, din_recent=8, batch=32)
 
 
 def _job(data, tmp_path, seed: int, epochs: int, run_name: str, kind: str = "din", **kw) -> TrainJob:
-    return TrainJob(kind=kind, data=str(data), storage_path=str(tmp_path / "runs"), run_name=run_name,
-                    model=CFG.replace(seed=seed).to_dict(), epochs=epochs, num_workers=0, samples_per_user=2, **kw)
+    return TrainJob(
+        kind=kind,
+        data=str(data),
+        storage_path=str(tmp_path / "runs"),
+        run_name=run_name,
+        model=CFG.replace(seed=seed).to_dict(),
+        epochs=epochs,
+        num_workers=0,
+        samples_per_user=2,
+        **kw,
+    )
 
 
 def _history(run_dir) -> list[dict]:
-    return json.loads((run_checkpoints(run_dir)[-1][0] / HISTORY_FILE).read_text())
+    return json.loads((Path(run_checkpoints(run_dir)[-1][0]) / HISTORY_FILE).read_text())
 
 
 def test_models_of_other_seeds_rank_the_same_users_and_candidates(ray_local, tiny_data, tmp_path):
@@ -53,10 +64,17 @@ class _NaNDIN(DIN):
         return loss * float("nan"), parts
 
 
-def test_a_worse_epoch_does_not_replace_the_best_and_patience_stops_the_run(ray_local, tiny_data, tmp_path, monkeypatch):
+def test_a_worse_epoch_does_not_replace_the_best_and_patience_stops_the_run(
+    ray_local, tiny_data, tmp_path, monkeypatch
+):
     def job(epochs: int) -> TrainJob:  # lr 0.01 and 8 targets per user: epoch 1 learns, so epoch 2 can undo it
-        return TrainJob(**{**_job(tiny_data, tmp_path, seed=0, epochs=epochs, run_name="r", patience=1).__dict__,
-                           "model": CFG.replace(lr=0.01).to_dict(), "samples_per_user": 8})
+        return TrainJob(
+            **{
+                **_job(tiny_data, tmp_path, seed=0, epochs=epochs, run_name="r", patience=1).__dict__,
+                "model": CFG.replace(lr=0.01).to_dict(),
+                "samples_per_user": 8,
+            }
+        )
 
     first = run_training(job(1))
     monkeypatch.setitem(MODELS, "din", _AscendingDIN)  # the re-run resumes epoch 1's checkpoint, then ruins it
@@ -73,7 +91,7 @@ def test_a_worse_epoch_does_not_replace_the_best_and_patience_stops_the_run(ray_
 
 
 def test_the_stopping_rule_counts_epochs_without_a_strictly_better_score():
-    from seminar_ray.train.checkpoints import SELECT_KEY, stops_early
+    from seminar_ray.runs import SELECT_KEY, stops_early
 
     def history(*scores: float) -> list[dict]:
         return [{SELECT_KEY: s} for s in scores]
@@ -160,8 +178,10 @@ def test_epoch_loss_is_the_sample_weighted_mean_of_step_losses():
             loss = self.w + batch["value"][0]
             return loss, {"ctr": float(loss), "loss": float(loss)}
 
-    batches = [{"value": torch.tensor([1.0]), "labels": torch.zeros(2, 5)},
-               {"value": torch.tensor([4.0]), "labels": torch.zeros(6, 5)}]
+    batches = [
+        {"value": torch.tensor([1.0]), "labels": torch.zeros(2, 5)},
+        {"value": torch.tensor([4.0]), "labels": torch.zeros(6, 5)},
+    ]
     net = Fixed()
     stats = train_one_epoch(net, batches, torch.optim.SGD(net.parameters(), lr=0.0))
     assert stats["loss"] == pytest.approx((2 * 1.0 + 6 * 4.0) / 8) and stats["ctr"] == stats["loss"]

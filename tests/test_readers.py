@@ -1,4 +1,5 @@
-"""Source readers (RecBole, KuaiSAR, Amazon, SASRec text) on fixtures in the documented formats, and their bad inputs."""
+"""Source readers (RecBole, KuaiSAR, Amazon, SASRec text) on fixtures in the documented formats, and bad input."""
+
 from __future__ import annotations
 
 import gzip
@@ -34,7 +35,9 @@ def timelines(tables: DatasetTables) -> dict[str, list[tuple[str, tuple[str, ...
     out = {}
     for row in tables.sequences.to_pylist():
         user = maps["user"][row["user_id"] - 1]
-        out[user] = [(maps["item"][i - 1], tokens[q], t) for i, q, t in zip(row["item_ids"], row["query_ids"], row["timestamps"])]
+        out[user] = [
+            (maps["item"][i - 1], tokens[q], t) for i, q, t in zip(row["item_ids"], row["query_ids"], row["timestamps"])
+        ]
     return out
 
 
@@ -60,7 +63,9 @@ def test_recbole_reads_tabs_name_type_headers_and_token_seq(tmp_path):
     maps = originals(tables)
     titles = dict(zip(maps["item"], tables.items.column("title").to_pylist()))
     assert titles == {"m20": 'Heat "the" Movie', "m10": "Toy Story (1995)", "m30": "m30 Untitled"}
-    attrs = {maps["item"][r["item_id"] - 1]: {maps["attr"][a - 1] for a in r["attr_ids"]} for r in tables.items.to_pylist()}
+    attrs = {
+        maps["item"][r["item_id"] - 1]: {maps["attr"][a - 1] for a in r["attr_ids"]} for r in tables.items.to_pylist()
+    }
     assert attrs["m20"] == {"release_year=1995", "class=Action", "class=Crime", "class=Thriller"}
     assert attrs["m30"] == {"release_year=2000"}
     assert tables.queries.column("text").to_pylist() == [None, "thriller", "comedy"]
@@ -104,7 +109,13 @@ def test_kuaisar_merges_rec_clicks_and_search_clicks_into_one_timeline(tmp_path)
     item = {maps["item"][r["item_id"] - 1]: r for r in tables.items.to_pylist()}
     assert item["11"]["title"] == "Sports > Basketball" and item["12"]["title"] == "Food"
     attrs = {maps["attr"][a - 1] for a in item["11"]["attr_ids"]}
-    assert {"first_level_category_id=1", "second_level_category_id=10", "author_id=900", "caption=5", "caption=6"} <= attrs
+    assert {
+        "first_level_category_id=1",
+        "second_level_category_id=10",
+        "author_id=900",
+        "caption=5",
+        "caption=6",
+    } <= attrs
     assert len(item["11"]["attr_ids"]) == len(set(item["11"]["attr_ids"]))  # caption [5, 6, 5]: distinct ids
     assert not any(maps["attr"][a - 1].startswith("author_id") for a in item["12"]["attr_ids"])  # author 0 = padding
     meta = write_round_trip(tables, tmp_path)
@@ -123,8 +134,11 @@ def test_kuaisar_unknown_item_on_a_click_0_row_is_not_an_error(tmp_path):
 def test_amazon_json_and_python_literal_lines_query_never_from_asin(tmp_path):
     tables = amazon.read(FIXTURES / "amazon", min_interactions=2, max_len=10)
     assert timelines(tables) == {
-        "R1": [("B000ASIN02", ("food", "cooking"), 1420070400), ("B000ASIN01", ("daring", "space", "pirates"), 1420156800),
-               ("B000ASIN03", (), 1420243200)],
+        "R1": [
+            ("B000ASIN02", ("food", "cooking"), 1420070400),
+            ("B000ASIN01", ("daring", "space", "pirates"), 1420156800),
+            ("B000ASIN03", (), 1420243200),
+        ],
         "R2": [("B000ASIN03", (), 1420000000), ("B000ASIN01", ("daring", "space", "pirates"), 1420300000)],
     }  # 02: empty description → leaf category "Food & Cooking"; 03: nothing → empty query; R3 has 1 review
     maps = originals(tables)
@@ -136,7 +150,10 @@ def test_amazon_json_and_python_literal_lines_query_never_from_asin(tmp_path):
     assert "B000UNUSED" not in maps["item"]
     assert not any("asin" in t for t in maps["token"])
     assert {maps["attr"][a - 1] for a in item["B000ASIN01"]["attr_ids"]} == {
-        "category=Movies & TV", "category=Science Fiction", "brand=Acme Studios"}
+        "category=Movies & TV",
+        "category=Science Fiction",
+        "brand=Acme Studios",
+    }
     assert write_round_trip(tables, tmp_path).extra["timestamp_unit"] == "s"
 
 
@@ -151,28 +168,71 @@ def test_amazon_gzipped_files_read_the_same(tmp_path):
 
 
 # change: None deletes the file, a string is its new content, (old, new) replaces the first old
-@pytest.mark.parametrize("source, file, change, message", [
-    ("recbole", "ml.inter", None, "expected exactly one .inter file"),
-    ("recbole", "ml.inter", "", "ml.inter: empty file"),
-    ("recbole", "ml.inter", "user_id:token\titem_id:token\n", "ml.inter: no data rows"),
-    ("recbole", "ml.inter", ("user_id:token", "uid:token"), "missing column(s) ['user_id:token']"),
-    ("recbole", "ml.inter", ("978100000", "yesterday"), "column 'timestamp:float', row 4 (line 6): unparsable timestamp 'yesterday'"),
-    ("recbole", "ml.inter", ("C3\tm30", "C3\tm99"), "column 'item_id:token', row 5 (line 7): references an unknown item 'm99'"),
-    ("recbole", "ml.item", ("release_year:token", "release_year"), "header field 'release_year' is not name:type"),
-    ("kuaisar", "src_inter.csv", None, "src_inter.csv: missing file"),
-    ("kuaisar", "rec_inter.csv", "", "rec_inter.csv: empty file"),
-    ("kuaisar", "src_inter.csv", ('"[34]"', '"[34, x]"'), "src_inter.csv: column 'keyword', row 2 (line 4): malformed id list"),
-    ("kuaisar", "src_inter.csv", ('"[7]"', "20 34"), "column 'keyword', row 1 (line 3): malformed id list"),
-    ("kuaisar", "rec_inter.csv", ("1654041603000.0", "noon"), "rec_inter.csv: column 'timestamp', row 2 (line 4): unparsable timestamp 'noon'"),
-    ("kuaisar", "rec_inter.csv", (",click,", ",clicked,"), "rec_inter.csv: missing column(s) ['click']"),
-    ("kuaisar", "src_inter.csv", ("SEARCH_BOX,16,1", "SEARCH_BOX,77,1"), "src_inter.csv: column 'item_id', row 2 (line 4): references an unknown item 77"),
-    ("amazon", "meta_Movies_and_TV.json", None, "expected one reviews file and one meta_* file"),
-    ("amazon", "Movies_and_TV_5.json", "", "Movies_and_TV_5.json: empty file"),
-    ("amazon", "Movies_and_TV_5.json", ("1420000000", '"soon"'), "Movies_and_TV_5.json: column 'unixReviewTime', row 3 (line 4): unparsable timestamp 'soon'"),
-    ("amazon", "Movies_and_TV_5.json", ('"asin": "B000ASIN02", "unixReviewTime"', '"asin": "B999", "unixReviewTime"'), "column 'asin', row 5 (line 6): references an unknown item 'B999'"),
-    ("amazon", "Movies_and_TV_5.json", ('"reviewerID": "R3", ', ""), "line 6: missing field 'reviewerID'"),
-    ("amazon", "meta_Movies_and_TV.json", ('{"asin": "B000UNUSED"', '{asin: B000UNUSED'), "meta_Movies_and_TV.json: line 5: neither JSON nor a Python literal"),
-])
+@pytest.mark.parametrize(
+    "source, file, change, message",
+    [
+        ("recbole", "ml.inter", None, "expected exactly one .inter file"),
+        ("recbole", "ml.inter", "", "ml.inter: empty file"),
+        ("recbole", "ml.inter", "user_id:token\titem_id:token\n", "ml.inter: no data rows"),
+        ("recbole", "ml.inter", ("user_id:token", "uid:token"), "missing column(s) ['user_id:token']"),
+        (
+            "recbole",
+            "ml.inter",
+            ("978100000", "yesterday"),
+            "column 'timestamp:float', row 4 (line 6): unparsable timestamp 'yesterday'",
+        ),
+        (
+            "recbole",
+            "ml.inter",
+            ("C3\tm30", "C3\tm99"),
+            "column 'item_id:token', row 5 (line 7): references an unknown item 'm99'",
+        ),
+        ("recbole", "ml.item", ("release_year:token", "release_year"), "header field 'release_year' is not name:type"),
+        ("kuaisar", "src_inter.csv", None, "src_inter.csv: missing file"),
+        ("kuaisar", "rec_inter.csv", "", "rec_inter.csv: empty file"),
+        (
+            "kuaisar",
+            "src_inter.csv",
+            ('"[34]"', '"[34, x]"'),
+            "src_inter.csv: column 'keyword', row 2 (line 4): malformed id list",
+        ),
+        ("kuaisar", "src_inter.csv", ('"[7]"', "20 34"), "column 'keyword', row 1 (line 3): malformed id list"),
+        (
+            "kuaisar",
+            "rec_inter.csv",
+            ("1654041603000.0", "noon"),
+            "rec_inter.csv: column 'timestamp', row 2 (line 4): unparsable timestamp 'noon'",
+        ),
+        ("kuaisar", "rec_inter.csv", (",click,", ",clicked,"), "rec_inter.csv: missing column(s) ['click']"),
+        (
+            "kuaisar",
+            "src_inter.csv",
+            ("SEARCH_BOX,16,1", "SEARCH_BOX,77,1"),
+            "src_inter.csv: column 'item_id', row 2 (line 4): references an unknown item 77",
+        ),
+        ("amazon", "meta_Movies_and_TV.json", None, "expected one reviews file and one meta_* file"),
+        ("amazon", "Movies_and_TV_5.json", "", "Movies_and_TV_5.json: empty file"),
+        (
+            "amazon",
+            "Movies_and_TV_5.json",
+            ("1420000000", '"soon"'),
+            "Movies_and_TV_5.json: column 'unixReviewTime', row 3 (line 4): unparsable timestamp 'soon'",
+        ),
+        (
+            "amazon",
+            "Movies_and_TV_5.json",
+            ('"asin": "B000ASIN02", "unixReviewTime"', '"asin": "B999", "unixReviewTime"'),
+            "column 'asin', row 5 (line 6): references an unknown item 'B999'",
+        ),
+        ("amazon", "Movies_and_TV_5.json", ('"reviewerID": "R3", ', ""), "line 6: missing field 'reviewerID'"),
+        (
+            "amazon",
+            "meta_Movies_and_TV.json",
+            ('{"asin": "B000UNUSED"', "{asin: B000UNUSED"),
+            "meta_Movies_and_TV.json: line 5: neither JSON nor a Python literal",
+        ),
+    ],
+)
 def test_bad_input_is_a_data_error_naming_its_file_column_and_row(tmp_path, source, file, change, message):
     root = copy_fixture(source, tmp_path)
     if change is None:
@@ -191,7 +251,9 @@ def test_bad_input_is_a_data_error_naming_its_file_column_and_row(tmp_path, sour
 
 
 def test_query_rule_uses_description_then_leaf_category_never_the_id():
-    assert common.derive_query("<p>The B0X1 Best of the Ring: 1990 fights</p>", ["Sports"], "b0x1") == "best ring fights"
+    assert (
+        common.derive_query("<p>The B0X1 Best of the Ring: 1990 fights</p>", ["Sports"], "b0x1") == "best ring fights"
+    )
     assert common.derive_query(None, ["Movies & TV", "", "Drama Series"], "x") == "drama series"
     assert common.derive_query("ASIN42 a", ["ASIN42"], "asin42") is None
 
@@ -211,11 +273,24 @@ def test_min_interactions_filter_leaving_nobody_is_an_error():
 # ---------------------------------------------------------------- through the job entry points
 
 
-@pytest.mark.parametrize("source, fixture, edit, named", [
-    ("recbole", "recbole", lambda r: _replace(r / "ml.inter", "978100000", "yesterday"), "ml.inter: column 'timestamp:float'"),
-    ("kuaisar", "kuaisar", lambda r: _replace(r / "src_inter.csv", '"[34]"', '"[34, x]"'), "src_inter.csv: column 'keyword'"),
-    ("amazon", "amazon", lambda r: (r / "Movies_and_TV_5.json").write_text(""), "Movies_and_TV_5.json: empty file"),
-])
+@pytest.mark.parametrize(
+    "source, fixture, edit, named",
+    [
+        (
+            "recbole",
+            "recbole",
+            lambda r: _replace(r / "ml.inter", "978100000", "yesterday"),
+            "ml.inter: column 'timestamp:float'",
+        ),
+        (
+            "kuaisar",
+            "kuaisar",
+            lambda r: _replace(r / "src_inter.csv", '"[34]"', '"[34, x]"'),
+            "src_inter.csv: column 'keyword'",
+        ),
+        ("amazon", "amazon", lambda r: (r / "Movies_and_TV_5.json").write_text(""), "Movies_and_TV_5.json: empty file"),
+    ],
+)
 def test_prepare_data_job_exits_non_zero_and_writes_nothing(tmp_path, source, fixture, edit, named):
     import subprocess
     import sys
@@ -224,8 +299,13 @@ def test_prepare_data_job_exits_non_zero_and_writes_nothing(tmp_path, source, fi
     edit(root)
     out = tmp_path / "out"
     repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-m", "jobs.prepare_data", "--source", source, "--input", str(root),
-                           "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=repo)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.prepare_data", "--source", source, "--input", str(root), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=repo,
+    )
     assert proc.returncode == 2 and named in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [fixture]  # no output, no temporary directory
 
@@ -233,9 +313,13 @@ def test_prepare_data_job_exits_non_zero_and_writes_nothing(tmp_path, source, fi
 def test_query_modes_derived_none_and_a_mode_the_source_cannot_give():
     from seminar_ray.data.queries import apply_mode, resolve_mode
 
-    derived = apply_mode(recbole.read(FIXTURES / "recbole", min_interactions=1, max_len=10), resolve_mode("recbole", None))
+    derived = apply_mode(
+        recbole.read(FIXTURES / "recbole", min_interactions=1, max_len=10), resolve_mode("recbole", None)
+    )
     assert derived.meta.extra["queries"] == "derived" and derived.meta.num_queries > 0
-    none = apply_mode(recbole.read(FIXTURES / "recbole", min_interactions=1, max_len=10), resolve_mode("recbole", "none"))
+    none = apply_mode(
+        recbole.read(FIXTURES / "recbole", min_interactions=1, max_len=10), resolve_mode("recbole", "none")
+    )
     assert none.meta.extra["queries"] == "none" and none.meta.num_queries == 0 and none.queries.num_rows == 1
     flat = pa.compute.list_flatten(none.sequences.column("query_ids")).to_numpy()
     assert (flat == 0).all() and len(flat) == derived.meta.num_behaviours
@@ -247,12 +331,16 @@ def test_query_modes_derived_none_and_a_mode_the_source_cannot_give():
 
 
 def test_querymatch_pop_ranks_candidates_of_the_targets_derived_query_first():
-    from seminar_ray.baselines import item_queries, rule_scores
     from seminar_ray.data.splits import SequenceBatch
+    from seminar_ray.rule_rankers import item_queries, rule_scores
 
     # two users; items 1, 2 carry query 7, item 3 query 9; the last two behaviours of each user are held out
-    seqs = SequenceBatch(user_id=np.array([1, 2]), queries=np.array([7, 9, 9, 7, 7, 7, 7, 9, 9]),
-                         items=np.array([1, 3, 3, 2, 1, 2, 1, 3, 3]), offsets=np.array([0, 5, 9]))
+    seqs = SequenceBatch(
+        user_id=np.array([1, 2]),
+        queries=np.array([7, 9, 9, 7, 7, 7, 7, 9, 9]),
+        items=np.array([1, 3, 3, 2, 1, 2, 1, 3, 3]),
+        offsets=np.array([0, 5, 9]),
+    )
     np.testing.assert_array_equal(item_queries(seqs, 4), [0, 7, 7, 9, 0])
     queries, targets = np.array([[7, 7, 7]]), np.array([[2, 3, 4]])
     pop = rule_scores("popularity", seqs, 4, queries, targets)
@@ -276,10 +364,15 @@ def test_sasrec_txt_keeps_file_order_per_user_and_has_ids_only(tmp_path):
     from seminar_ray.data.queries import apply_mode, resolve_mode
     from seminar_ray.data.readers import sasrec_txt
 
-    tables = apply_mode(sasrec_txt.read(_sasrec_file(tmp_path), min_interactions=1, max_len=10),
-                        resolve_mode("sasrec-txt", None))
+    tables = apply_mode(
+        sasrec_txt.read(_sasrec_file(tmp_path), min_interactions=1, max_len=10), resolve_mode("sasrec-txt", None)
+    )
     got = {u: [(i, q) for i, q, _ in t] for u, t in timelines(tables).items()}
-    assert got == {"1": [("10", ()), ("12", ()), ("11", ())], "2": [("12", ()), ("10", ()), ("13", ())], "3": [("10", ())]}
+    assert got == {
+        "1": [("10", ()), ("12", ()), ("11", ())],
+        "2": [("12", ()), ("10", ()), ("13", ())],
+        "3": [("10", ())],
+    }
     assert [t for _, _, t in timelines(tables)["2"]] == [2, 4, 5], "timestamps are the line's row (blank skipped)"
     assert tables.items.column("title").null_count == tables.meta.num_items == 4  # no text, no image: ids only
     assert tables.items.column("image_ref").null_count == 4
@@ -297,14 +390,20 @@ def test_sasrec_txt_min_interactions_and_max_len_apply(tmp_path):
     assert {u: [i for i, _, _ in t] for u, t in timelines(tables).items()} == {"1": ["12", "11"], "2": ["10", "13"]}
 
 
-@pytest.mark.parametrize("text, message", [
-    ("", "Video.txt: empty file"),
-    ("\n\n", "Video.txt: no data rows"),
-    ("1 10\n1 11 5.0\n", "Video.txt: line 2: expected 2 whitespace-separated fields `user_id item_id`, got 3: '1 11 5.0'"),
-    ("1 10\n\n7\n", "Video.txt: line 3: expected 2 whitespace-separated fields"),
-    ("user_id item_id\n1 10\n", "Video.txt: line 1: user_id 'user_id' is not a non-negative integer"),
-    ("1 10\n2 -4\n", "Video.txt: line 2: item_id '-4' is not a non-negative integer"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "Video.txt: empty file"),
+        ("\n\n", "Video.txt: no data rows"),
+        (
+            "1 10\n1 11 5.0\n",
+            "Video.txt: line 2: expected 2 whitespace-separated fields `user_id item_id`, got 3: '1 11 5.0'",
+        ),
+        ("1 10\n\n7\n", "Video.txt: line 3: expected 2 whitespace-separated fields"),
+        ("user_id item_id\n1 10\n", "Video.txt: line 1: user_id 'user_id' is not a non-negative integer"),
+        ("1 10\n2 -4\n", "Video.txt: line 2: item_id '-4' is not a non-negative integer"),
+    ],
+)
 def test_sasrec_txt_bad_input_is_a_data_error_naming_file_and_line(tmp_path, text, message):
     from seminar_ray.data.readers import sasrec_txt
 
@@ -319,7 +418,22 @@ def test_prepare_data_sasrec_txt_exits_non_zero_and_writes_nothing(tmp_path):
 
     src = _sasrec_file(tmp_path, "1 10\n1 11\n1 x12\n")
     repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-m", "jobs.prepare_data", "--source", "sasrec-txt", "--input", str(src),
-                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120, cwd=repo)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.prepare_data",
+            "--source",
+            "sasrec-txt",
+            "--input",
+            str(src),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=repo,
+    )
     assert proc.returncode == 2 and "Video.txt: line 3: item_id 'x12' is not a non-negative integer" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Video.txt"]  # no output, no temporary directory

@@ -1,4 +1,6 @@
-"""Retrieval: PQ codecs, scorers, the serving shortlist + re-rank, and the index artefact (paper §3.3.3; docs/design.md, Retrieval)."""
+"""Retrieval: PQ codecs, scorers, the serving shortlist + re-rank, and the index artefact (paper §3.3.3;
+docs/design.md, Retrieval)."""
+
 from __future__ import annotations
 
 import warnings
@@ -8,9 +10,14 @@ import pytest
 
 from seminar_ray.retrieval.index import CHANNEL_PARTS, PQIndex, UnknownIdError, build_index
 from seminar_ray.retrieval.quantizer import DimensionMismatchError, PQCodec, capped_centroids
-from seminar_ray.retrieval.baselines import (CascadingHNSWRetriever, ChannelADCRetriever, LSHRetriever, RQRetriever,
-                                             SymmetricPQRetriever)
-from seminar_ray.retrieval.retrievers import ADCRetriever, ExactRetriever, ServingRetriever, SketchRerankRetriever
+from seminar_ray.retrieval.reference import (
+    CascadingHNSWRetriever,
+    ChannelADCRetriever,
+    LSHRetriever,
+    RQRetriever,
+    SymmetricPQRetriever,
+)
+from seminar_ray.retrieval.retrievers import ADCRetriever, ExactRetriever, PQRerankRetriever, SketchRerankRetriever
 from seminar_ray.retrieval.sketch import KeySketch
 from seminar_ray.retrieval.tables import GSUTables
 
@@ -68,11 +75,16 @@ def test_adc_equals_exact_when_codebook_is_the_data():
     assert np.array_equal(codec.decode(codec.encode(t.item_channels[1:, 0])), t.item_channels[1:, 0])
     hq, hi = np.arange(1, 51).repeat(4), np.arange(1, 201)
     u = rng.standard_normal((5, D)).astype(np.float32)
-    index = PQIndex(version="lossless", codecs={p: codec for p in CHANNEL_PARTS},
-                    codes={p: codec.encode(t.item_channels[:, j]) for j, p in enumerate(CHANNEL_PARTS[:3])}
-                    | {"query_Q": codec.encode(t.query_channel)},
-                    query_gamma=t.query_gamma, item_gamma=t.item_gamma,
-                    query_exact=t.query_folded().astype(np.float16), item_exact=t.item_folded().astype(np.float16))
+    index = PQIndex(
+        version="lossless",
+        codecs={p: codec for p in CHANNEL_PARTS},
+        codes={p: codec.encode(t.item_channels[:, j]) for j, p in enumerate(CHANNEL_PARTS[:3])}
+        | {"query_Q": codec.encode(t.query_channel)},
+        query_gamma=t.query_gamma,
+        item_gamma=t.item_gamma,
+        query_exact=t.query_folded().astype(np.float16),
+        item_exact=t.item_folded().astype(np.float16),
+    )
     adc = ChannelADCRetriever(index)
     np.testing.assert_allclose(adc.scores(hq, hi, u), exact_scores(t, hq, hi, u), rtol=1e-4, atol=1e-4)
     exact_top = ExactRetriever.from_tables(t).topk(hq, hi, u, 16)
@@ -85,8 +97,9 @@ def test_symmetric_lookups_equal_decoded_inner_products(tables, index):
     sym = SymmetricPQRetriever(index)
     codecs = index.codecs
     target_hat = sum(w[:, i, None] * codecs[p].decode(codecs[p].encode(vec[:, i])) for i, p in enumerate(CHANNEL_PARTS))
-    keys_hat = sum(tables.item_gamma[hi, j, None] * codecs[p].decode(index.codes[p][hi])
-                   for j, p in enumerate(CHANNEL_PARTS[:3]))
+    keys_hat = sum(
+        tables.item_gamma[hi, j, None] * codecs[p].decode(index.codes[p][hi]) for j, p in enumerate(CHANNEL_PARTS[:3])
+    )
     keys_hat = keys_hat + tables.query_gamma * codecs["query_Q"].decode(index.codes["query_Q"][hq])
     np.testing.assert_allclose(sym.scores(hq, hi, u, (vec, w)), target_hat @ keys_hat.T, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="target_channels"):
@@ -97,7 +110,9 @@ def test_adc_folded_scores_equal_decoded_inner_products(tables, index):
     hq, hi = history(tables, 100)
     u, _ = targets(tables)
     c = index.codecs
-    dec = c["item_folded"].decode(index.codes["item_folded"][hi]) + c["query_folded"].decode(index.codes["query_folded"][hq])
+    dec = c["item_folded"].decode(index.codes["item_folded"][hi]) + c["query_folded"].decode(
+        index.codes["query_folded"][hq]
+    )
     np.testing.assert_allclose(ADCRetriever(index).scores(hq, hi, u), u @ dec.T, rtol=1e-4, atol=1e-4)
 
 
@@ -105,38 +120,53 @@ def test_adc_folded_scores_equal_decoded_inner_products(tables, index):
 def test_shortlist_of_whole_history_is_exact(n_items, n_centroids):
     tables = make_tables(n_items, n_items)
     index = build_index(tables, "v", forms=("folded",), n_sub=4, n_centroids=n_centroids)
-    assert ServingRetriever(index).pair is None if n_centroids == 64 else ServingRetriever(index).pair is not None
+    assert PQRerankRetriever(index).pair is None if n_centroids == 64 else PQRerankRetriever(index).pair is not None
     hq, hi = history(tables, 300)
     hi[:20] = 0  # left padding is never returned
     u, _ = targets(tables)
     K = 32
-    serving = ServingRetriever(index, rerank_factor=300 // K + 1)
+    serving = PQRerankRetriever(index, rerank_factor=300 // K + 1)
     got = serving.topk(hq, hi, u, K)
     want = ExactRetriever.from_tables(tables).topk(hq, hi, u, K)
     assert not np.isin(np.arange(20), got).any()
     scores = exact_scores(tables, hq, hi, u)
-    np.testing.assert_allclose(np.take_along_axis(scores, got, 1), np.take_along_axis(scores, want, 1), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(
+        np.take_along_axis(scores, got, 1), np.take_along_axis(scores, want, 1), rtol=2e-3, atol=2e-3
+    )
 
 
 def test_serving_and_baselines_run_and_pad(tables, index):
     hq, hi = history(tables, 40)
     hi[:30] = 0  # 10 valid behaviours, K = 16 → 6 columns of -1
     u, tc = targets(tables)
-    retrievers = [ExactRetriever.from_tables(tables), ADCRetriever(index), ChannelADCRetriever(index),
-                  SymmetricPQRetriever(index), ServingRetriever(index, 2), SketchRerankRetriever(index),
-                  CascadingHNSWRetriever(tables),
-                  LSHRetriever(tables, n_bits=64), RQRetriever(tables, n_levels=2, nbits=4)]
+    retrievers = [
+        ExactRetriever.from_tables(tables),
+        ADCRetriever(index),
+        ChannelADCRetriever(index),
+        SymmetricPQRetriever(index),
+        PQRerankRetriever(index, 2),
+        SketchRerankRetriever(index),
+        CascadingHNSWRetriever(tables),
+        LSHRetriever(tables, n_bits=64),
+        RQRetriever(tables, n_levels=2, nbits=4),
+    ]
     for r in retrievers:
         got = r.topk(hq, hi, u, 16, tc)
         assert got.shape == (len(u), 16) and got.dtype == np.int64, r.name
-        assert (got[:, 10:] == -1).all() and np.array_equal(np.sort(got[:, :10], 1), np.tile(np.arange(30, 40), (len(u), 1))), r.name
+        assert (got[:, 10:] == -1).all() and np.array_equal(
+            np.sort(got[:, :10], 1), np.tile(np.arange(30, 40), (len(u), 1))
+        ), r.name
 
 
 def test_every_retriever_answers_an_empty_history_with_an_empty_topk(tables, index):
     u, _ = targets(tables)
     empty = np.zeros(0, np.int64)
-    for r in (ExactRetriever.from_tables(tables), ServingRetriever(index), ChannelADCRetriever(index),
-              SketchRerankRetriever(index)):
+    for r in (
+        ExactRetriever.from_tables(tables),
+        PQRerankRetriever(index),
+        ChannelADCRetriever(index),
+        SketchRerankRetriever(index),
+    ):
         assert r.topk(empty, empty, u, 32).shape == (len(u), 0)
 
 
@@ -147,8 +177,12 @@ def test_saved_index_memory_mapped_back_retrieves_the_same(tmp_path, tables, ind
     loaded = PQIndex.load(path, mmap=True)
     assert loaded.version == "test-v1" and isinstance(loaded.codes["item_folded"], np.memmap)
     assert loaded.sketch is not None and isinstance(loaded.sketch.item_codes, np.memmap)
-    for make in (lambda i: ServingRetriever(i, 4), lambda i: ChannelADCRetriever(i), SymmetricPQRetriever,
-                 SketchRerankRetriever):
+    for make in (
+        lambda i: PQRerankRetriever(i, 4),
+        lambda i: ChannelADCRetriever(i),
+        SymmetricPQRetriever,
+        SketchRerankRetriever,
+    ):
         assert np.array_equal(make(index).topk(hq, hi, u, 32, tc), make(loaded).topk(hq, hi, u, 32, tc))
     index.save(path)  # overwrite in place is atomic and leaves no temp dirs
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
@@ -156,7 +190,7 @@ def test_saved_index_memory_mapped_back_retrieves_the_same(tmp_path, tables, ind
 
 def test_wrong_dimension_and_unknown_ids_raise_named_errors(tables, index):
     hq, hi = history(tables, 50)
-    serving = ServingRetriever(index)
+    serving = PQRerankRetriever(index)
     with pytest.raises(DimensionMismatchError, match=r"\[C, 16\]"):
         serving.topk(hq, hi, np.zeros((3, D + 1), np.float32), 8)
     bad = hi.copy()
@@ -190,7 +224,9 @@ def test_sketch_rerank_whole_history_is_exact_and_default_margin_recalls(tables)
     wide = SketchRerankRetriever(index, z=1e6)  # a margin wider than any score gap: the union is the whole history
     got = wide.topk(hq, hi, u, K)
     assert wide.last_union == len(hi)
-    np.testing.assert_allclose(np.take_along_axis(scores, got, 1), np.take_along_axis(scores, want, 1), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(
+        np.take_along_axis(scores, got, 1), np.take_along_axis(scores, want, 1), rtol=2e-3, atol=2e-3
+    )
     serving = SketchRerankRetriever(index)  # 3σ margin: shortlists a fraction, still finds the exact top-K
     got = serving.topk(hq, hi, u, K)
     kth = np.take_along_axis(scores, want[:, -1:], 1)

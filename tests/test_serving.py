@@ -1,4 +1,6 @@
-"""Serving core without Ray Serve: stages agree with the model, validation, the fsynced history log (docs/design.md, Serving)."""
+"""Serving core without Ray Serve: stages agree with the model, validation, the fsynced history log (docs/design.md,
+Serving)."""
+
 from __future__ import annotations
 
 import os
@@ -16,10 +18,20 @@ import torch
 from seminar_ray.data.entities import EntityTables
 from seminar_ray.models import load_checkpoint
 from seminar_ray.retrieval.index import PQIndex
-from seminar_ray.serving import (Catalog, EventsRequest, Limits, LogHistoryStore, RequestError, RetrievalStage,
-                                 ScoreJob, ScoreRequest, ScoringStage, compact_history)
-from seminar_ray.serving.artefacts import build_artefacts
+from seminar_ray.serving import (
+    Catalog,
+    EventsRequest,
+    Limits,
+    LogHistoryStore,
+    RequestError,
+    RetrievalStage,
+    ScoreJob,
+    ScoreRequest,
+    ScoringStage,
+    compact_history,
+)
 from seminar_ray.serving.history import LOG_FILE
+from seminar_ray.testing.artefacts import build_artefacts
 
 torch.set_num_threads(1)
 
@@ -86,8 +98,10 @@ def test_batched_compact_jobs_score_like_full_history(stages):
     model, retrieval, scoring = stages
     rng = np.random.default_rng(0)
     n_queries, n_items = retrieval.index.num_queries - 1, retrieval.index.num_items - 1
-    requests = [(random_history(rng, n_queries, n_items, L), int(q), rng.integers(1, n_items + 1, C))
-                for L, q, C in ((50, 3, 7), (17, 0, 4), (0, 5, 3))]  # the last one: a cold-start user
+    requests = [
+        (random_history(rng, n_queries, n_items, L), int(q), rng.integers(1, n_items + 1, C))
+        for L, q, C in ((50, 3, 7), (17, 0, 4), (0, 5, 3))
+    ]  # the last one: a cold-start user
     jobs = [retrieval.prepare(h, q, c, keep_full_topk=True) for h, q, c in requests]
     batched = scoring.score_batch(jobs)
     for (history, q, cands), job, got in zip(requests, jobs, batched):
@@ -98,9 +112,15 @@ def test_batched_compact_jobs_score_like_full_history(stages):
         hq, hi = (torch.from_numpy(a)[None] for a in history)
         t = torch.from_numpy(cands)[None]
         with torch.no_grad():
-            want = torch.sigmoid(model.score_with_topk(hist_queries=hq, hist_items=hi,
-                                                       topk_idx=torch.from_numpy(job.full_topk)[None],
-                                                       target_queries=torch.full_like(t, q), target_items=t))[0].numpy()
+            want = torch.sigmoid(
+                model.score_with_topk(
+                    hist_queries=hq,
+                    hist_items=hi,
+                    topk_idx=torch.from_numpy(job.full_topk)[None],
+                    target_queries=torch.full_like(t, q),
+                    target_items=t,
+                )
+            )[0].numpy()
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -114,8 +134,12 @@ def test_each_retrieval_method_agrees_with_the_model_gsu_topk(stages, method, mi
     hq, hi = random_history(rng, retrieval.index.num_queries - 1, retrieval.index.num_items - 1, 60)
     cands = rng.integers(1, retrieval.index.num_items, 5)
     job = stage.prepare((hq, hi), 0, cands, keep_full_topk=True)
-    batch = {"hist_items": torch.from_numpy(hi)[None], "hist_queries": torch.from_numpy(hq)[None],
-             "target_items": torch.from_numpy(cands)[None], "target_queries": torch.zeros(1, 5, dtype=torch.long)}
+    batch = {
+        "hist_items": torch.from_numpy(hi)[None],
+        "hist_queries": torch.from_numpy(hq)[None],
+        "target_items": torch.from_numpy(cands)[None],
+        "target_queries": torch.zeros(1, 5, dtype=torch.long),
+    }
     with torch.no_grad():
         exact = model.gsu_scores(batch)[0].topk(model.cfg.K, dim=-1).indices.numpy()
     overlap = np.mean([len(set(a) & set(b)) / model.cfg.K for a, b in zip(job.full_topk, exact)])
@@ -142,11 +166,13 @@ def test_catalog_resolves_queries_and_refuses_bad_ids_and_limits_with_4xx(artefa
     events = EventsRequest(user_id=1, events=[{"item_id": 3}, {"item_id": 4, "query": text}])
     assert catalog.check_events(events) == ([0, catalog.query_text[text]], [3, 4])
     too_many = EventsRequest(user_id=1, events=[{"item_id": 1}] * 4)
-    for call, match in ((lambda: catalog.validate_candidates([1, catalog.num_items + 1]), "unknown candidate"),
-                        (lambda: catalog.validate_candidates([1] * 6), "limit is 5"),
-                        (lambda: catalog.resolve_query("x" * 21), "limit is 20"),
-                        (lambda: catalog.resolve_query(catalog.num_queries + 1), "unknown query id"),
-                        (lambda: catalog.check_events(too_many), "4 events, the limit is 3")):
+    for call, match in (
+        (lambda: catalog.validate_candidates([1, catalog.num_items + 1]), "unknown candidate"),
+        (lambda: catalog.validate_candidates([1] * 6), "limit is 5"),
+        (lambda: catalog.resolve_query("x" * 21), "limit is 20"),
+        (lambda: catalog.resolve_query(catalog.num_queries + 1), "unknown query id"),
+        (lambda: catalog.check_events(too_many), "4 events, the limit is 3"),
+    ):
         with pytest.raises(RequestError, match=match) as err:
             call()
         assert 400 <= err.value.status < 500
@@ -162,19 +188,35 @@ def test_a_request_error_becomes_the_http_answer_with_its_status():
     assert (err.value.status_code, err.value.detail) == (404, "no such user")
 
 
-@pytest.mark.parametrize("body", [{"candidates": [1]}, {"user_id": 1, "candidates": []},
-                                  {"user_id": "x", "candidates": [1]}, {"user_id": 1, "candidates": [1], "extra": 1},
-                                  {"user_id": 1, "candidates": ["a"]}, {"user_id": 1, "candidates": [2**63]},
-                                  {"user_id": 10**30, "candidates": [1]}, {"user_id": 1, "candidates": [float("nan")]},
-                                  {"user_id": 1, "query": 2**63, "candidates": [1]},
-                                  {"user_id": 1, "candidates": [float("inf")]}])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"candidates": [1]},
+        {"user_id": 1, "candidates": []},
+        {"user_id": "x", "candidates": [1]},
+        {"user_id": 1, "candidates": [1], "extra": 1},
+        {"user_id": 1, "candidates": ["a"]},
+        {"user_id": 1, "candidates": [2**63]},
+        {"user_id": 10**30, "candidates": [1]},
+        {"user_id": 1, "candidates": [float("nan")]},
+        {"user_id": 1, "query": 2**63, "candidates": [1]},
+        {"user_id": 1, "candidates": [float("inf")]},
+    ],
+)
 def test_malformed_score_bodies_are_rejected(body):
     with pytest.raises(pydantic.ValidationError):
         ScoreRequest.model_validate(body)
 
 
-@pytest.mark.parametrize("event", [{"item_id": 2**63}, {"item_id": 1, "timestamp": 10**30},
-                                   {"item_id": 1, "timestamp": -(2**63) - 1}, {"item_id": float("nan")}])
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"item_id": 2**63},
+        {"item_id": 1, "timestamp": 10**30},
+        {"item_id": 1, "timestamp": -(2**63) - 1},
+        {"item_id": float("nan")},
+    ],
+)
 def test_events_past_int64_are_rejected(event):
     with pytest.raises(pydantic.ValidationError):
         EventsRequest.model_validate({"user_id": 1, "events": [event]})
@@ -273,8 +315,12 @@ def test_app_builder_takes_typed_args_and_names_a_bad_key():
         app = call_user_app_builder_with_args_if_necessary(build_app, args)
         assert type(app).__name__ == "Application" and AppArgs.model_validate(args).retrieval == "exact"
     good = {"checkpoint": "c", "index": "i", "data": "d", "store": "s"}
-    for bad, name in (({**good, "topology": "split"}, "topology"), ({**good, "retrieval": "fast"}, "retrieval"),
-                      ({**good, "limits": {"max_candidate": 5}}, "max_candidate"), ({"checkpoint": "c"}, "index")):
+    for bad, name in (
+        ({**good, "topology": "split"}, "topology"),
+        ({**good, "retrieval": "fast"}, "retrieval"),
+        ({**good, "limits": {"max_candidate": 5}}, "max_candidate"),
+        ({"checkpoint": "c"}, "index"),
+    ):
         with pytest.raises(pydantic.ValidationError, match=name):
             call_user_app_builder_with_args_if_necessary(build_app, bad)
     with pytest.raises(ValueError, match="unknown deployments"):
@@ -286,8 +332,10 @@ def test_score_job_wire_round_trip_scores_the_same(stages):
     _, retrieval, scoring = stages
     rng = np.random.default_rng(3)
     n_queries, n_items = retrieval.index.num_queries - 1, retrieval.index.num_items - 1
-    jobs = [retrieval.prepare(random_history(rng, n_queries, n_items, L), 2, rng.integers(1, n_items + 1, 6))
-            for L in (40, 0)]
+    jobs = [
+        retrieval.prepare(random_history(rng, n_queries, n_items, L), 2, rng.integers(1, n_items + 1, 6))
+        for L in (40, 0)
+    ]
     back = [ScoreJob.from_wire(j.to_wire()) for j in jobs]
     for a, b in zip(jobs, back):
         for f in ("hist_queries", "hist_items", "topk", "candidates"):

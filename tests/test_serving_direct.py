@@ -3,6 +3,7 @@
 Serve reads the mode from the environment its processes start with, so this module starts a local Ray of its own
 and runs in the second pytest process (scripts/test.sh), after the multi-node tests have shut their clusters down.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,8 @@ import pytest
 import ray
 from ray import serve
 
-from seminar_ray.serving.artefacts import build_artefacts
-from serve_app.deploy import DIRECT_ENV, direct_urls, set_ingress_env, start
+from seminar_ray.testing.artefacts import build_artefacts
+from serve_app.deploy import DIRECT_ENV, direct_urls, start
 
 pytestmark = [pytest.mark.ownray, pytest.mark.timeout(600)]
 PORT = 18767
@@ -26,11 +27,15 @@ def direct_app(tmp_path_factory):
     art = build_artefacts(tmp_path_factory.mktemp("direct"), num_users=12, min_len=30, max_len=80, model_max_len=64)
     saved = {k: os.environ.get(k) for k in (*DIRECT_ENV, "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S")}
     os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"  # shutdown waits out the drain
-    args = {"checkpoint": str(art.checkpoint), "index": str(art.index), "data": str(art.data),
-            "store": str(art.store), "limits": {"max_candidates": 20}}
+    args = {
+        "checkpoint": str(art.checkpoint),
+        "index": str(art.index),
+        "data": str(art.data),
+        "store": str(art.store),
+        "limits": {"max_candidates": 20},
+    }
     try:
-        start(args, port=PORT, ingress="direct",
-              options={"Retriever": {"num_replicas": 2, "autoscaling_config": None}})
+        start(args, port=PORT, ingress="direct", options={"Retriever": {"num_replicas": 2, "autoscaling_config": None}})
         yield direct_urls()
     finally:
         serve.shutdown()
@@ -57,4 +62,3 @@ def test_bad_requests_get_4xx_on_a_direct_port(direct_app):
     malformed = httpx.post(f"{url}/v1/score", json={"user_id": "x"}, timeout=60)
     assert too_many.status_code == 422 and "limit" in too_many.text
     assert malformed.status_code == 422
-

@@ -3,6 +3,7 @@
 (Serve's local testing mode cannot run it: @serve.batch calls serve.get_replica_context(), which local testing mode
 lacks in Ray 2.60; the stages themselves are tested without Serve in test_serving.py.)
 """
+
 from __future__ import annotations
 
 import os
@@ -14,9 +15,9 @@ import httpx
 import pytest
 from ray import serve
 
-from seminar_ray.serving.artefacts import build_artefacts
 from seminar_ray.serving import Limits, ScoreRequest
 from seminar_ray.serving.history import LogHistoryStore
+from seminar_ray.testing.artefacts import build_artefacts
 from serve_app.app import compose
 
 PORT = 18765
@@ -33,8 +34,14 @@ def artefacts(tmp_path_factory):
 
 
 def app_args(art, **more) -> dict:
-    return {"checkpoint": str(art.checkpoint), "index": str(art.index), "data": str(art.data), "store": str(art.store),
-            "limits": {"max_candidates": 50, "max_query_chars": 64}, **more}
+    return {
+        "checkpoint": str(art.checkpoint),
+        "index": str(art.index),
+        "data": str(art.data),
+        "store": str(art.store),
+        "limits": {"max_candidates": 50, "max_query_chars": 64},
+        **more,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -80,15 +87,18 @@ def test_score_events_and_read_your_writes(service):
     assert by_handle.result(timeout_s=60).scores == pytest.approx(body["scores"])  # the same path without HTTP
 
 
-@pytest.mark.parametrize("body, fragment", [
-    ({"user_id": 1, "candidates": [10**6]}, "unknown candidate item id"),
-    ({"user_id": 1, "candidates": list(range(1, 52))}, "limit is 50"),
-    ({"user_id": 1, "query": "q" * 65, "candidates": [1]}, "limit is 64"),
-    ({"user_id": 1, "query": 10**6, "candidates": [1]}, "unknown query id"),
-    ({"user_id": "one", "candidates": [1]}, "user_id"),
-    ({"candidates": [1]}, "user_id"),
-    ({"user_id": 1, "candidates": []}, "candidates"),
-])
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        ({"user_id": 1, "candidates": [10**6]}, "unknown candidate item id"),
+        ({"user_id": 1, "candidates": list(range(1, 52))}, "limit is 50"),
+        ({"user_id": 1, "query": "q" * 65, "candidates": [1]}, "limit is 64"),
+        ({"user_id": 1, "query": 10**6, "candidates": [1]}, "unknown query id"),
+        ({"user_id": "one", "candidates": [1]}, "user_id"),
+        ({"candidates": [1]}, "user_id"),
+        ({"user_id": 1, "candidates": []}, "candidates"),
+    ],
+)
 def test_bad_score_requests_get_4xx_with_a_message(service, body, fragment):
     r = service[0].post("/v1/score", json=body)
     assert 400 <= r.status_code < 500 and fragment in r.text, (r.status_code, r.text)
@@ -107,7 +117,7 @@ class Load:
     """Closed-loop background load; records (answered at, status, model version or error, sent at) of every request."""
 
     def __init__(self, client_url: str, workers: int = 3):
-        self.url, self.results, self.stop = client_url, [], threading.Event()
+        self.url, self.results, self.stop = client_url, list[tuple](), threading.Event()
         self.threads = [threading.Thread(target=self._run, args=(w,)) for w in range(workers)]
 
     def _run(self, w: int) -> None:
@@ -116,8 +126,14 @@ class Load:
                 sent = time.time()
                 try:
                     r = score(client, user_id=w, candidates=range(1, 11))
-                    self.results.append((time.time(), r.status_code, r.json().get("model_version")
-                                         if r.status_code == 200 else r.text, sent))
+                    self.results.append(
+                        (
+                            time.time(),
+                            r.status_code,
+                            r.json().get("model_version") if r.status_code == 200 else r.text,
+                            sent,
+                        )
+                    )
                 except httpx.HTTPError as e:
                     self.results.append((time.time(), -1, repr(e), sent))
 
@@ -144,8 +160,9 @@ def retriever_actors() -> dict[str, str]:
     """name → namespace of every live Retriever replica actor."""
     import ray
 
-    return {a["name"]: a["namespace"] for a in ray.util.list_named_actors(all_namespaces=True)
-            if "#Retriever#" in a["name"]}
+    return {
+        a["name"]: a["namespace"] for a in ray.util.list_named_actors(all_namespaces=True) if "#Retriever#" in a["name"]
+    }
 
 
 def replaced(before) -> bool:
@@ -222,8 +239,9 @@ def test_fuzzed_requests_get_4xx_with_a_message_never_5xx_and_the_log_holds_exac
     from bench.fuzz import Space, fuzz
 
     client, (a, _) = service
-    out = fuzz(str(client.base_url), Space.load(a.data, Limits(max_candidates=50, max_query_chars=64)), a.store,
-               requests=2000)
+    out = fuzz(
+        str(client.base_url), Space.load(a.data, Limits(max_candidates=50, max_query_chars=64)), a.store, requests=2000
+    )
     summary = out.summary()
     assert out.requests >= 2000 and not out.problems, summary
     assert summary["responses_5xx"] == 0 and out.lost_events == 0 and out.unacknowledged_in_log == 0

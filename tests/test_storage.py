@@ -1,4 +1,6 @@
-"""Shared storage through a URI (pyarrow.fs), exercised with file:// URIs: helpers, checkpoints, data, a training run."""
+"""Shared storage through a URI (pyarrow.fs), exercised with file:// URIs: helpers, checkpoints, data, a training
+run."""
+
 from __future__ import annotations
 
 import json
@@ -103,7 +105,7 @@ def test_replace_dir_failing_at_the_final_rename_puts_the_old_directory_back(tmp
 
 
 def test_a_storage_path_holding_one_run_resolves_to_its_checkpoint_and_several_runs_are_named(tmp_path):
-    from seminar_ray.train.checkpoints import find_checkpoint
+    from seminar_ray.runs import find_checkpoint
 
     runs = tmp_path / "runs"
     _tree(runs / "psu" / "checkpoint_1", {"model.pt": "w", "metrics.json": json.dumps({"epoch": 1, "select": 1.0})})
@@ -114,12 +116,17 @@ def test_a_storage_path_holding_one_run_resolves_to_its_checkpoint_and_several_r
 
 
 def test_checkpoints_resolve_from_a_uri_run_directory(tmp_path, cache):
-    from seminar_ray.train.checkpoints import find_checkpoint, resolve_checkpoint, run_checkpoints
+    from seminar_ray.runs import find_checkpoint, resolve_checkpoint, run_checkpoints
 
     run = tmp_path / "runs" / "r"
     for epoch, ndcg in ((1, 0.2), (2, 0.5), (3, 0.4)):
-        _tree(run / f"checkpoint_{epoch}", {"model.pt": f"weights{epoch}",
-                                            "metrics.json": json.dumps({"epoch": epoch, "ndcg@10": ndcg, "select": ndcg})})
+        _tree(
+            run / f"checkpoint_{epoch}",
+            {
+                "model.pt": f"weights{epoch}",
+                "metrics.json": json.dumps({"epoch": epoch, "ndcg@10": ndcg, "select": ndcg}),
+            },
+        )
     uri = f"file://{run}"
     found = run_checkpoints(uri)
     assert [m["epoch"] for _, m in found] == [1, 2, 3] and all(isinstance(p, str) for p, _ in found)
@@ -144,8 +151,16 @@ def test_training_with_data_and_runs_on_a_uri(ray_local, tiny_data, tmp_path, ca
     assert DatasetMeta.load(data_uri) == DatasetMeta.load(tiny_data)
     assert EntityTables.load(data_uri).item_text.shape == EntityTables.load(tiny_data).item_text.shape
     cfg = ModelConfig.preset("small", max_len=32, K=8, qin_k1=16, qin_k2=8, din_recent=8, batch=32)
-    job = TrainJob(kind="din", data=data_uri, storage_path=runs_uri, run_name="din", model=cfg.to_dict(), epochs=2,
-                   num_workers=0, samples_per_user=2)
+    job = TrainJob(
+        kind="din",
+        data=data_uri,
+        storage_path=runs_uri,
+        run_name="din",
+        model=cfg.to_dict(),
+        epochs=2,
+        num_workers=0,
+        samples_per_user=2,
+    )
     summary = run_training(job)
     assert summary["epochs"] == 2 and summary["best_checkpoint"].startswith(f"{runs_uri}/din/")
     run_dir = shared / "runs" / "din"

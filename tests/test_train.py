@@ -1,4 +1,5 @@
 """Ray Train jobs: local-mode training, resume by run name, pretrain → finetune, evaluation and bad input."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ import pytest
 
 from seminar_ray.data.errors import DataError
 from seminar_ray.models import ModelConfig
-from seminar_ray.train.checkpoints import resolve_checkpoint, run_checkpoints
+from seminar_ray.runs import resolve_checkpoint, run_checkpoints
 from seminar_ray.train.job import TrainJob, check_placement, run_training
 
 CFG = ModelConfig.preset("small", max_len=32, K=8, qin_k1=16, qin_k2=8, din_recent=8, batch=32)
@@ -20,8 +21,17 @@ CFG = ModelConfig.preset("small", max_len=32, K=8, qin_k1=16, qin_k2=8, din_rece
 
 def _job(tiny_data, tmp_path, kind="seminar", **kw) -> TrainJob:
     model = CFG.replace(pretrained=kind == "seminar" and kw.get("pretrained") is not None).to_dict()
-    return TrainJob(kind=kind, data=str(tiny_data), storage_path=str(tmp_path / "runs"), run_name=kw.pop("run_name", kind),
-                    model=model, epochs=kw.pop("epochs", 2), num_workers=kw.pop("num_workers", 0), samples_per_user=2, **kw)
+    return TrainJob(
+        kind=kind,
+        data=str(tiny_data),
+        storage_path=str(tmp_path / "runs"),
+        run_name=kw.pop("run_name", kind),
+        model=model,
+        epochs=kw.pop("epochs", 2),
+        num_workers=kw.pop("num_workers", 0),
+        samples_per_user=2,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +84,9 @@ def test_bad_inputs_fail_before_any_training_starts(ray_local, tiny_data, tmp_pa
     with pytest.raises(ValueError, match="cannot be placed"):
         check_placement(_job(tiny_data, tmp_path, num_workers=64, cpus_per_worker=1.0))
     with pytest.raises(ValueError, match="pretrained=true but no PSU checkpoint"):
-        TrainJob(**{**_job(tiny_data, tmp_path).__dict__, "model": CFG.replace(pretrained=True).to_dict()}).check_inputs()
+        TrainJob(
+            **{**_job(tiny_data, tmp_path).__dict__, "model": CFG.replace(pretrained=True).to_dict()}
+        ).check_inputs()
     with pytest.raises(FileNotFoundError, match="no such checkpoint or run directory"):
         resolve_checkpoint(tmp_path / "nowhere")
 
@@ -113,8 +125,16 @@ def test_two_worker_ddp_survives_a_killed_worker(ray_local, tiny_data, tmp_path)
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the hook travels to the workers by value
-    job = _job(tiny_data, tmp_path, "sim", epochs=3, num_workers=2, cpus_per_worker=0.5, max_failures=1,
-               step_hook=_kill_rank0_once_at_step_2_of_epoch_2)
+    job = _job(
+        tiny_data,
+        tmp_path,
+        "sim",
+        epochs=3,
+        num_workers=2,
+        cpus_per_worker=0.5,
+        max_failures=1,
+        step_hook=_kill_rank0_once_at_step_2_of_epoch_2,
+    )
     job.samples_per_user = 4
     summary = run_training(job)
     marker = tmp_path / "runs" / ".sim.fault-injected"

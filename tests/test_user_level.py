@@ -1,7 +1,9 @@
 """The user-level path (every training target of a user in one pass) against the per-target path (each target with
 its own copy of its history): same logits, losses and gradients on the same targets and candidates, and no leak."""
+
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 
 import numpy as np
@@ -10,8 +12,14 @@ import torch
 
 from seminar_ray.data.entities import EntityTables
 from seminar_ray.data.schema import DatasetMeta, read_table
-from seminar_ray.data.splits import (SampleConfig, SequenceBatch, history_matrix, train_positions, train_targets,
-                                     user_batch)
+from seminar_ray.data.splits import (
+    SampleConfig,
+    SequenceBatch,
+    history_matrix,
+    train_positions,
+    train_targets,
+    user_batch,
+)
 from seminar_ray.models import MODELS, ModelConfig, build_model
 from seminar_ray.models.psu import PSU
 
@@ -32,13 +40,20 @@ def tables(tiny_data) -> EntityTables:
 
 def model_cfg(**kw) -> ModelConfig:
     # L = 24 < most users' lengths, so windows are banded; K, din_recent and qin_k1 below L so retrieval selects
-    return ModelConfig.preset("small", max_len=24, K=6, din_recent=5, recent_len=4, qin_k1=10, qin_k2=6, n_chunks=3,
-                              **kw)
+    return ModelConfig.preset(
+        "small", max_len=24, K=6, din_recent=5, recent_len=4, qin_k1=10, qin_k2=6, n_chunks=3, **kw
+    )
 
 
 def sample_cfg(tiny_data, mc: ModelConfig, task: str = "ctr") -> SampleConfig:
-    return SampleConfig(max_len=mc.max_len, num_items=DatasetMeta.load(tiny_data).num_items, num_neg=mc.n_neg,
-                        samples_per_user=0, task=task, seed=3)
+    return SampleConfig(
+        max_len=mc.max_len,
+        num_items=DatasetMeta.load(tiny_data).num_items,
+        num_neg=mc.n_neg,
+        samples_per_user=0,
+        task=task,
+        seed=3,
+    )
 
 
 def both_batches(seqs, scfg, targets_per_row, pool=None):
@@ -51,8 +66,14 @@ def both_batches(seqs, scfg, targets_per_row, pool=None):
     tq, ti = train_targets(seqs, scfg, 1, rows, pos, pool)
     labels = np.zeros(ti.shape, np.float32)
     labels[:, 0] = 1
-    per = {"user_id": seqs.user_id[rows], "hist_queries": hq, "hist_items": hi, "target_queries": tq,
-           "target_items": ti, "labels": labels}
+    per = {
+        "user_id": seqs.user_id[rows],
+        "hist_queries": hq,
+        "hist_items": hi,
+        "target_queries": tq,
+        "target_items": ti,
+        "labels": labels,
+    }
     as_t = lambda b: {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in b.items()}  # noqa: E731
     return as_t(user), as_t(per)
 
@@ -69,9 +90,9 @@ def test_user_batch_holds_the_same_targets_and_candidates_with_their_histories_i
     rows, cols = torch.nonzero(valid, as_tuple=True)
     for j, (r, t) in enumerate(zip(rows.tolist(), cols.tolist())):
         p = int(user["target_pos"][r, t])
-        window = user["seq_items"][r, max(p - mc.max_len, 0): p]
+        window = user["seq_items"][r, max(p - mc.max_len, 0) : p]
         hist = per["hist_items"][j]
-        assert torch.equal(hist[hist.numel() - window.numel():], window)
+        assert torch.equal(hist[hist.numel() - window.numel() :], window)
         assert (hist[: hist.numel() - window.numel()] == 0).all()
     # no id is copied per target: a row's window is at most L + targets_per_row long
     assert user["seq_items"].shape[1] <= mc.max_len + 7
@@ -145,13 +166,18 @@ def test_psu_alignment_and_relevance_on_one_whole_history_equal_the_per_target_f
     cq = torch.randint(1, tables.meta.num_queries + 1, (1, 5), generator=g)
     labels = torch.zeros(1, 5)
     labels[:, 0] = 1
-    per = {"hist_items": items, "hist_queries": queries, "target_items": cands, "target_queries": cq,
-           "labels": labels}
+    per = {"hist_items": items, "hist_queries": queries, "target_items": cands, "target_queries": cq, "labels": labels}
     # user-level: the same n behaviours owned by n targets at columns 1..n (only the last one's history is whole)
     pos = torch.arange(1, n + 1).view(1, n)
-    user = {"seq_items": items, "seq_queries": queries, "target_pos": pos,
-            "target_valid": torch.ones(1, n, dtype=torch.bool), "target_items": cands.expand(n, 5).reshape(1, n, 5),
-            "target_queries": cq.expand(n, 5).reshape(1, n, 5), "labels": labels.expand(n, 5).reshape(1, n, 5)}
+    user = {
+        "seq_items": items,
+        "seq_queries": queries,
+        "target_pos": pos,
+        "target_valid": torch.ones(1, n, dtype=torch.bool),
+        "target_items": cands.expand(n, 5).reshape(1, n, 5),
+        "target_queries": cq.expand(n, 5).reshape(1, n, 5),
+        "labels": labels.expand(n, 5).reshape(1, n, 5),
+    }
     for kw in ({"use_next": False, "use_rel": False}, {"use_next": False, "use_align": False}):
         model.cfg = replace(mc, **kw)
         torch.manual_seed(5)
@@ -178,8 +204,9 @@ def test_changing_behaviours_at_or_after_a_target_leaves_its_logits_unchanged(ki
     with torch.no_grad():
         before, after = model(user), model(changed)
     torch.testing.assert_close(before[r, : t + 1], after[r, : t + 1], **TOL)
-    assert not torch.allclose(before[r, t + 1:][user["target_valid"][r, t + 1:]],
-                              after[r, t + 1:][user["target_valid"][r, t + 1:]]), "later targets do see the change"
+    assert not torch.allclose(
+        before[r, t + 1 :][user["target_valid"][r, t + 1 :]], after[r, t + 1 :][user["target_valid"][r, t + 1 :]]
+    ), "later targets do see the change"
 
 
 def test_fused_attention_matches_autograd_and_passes_gradcheck():
@@ -195,8 +222,9 @@ def test_fused_attention_matches_autograd_and_passes_gradcheck():
     idx = torch.randint(0, 7, (2, 3, 5), generator=g)
     idx[1, 2, 3:] = -1
     idx[0, 0] = -1
-    plain_dense = torch.einsum("bmhn,bnd->bmhd", masked_softmax(torch.einsum("bmhd,bnd->bmhn", qh, keys),
-                                                                mask.unsqueeze(2)), keys)
+    plain_dense = torch.einsum(
+        "bmhn,bnd->bmhd", masked_softmax(torch.einsum("bmhd,bnd->bmhn", qh, keys), mask.unsqueeze(2)), keys
+    )
     sel = gather_rows(keys, idx)
     valid = (idx >= 0).unsqueeze(2)
     plain_rows = torch.einsum("bmhk,bmkd->bmhd", masked_softmax(torch.einsum("bmhd,bmkd->bmhk", qh, sel), valid), sel)
@@ -207,5 +235,9 @@ def test_fused_attention_matches_autograd_and_passes_gradcheck():
         want = torch.autograd.grad(plain.square().sum(), (qh, keys))
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b)
-        assert torch.autograd.gradcheck(lambda q, k: fused.apply(q, k, arg), (qh, keys))
+        assert torch.autograd.gradcheck(functools.partial(_apply, fused, arg=arg), (qh, keys))
     assert (plain_dense[0, 1] == 0).all() and (_DenseAttention.apply(qh, keys, mask)[0, 1] == 0).all()
+
+
+def _apply(fused, q, k, arg):
+    return fused.apply(q, k, arg)

@@ -4,7 +4,7 @@
 - `derived`: sources without search logs (RecBole, Amazon): every behaviour gets its item's query, derived from the
   item's own description or category (paper §4.1, Amazon). Every evaluation candidate then carries the positive's
   derived query, so a ranker that matches query and item text narrows the candidates with the answer's own words:
-  report the QueryMatch+Pop rule (`seminar_ray.baselines`) beside any model on such data.
+  report the QueryMatch+Pop rule (`seminar_ray.rule_rankers`) beside any model on such data.
 - `none`: every behaviour gets the empty query (pure sequential recommendation). The only mode of sources with
   neither search logs nor item text (SASRec text files).
 """

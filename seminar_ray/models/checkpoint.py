@@ -14,8 +14,8 @@ from seminar_ray.data.entities import EntityTables
 from seminar_ray.errors import InputError
 from seminar_ray.models.config import ModelConfig
 from seminar_ray.models.layers import MultiModalEmbedding, table_sizes
+from seminar_ray.runs import CHECKPOINT_FILE
 
-CHECKPOINT_FILE = "model.pt"
 FORMAT_VERSION = 1
 
 

@@ -7,11 +7,9 @@ actor pool (`EncodeBatch`), rows kept in id order; the artefact is written whole
 
 from __future__ import annotations
 
-import logging
 import tempfile
 import warnings
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 
@@ -20,8 +18,6 @@ from seminar_ray.retrieval.index import CHANNEL_PARTS, FOLDED_PARTS, ITEM_CHANNE
 from seminar_ray.retrieval.quantizer import PQCodec
 from seminar_ray.retrieval.sketch import KeySketch
 from seminar_ray.retrieval.tables import GSUTables
-
-log = logging.getLogger(__name__)
 
 ENCODE_CPUS = 0.25  # per encoding actor: fractional, so a 2-core machine runs several
 
@@ -126,44 +122,3 @@ def fit_n_sub(dim: int, requested: int, flag: str) -> int:
     if n != requested:
         warnings.warn(f"{flag} {requested} does not divide the model's d = {dim}: using {n}", stacklevel=2)
     return n
-
-
-def index_checkpoint(
-    checkpoint: str | Path,
-    data: str | Path,
-    out: str | Path,
-    n_sub: int = 8,
-    n_centroids: int = 256,
-    folded_n_sub: int = 32,
-    folded_n_centroids: int = 16,
-    sketch_dim: int = 32,
-    actors: int = 4,
-) -> tuple[PQIndex, str]:
-    """A fine-tuned SEMINAR checkpoint (or run directory: its selected checkpoint) → the index written at `out`.
-
-    Needs a running Ray (`seminar_ray.runtime.init_ray`). Returns the index and where it was written.
-    """
-    from seminar_ray.data.entities import EntityTables
-    from seminar_ray.models import SeminarCTR, export_gsu_tables, load_checkpoint
-    from seminar_ray.train.checkpoints import resolve_checkpoint
-
-    tables = EntityTables.load(data)
-    resolved = resolve_checkpoint(checkpoint)
-    model, _, _ = load_checkpoint(resolved, tables, kind="seminar")
-    gsu = export_gsu_tables(cast(SeminarCTR, model))
-    n_sub = fit_n_sub(gsu.dim, n_sub, "--n-sub")
-    folded_n_sub = fit_n_sub(gsu.dim, folded_n_sub, "--folded-n-sub")
-    version = f"{Path(str(resolved)).name}-pq{n_sub}x{n_centroids}"
-    index = build_with_ray(
-        gsu, version, n_sub, n_centroids, folded_n_sub, folded_n_centroids, sketch_dim, actors=actors
-    )
-    written = save_index(index, out)
-    log.info(
-        "index %s: %d items, %d queries, dim %d → %s",
-        index.version,
-        index.num_items,
-        index.num_queries,
-        index.dim,
-        written,
-    )
-    return index, written

@@ -1,5 +1,6 @@
-"""The GSU top-K searches serving uses, and the one contract every retriever keeps (paper §3.3.3; docs/design.md,
-Retrieval). The paper's and the benchmark's comparison points are in baselines.py.
+"""The GSU top-K searches serving can choose from (`seminar_ray.serving.stages.RETRIEVAL_METHODS`), and the one
+contract every retriever keeps, `TopKRetriever.topk` (paper §3.3.3; docs/design.md, Retrieval). The reference
+retrievers (the paper's and the benchmark's comparison points) are in reference.py.
 
 Every retriever answers `topk(history_query_ids [L], history_item_ids [L], targets_u [C, d], K,
 target_channels=None) -> int64 [C, K]`: positions into the history, best first by the retriever's own score,
@@ -38,7 +39,7 @@ def select_topk(scores: np.ndarray, K: int) -> np.ndarray:
     return out
 
 
-class Retriever:
+class TopKRetriever:
     """Validation, padding removal and -1 padding shared by every retriever; subclasses score the valid part."""
 
     name = "retriever"
@@ -87,7 +88,7 @@ class Retriever:
         raise NotImplementedError(f"{type(self).__name__} ranks without a dense score matrix")
 
 
-class ExactRetriever(Retriever):
+class ExactRetriever(TopKRetriever):
     """Exact GSU scores from folded per-entity tables gathered by id (fp32: the "exact_fp32" baseline)."""
 
     name = "exact_fp32"
@@ -106,7 +107,7 @@ class ExactRetriever(Retriever):
         return u @ keys.T
 
 
-class LUTRetriever(Retriever):
+class LUTRetriever(TopKRetriever):
     """Scores from PQ codes by look-up tables built per request: Σ over `parts` of γ_part · LUT_part[codes].
 
     Subclasses choose the parts and may build their tables differently (`luts`); asymmetric distance computation
@@ -184,10 +185,9 @@ class FoldedPairScan:
         return pos
 
 
-class ServingRetriever(Retriever):
-    """The PQ serving path : a folded-ADC shortlist of R·K (FoldedPairScan), then an exact
-    re-rank from
-    fp16 tables. Not thread-safe: one instance per worker."""
+class PQRerankRetriever(TopKRetriever):
+    """Retrieval "pq": a folded-ADC shortlist of R·K (FoldedPairScan), then an exact re-rank from the fp16 tables.
+    Not thread-safe: one instance per worker."""
 
     def __init__(self, index: PQIndex, rerank_factor: int = 8):
         super().__init__(index.dim, index.num_queries, index.num_items)
@@ -218,8 +218,8 @@ class ServingRetriever(Retriever):
         return out
 
 
-class SketchRerankRetriever(Retriever):
-    """The serving path (docs/design.md, Retrieval): an int8 key-sketch shortlist with an adaptive margin, then one
+class SketchRerankRetriever(TopKRetriever):
+    """Retrieval "sketch" (docs/design.md, Retrieval): an int8 key-sketch shortlist with an adaptive margin, then one
     exact re-rank.
 
     Per candidate c the shortlist is every behaviour whose sketch score is ≥ (its K-th best sketch score − z·σ(u_c)),
@@ -255,7 +255,8 @@ class SketchRerankRetriever(Retriever):
     def _topk(self, hq, hi, u, K, tc):
         union = self.shortlist(hq, hi, u, K)
         self.last_union = len(union)
-        keys = self._item16.index_select(0, torch.from_numpy(hi[union])).float()  # torch converts fp16 with F16C,
-        keys += self._query16.index_select(0, torch.from_numpy(hq[union]))  # ~4x numpy's astype here
+        # torch converts fp16 with vector instructions (F16C), numpy's astype element by element (retrieval README)
+        keys = self._item16.index_select(0, torch.from_numpy(hi[union])).float()
+        keys += self._query16.index_select(0, torch.from_numpy(hq[union]))
         best = select_topk(u @ keys.numpy().T, K)
         return np.where(best >= 0, union[np.maximum(best, 0)], -1)

@@ -26,9 +26,8 @@ def keep_freed_memory(trim_mb: int = 64, mmap_mb: int = 32) -> bool:
 
     A request allocates and frees a few MB of arrays (GSU scores [C, L] fp32, their argpartition [C, L] int64; a
     batched top-K [B, C, K] int64). With glibc's defaults the malloc arena of a thread can hand those pages back after
-    every request and take them again, zero-filled, on the next: a replica running the work in a method called
-    through a handle faulted hundreds of times per request (serve_app/README.md, "Removed since the earlier runs").
-    Setting the thresholds also stops glibc from moving them.
+    every request and take them again, zero-filled, on the next, so a request pays page faults for memory it had a
+    moment ago (measured in serve_app/README.md). Setting the thresholds also stops glibc from moving them.
     """
     if platform.libc_ver()[0] != "glibc":
         logger.info("C library is not glibc (%s): malloc thresholds left as they are", platform.libc_ver()[0] or "?")

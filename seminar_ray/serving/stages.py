@@ -1,7 +1,7 @@
 """The two serving stages as plain classes (docs/design.md, Architecture): GSU retrieval, then ESU + MLP scoring.
 
 `RetrievalStage.prepare` turns (history, query, candidates) into a `ScoreJob`: the top-K history positions per
-candidate (ServingRetriever: folded-ADC shortlist + exact re-rank; docs/design.md, Retrieval) and a compact history
+candidate (the `make_retriever` method, DEFAULT_RETRIEVAL unless told; docs/design.md) and a compact history
 that keeps only the behaviours the scorer reads (the selected ones and the `recent_len` most recent), so the hop
 to the scorer carries O(C·K) ids, not L. `ScoringStage.score_batch` pads several jobs into one [B, C] batch for
 `SeminarCTR.score_with_topk`; the compact job scores exactly like the full history (a test checks it).
@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -20,8 +21,8 @@ from seminar_ray.data.entities import EntityTables
 from seminar_ray.models import SeminarCTR, load_checkpoint
 from seminar_ray.models.seminar import gsu_target_tables
 from seminar_ray.retrieval.index import PQIndex
-from seminar_ray.retrieval.retrievers import ExactRetriever, Retriever, ServingRetriever, SketchRerankRetriever
-from seminar_ray.train.checkpoints import CHECKPOINT_FILE, resolve_checkpoint
+from seminar_ray.retrieval.retrievers import ExactRetriever, PQRerankRetriever, SketchRerankRetriever, TopKRetriever
+from seminar_ray.runs import CHECKPOINT_FILE, resolve_checkpoint
 
 
 @dataclass(kw_only=True)
@@ -104,20 +105,24 @@ def compact_history(hq: np.ndarray, hi: np.ndarray, topk: np.ndarray, recent: in
     return hq[keep].astype(np.int32), hi[keep].astype(np.int32), remapped
 
 
-RETRIEVAL_METHODS = ("exact", "pq", "sketch")
+RetrievalMethod = Literal["exact", "pq", "sketch"]
+RETRIEVAL_METHODS: tuple[str, ...] = get_args(RetrievalMethod)
+# What serving uses unless told otherwise (AppArgs, RetrievalStage); serve_app/README.md says why.
+DEFAULT_RETRIEVAL: RetrievalMethod = "exact"
 
 
-def make_retriever(index: PQIndex, method: str, rerank_factor: int = 8) -> Retriever:
+def make_retriever(index: PQIndex, method: str, rerank_factor: int = 8) -> TopKRetriever:
     """The top-K ranker over a serving index (docs/design.md, Retrieval).
 
-    "exact": one GEMM over the index's fp16 folded tables (exact top-K; the default, serve_app/README.md says why).
+    "exact": one GEMM over the index's fp16 folded tables (exact top-K; DEFAULT_RETRIEVAL, serve_app/README.md
+    says why).
     "pq": folded-ADC fast-scan shortlist of rerank_factor·K + exact re-rank.
     "sketch": int8 key-sketch shortlist + exact re-rank (needs an index built with a sketch).
     """
     if method == "exact":
         return ExactRetriever(index.query_exact, index.item_exact)
     if method == "pq":
-        return ServingRetriever(index, rerank_factor=rerank_factor)
+        return PQRerankRetriever(index, rerank_factor=rerank_factor)
     if method == "sketch":
         return SketchRerankRetriever(index)
     raise ValueError(f"retrieval method must be one of {RETRIEVAL_METHODS}, got {method!r}")
@@ -129,7 +134,7 @@ class RetrievalStage:
     One per replica.
     """
 
-    def __init__(self, model: SeminarCTR, index: PQIndex, rerank_factor: int = 8, method: str = "pq"):
+    def __init__(self, model: SeminarCTR, index: PQIndex, rerank_factor: int = 8, method: str = DEFAULT_RETRIEVAL):
         if index.dim != model.cfg.d:
             raise ValueError(f"index {index.version!r} has dim {index.dim}, the model's d is {model.cfg.d}")
         n_items = model.embedding.item_text.shape[0]

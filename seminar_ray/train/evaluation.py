@@ -14,7 +14,7 @@ from seminar_ray.data.splits import EVAL_NEG, EVAL_SEED, candidates_digest
 from seminar_ray.errors import InputError
 from seminar_ray.metrics import evaluate_scores
 from seminar_ray.models import load_checkpoint
-from seminar_ray.train.checkpoints import METRICS_FILE, find_checkpoint, resolve_checkpoint
+from seminar_ray.runs import METRICS_FILE, find_checkpoint, resolve_checkpoint
 
 SCORER_CPUS = 0.5
 

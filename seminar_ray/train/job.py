@@ -21,8 +21,7 @@ from seminar_ray.data.splits import EVAL_NEG, EVAL_SEED
 from seminar_ray.errors import InputError
 from seminar_ray.models import ModelConfig, SeminarCTR, build_model, restore_psu, save_checkpoint
 from seminar_ray.models.checkpoint import read_checkpoint
-from seminar_ray.runtime import ensure_logging, ray_console_level
-from seminar_ray.train.checkpoints import (
+from seminar_ray.runs import (
     HISTORY_FILE,
     METRICS_FILE,
     PATIENCE,
@@ -34,6 +33,7 @@ from seminar_ray.train.checkpoints import (
     selection_score,
     stops_early,
 )
+from seminar_ray.runtime import ensure_logging, ray_console_level
 from seminar_ray.train.loop import WithLoss, evaluate, train_one_epoch, unwrap
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from seminar_ray import storage
-from seminar_ray.train.checkpoints import HISTORY_FILE, best_checkpoint, run_checkpoints, stops_early
+from seminar_ray.runs import HISTORY_FILE, best_checkpoint, run_checkpoints, stops_early
 
 
 def write_run_summary(

@@ -1,7 +1,7 @@
-"""The paper's and the benchmark's GSU retrievers, kept as comparison points (paper §3.3.3, §4.2.2, Table 4;
-docs/design.md, Retrieval): the paper's symmetric multi-modal PQ, per-channel ADC, cascading HNSW, SimHash LSH and
-residual quantization. None of them is on the serving path; bench/retrieval.py measures them against the serving
-searches of retrievers.py, whose contract (`Retriever.topk`) they keep.
+"""Reference retrievers: the paper's and the benchmark's GSU retrievers, kept as comparison points (paper §3.3.3,
+§4.2.2, Table 4; docs/design.md, Retrieval): the paper's symmetric multi-modal PQ, per-channel ADC, cascading HNSW,
+SimHash LSH and residual quantization. Serving cannot choose them; bench/retrieval.py measures them against the
+searches of retrievers.py, whose contract (`TopKRetriever.topk`) they keep.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 
 from seminar_ray.retrieval.index import CHANNEL_PARTS, PQIndex
 from seminar_ray.retrieval.quantizer import capped_centroids, lut_scores, unpack_codes
-from seminar_ray.retrieval.retrievers import ExactRetriever, LUTRetriever, Retriever, select_topk
+from seminar_ray.retrieval.retrievers import ExactRetriever, LUTRetriever, TopKRetriever, select_topk
 from seminar_ray.retrieval.tables import GSUTables
 
 
@@ -53,7 +53,7 @@ class SymmetricPQRetriever(ChannelADCRetriever):
         return luts
 
 
-class CascadingHNSWRetriever(Retriever):
+class CascadingHNSWRetriever(TopKRetriever):
     """Cascading ANN (paper §3.3.3): M² cross-channel HNSW searches keep K each, then an exact re-rank.
 
     Restriction to the history: per request, one small faiss IndexHNSWFlat (inner product) per behaviour
@@ -104,7 +104,7 @@ class CascadingHNSWRetriever(Retriever):
         return np.where((best >= 0) & found_best, union[np.maximum(best, 0)], -1)
 
 
-class LSHRetriever(Retriever):
+class LSHRetriever(TopKRetriever):
     """SimHash (ETA-style): sign bits of random projections of u and of each behaviour key, ranked by Hamming
     distance (an angular estimate, blind to key norms). Keys are hashed per request: a behaviour's key is a sum
     of two entities' vectors, and the hash of a sum is not a function of the two hashes."""
@@ -125,7 +125,7 @@ class LSHRetriever(Retriever):
         return -np.stack([np.bitwise_count(hk ^ h).sum(axis=1) for h in hu]).astype(np.float32)
 
 
-class RQRetriever(Retriever):
+class RQRetriever(TopKRetriever):
     """Residual quantization of the folded entity vectors (faiss ResidualQuantizer, our stand-in for RQ-VAE),
     scored by ADC: <u, Σ_m c_m> = Σ_m LUT_m[code_m]."""
 
@@ -154,8 +154,9 @@ class RQRetriever(Retriever):
             k = capped_centroids(len(train), 2**nbits)
             rq = faiss.ResidualQuantizer(self.dim, n_levels, k.bit_length() - 1)
             rq.max_beam_size = 1
-            rq.train_type = faiss.ResidualQuantizer.Train_default  # plain residual k-means: progressive-dim
-            # training took 20× longer here for the same reconstruction error (0.365 vs 0.372 relative MSE)
+            # plain residual k-means: progressive-dim training costs far more for the same reconstruction error
+            # (measured in seminar_ray/retrieval/README.md, "Departures and notes")
+            rq.train_type = faiss.ResidualQuantizer.Train_default
             rq.train(np.ascontiguousarray(train, dtype=np.float32))
             ids = np.arange(len(x)) if wanted is None else np.unique(wanted[part])
             codes = np.zeros((len(x), n_levels), dtype=np.uint8)

@@ -1,4 +1,9 @@
-"""Finding checkpoints: a checkpoint directory, or a run directory that resolves to its best checkpoint."""
+"""Run directories: the files a run keeps, and which of its checkpoints is selected.
+
+A checkpoint directory holds model.pt (written and read by seminar_ray.models.checkpoint) beside the files named
+here; a run directory holds one checkpoint directory per kept epoch; `resolve_checkpoint` turns either (or a
+storage path holding exactly one run) into the selected checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,8 @@ import json
 from pathlib import Path
 
 from seminar_ray import storage
-from seminar_ray.models.checkpoint import CHECKPOINT_FILE
 
+CHECKPOINT_FILE = "model.pt"  # the model, its config and entity-table fingerprint (seminar_ray.models.checkpoint)
 METRICS_FILE = "metrics.json"  # the epoch's metrics, inside each checkpoint directory
 HISTORY_FILE = "history.json"  # every epoch so far, inside each checkpoint directory
 TRAIN_STATE_FILE = "train_state.pt"  # optimizer state and epoch, for resuming

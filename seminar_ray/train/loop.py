@@ -44,7 +44,8 @@ def micro_batches(batch: Batch, max_cells: int = MICRO_CELLS) -> list[Batch]:
     """A batch split along its rows into parts of at most `max_cells` (target, column) pairs, what its activations
     grow with (a row bigger than that stays whole), so that a step's memory is bounded whatever its users' lengths.
     A user-level part drops the leading window columns that are padding in all of its rows."""
-    width = batch["seq_items" if is_user_level(batch) else "hist_items"].shape[1]
+    history = batch.get("seq_items" if is_user_level(batch) else "hist_items")
+    width = 1 if history is None else history.shape[1]
     counts = batch["target_valid"].sum(1).tolist() if is_user_level(batch) else [1] * len(batch["labels"])
     parts, start, size = [], 0, 0
     for row, n in enumerate(counts):

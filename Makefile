@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 SCALE ?= small
 RUN_DIR ?= runs/demo
 
-.PHONY: install run lint test test-fast bench clean
+.PHONY: install redis-server run lint test test-fast bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,7 +14,20 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	@touch $(STAMP)
 
-install: $(STAMP)
+# redis-server (and redis-benchmark) for the Redis history store's tests and bench: Debian's package, as root.
+# Found on PATH: nothing to do. Not installable here: say so and stop, so `make test` never passes without it.
+redis-server:
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get update -qq && apt-get install -y -qq --no-install-recommends redis-server >/dev/null; \
+	  else \
+	    echo "redis-server is missing and only root can apt-get install it: install Debian's redis-server" \
+	         "(or put one on PATH); the history-store tests need it" >&2; exit 1; \
+	  fi; }
+	@redis-server --version
+
+install: $(STAMP) redis-server
 
 # The main job end to end on an embedded local Ray (no cluster needed).
 run: $(STAMP)
@@ -27,7 +40,7 @@ lint: $(STAMP)
 	$(PY) -m mypy
 
 # The checks, then the whole suite inside a private network namespace with only loopback when available.
-test: lint
+test: lint redis-server
 	bash scripts/test.sh
 
 # Every benchmark; each writes JSON (and a baseline measured in the same run) to bench/out/.

@@ -44,13 +44,14 @@ test: lint redis-server
 	bash scripts/test.sh
 
 # Every benchmark; each writes JSON (and a baseline measured in the same run) to bench/out/.
-bench: $(STAMP)
+bench: $(STAMP) redis-server
 	$(PY) bench/data_throughput.py --out bench/out/data.json
 	$(PY) bench/model_speed.py --out bench/out/model.json
 	$(PY) bench/train_throughput.py --out bench/out/train.json
 	$(PY) bench/features.py --out bench/out/features.json
 	$(PY) bench/retrieval.py --out bench/out/retrieval.json --quick
 	$(PY) bench/serve_load.py --out bench/out/serve.json --quick
+	$(PY) bench/history_store.py --out bench/out/history_store.json --quick
 	$(PY) bench/fuzz.py --out bench/out/fuzz.json
 
 clean:

@@ -82,17 +82,17 @@ def rss_mb():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 from seminar_ray.serving.history import open_store
 import redis
-before = rss_mb()
+before, peak_before = rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 t0 = time.perf_counter()
 store = open_store(sys.argv[1], sys.argv[2])
 store.refresh(); store.history(0, 2000)
-print(time.perf_counter() - t0, rss_mb() - before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before)
+print(time.perf_counter() - t0, rss_mb() - before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - peak_before)
 """
 
 
 def startup(store: str, data: Path) -> dict:
     """A reader (what a Retriever replica opens) in a fresh process, its modules already imported: seconds to the
-    first history, and the RSS it added (held, and at its peak while loading)."""
+    first history, and the RSS it added (held, and how far loading raised the process's peak)."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     out = subprocess.run([sys.executable, "-c", STARTUP, store, str(data)], capture_output=True, text=True,
                          check=True, env=env)

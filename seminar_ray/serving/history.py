@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -114,7 +115,7 @@ class BaseHistories:
         queries: list[np.ndarray] = []
         items: list[np.ndarray] = []
         pf = pq.ParquetFile(path)
-        for batch in pf.iter_batches(batch_size=4096, columns=["user_id", "item_ids", "query_ids"]):
+        for batch in pf.iter_batches(batch_size=1024, columns=["user_id", "item_ids", "query_ids"]):
             users.append(batch.column("user_id").to_numpy())
             lengths.append(pc.list_value_length(batch.column("item_ids")).to_numpy(zero_copy_only=False))
             for col, out in (("item_ids", items), ("query_ids", queries)):
@@ -125,7 +126,9 @@ class BaseHistories:
         order = np.argsort(user_ids, kind="stable")
         offsets = np.zeros(len(user_ids) + 1, dtype=np.int64)
         np.cumsum(np.concatenate(lengths), out=offsets[1:])
-        return cls(user_ids[order], order, offsets, _concat(queries), _concat(items))
+        base = cls(user_ids[order], order, offsets, _concat(queries), _concat(items))
+        pa.default_memory_pool().release_unused()  # Arrow's allocator keeps the batches' pages otherwise
+        return base
 
     def row(self, user_id: int) -> int | None:
         k = int(np.searchsorted(self.users, user_id))

@@ -117,14 +117,22 @@ def main(argv: list[str] | None = None) -> int:
                                                            "2,000; the `large` preset's shape is 1000)")
     args = ap.parse_args(argv)
     users = args.users or (2000 if args.quick else 10_000)
-    calls, n_app = (500, 300) if args.quick else (2000, 1000)
-    root = Path(tempfile.mkdtemp(prefix="history_bench_"))
+    with tempfile.TemporaryDirectory(prefix="history_bench_") as tmp:  # the large shape writes gigabytes
+        result = measure(Path(tmp), users, args.min_len, args.quick)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def measure(root: Path, users: int, min_len: int, quick: bool) -> dict:
+    calls, n_app = (500, 300) if quick else (2000, 1000)
     t_start = time.time()
-    result: dict = {"users": users, "L": L, "min_len": args.min_len, "quick": args.quick,
+    result: dict = {"users": users, "L": L, "min_len": min_len, "quick": quick,
                     "load_avg_before": os.getloadavg()}
     t0 = time.perf_counter()
     data = root / "data"
-    behaviours = result["behaviours"] = write_sequences(data, users, args.min_len)
+    behaviours = result["behaviours"] = write_sequences(data, users, min_len)
     result["write_parquet_s"] = time.perf_counter() - t0
     with LocalRedis(root / "redis") as server:
         t0 = time.perf_counter()
@@ -155,10 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     result["log"]["resident_base_mb"] = log_reader.base.nbytes / 2**20
     result["load_avg_after"] = os.getloadavg()
     result["wall_s"] = time.time() - t_start
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
-    return 0
+    return result
 
 
 if __name__ == "__main__":

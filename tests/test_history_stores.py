@@ -213,3 +213,18 @@ def test_redis_behaviour_costs_8_bytes_and_history_reads_only_the_tail(local_red
     with pytest.raises(ValueError, match="item id 2147483648 does not fit"):
         store.append(5, [0], [2**31], [0])
     assert store.client.exists(events_key(5)) == 0  # the refused append wrote nothing
+
+
+def test_load_histories_job_loads_the_base_and_refuses_a_directory_store(local_redis, tiny_data, capsys):
+    import json
+
+    from jobs.load_histories import main
+    from seminar_ray.runtime import run_cli
+
+    assert run_cli(main, ["--data", str(tiny_data), "--store", local_redis.url]) == 0
+    report = json.loads(capsys.readouterr().out)
+    base = base_histories(tiny_data)
+    assert report["users"] == report["total_users"] == len(base)
+    assert RedisHistoryStore(local_redis.url).history(7, 10**6)[1].tolist() == base[7][1]
+    assert run_cli(main, ["--data", str(tiny_data), "--store", "runs/history"]) == 2
+    assert "expected a redis:// URL" in capsys.readouterr().err

@@ -348,8 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     from ray import serve
-    from seminar_ray.serving.artefacts import build_artefacts
 
+    from seminar_ray.testing.artefacts import build_artefacts
     from serve_app.deploy import direct_urls, start
 
     t0 = time.time()

@@ -15,8 +15,10 @@ throughput-optimized preset, clients spread over the ingress replicas' own ports
   2. (first mode) the same scoring called in-process, one request at a time (the served method and "pq");
   3. (first mode) skewed loads on the bench's split topology with aggressive autoscaling: retriever-heavy, then
      scorer-heavy; replica counts of every deployment are sampled each second (replicas_over_time).
-The machine is shared and noisy: the ratios against the floor of the same run are the figures, and every figure
-has the machine's load average (os.getloadavg) beside it.
+With --store log,redis the whole run repeats on each history store (the Redis one on a private redis-server,
+appendfsync always, base histories bulk-loaded first); the first store gives the top-level figures, each store's
+summary is under "by_store". The machine is shared and noisy: the ratios against the floor of the same run are the
+figures, and every figure has the machine's load average (os.getloadavg) beside it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -316,10 +319,28 @@ def in_process(art, reqs: Requests, n: int, method: str) -> dict:
 
 
 def build_default_artefacts(root: Path, users: int) -> dict:
-    from seminar_ray.serving.artefacts import build_artefacts
+    from seminar_ray.testing.artefacts import build_artefacts
 
     a = build_artefacts(root, num_users=users, min_len=L, max_len=L + 1, model_max_len=L)
     return {"checkpoint": str(a.checkpoint), "index": str(a.index), "data": str(a.data), "store": str(a.store)}
+
+
+STORES = ("log", "redis")
+
+
+@contextmanager
+def history_store(kind: str, art: dict, root: Path):
+    """The `store` argument of the app for `kind`: the log directory, or a private redis-server's URL with the
+    dataset's base histories bulk-loaded (stopped afterwards)."""
+    if kind == "log":
+        yield art["store"]
+        return
+    from seminar_ray.serving.redis_store import load_base
+    from seminar_ray.testing.redis_local import LocalRedis
+
+    with LocalRedis(root / "redis") as server:
+        load_base(server.url, art["data"])
+        yield server.url
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -341,7 +362,16 @@ def main(argv: list[str] | None = None) -> int:
         help="ingress modes to measure, each on its own Ray instance (serve_app/deploy.py); the first "
         "gives the top-level figures and runs the in-process and skewed-load phases",
     )
+    ap.add_argument(
+        "--store",
+        default="log",
+        help="history stores to serve from, each a whole run: log, redis or "
+        "log,redis (the first gives the top-level figures)",
+    )
     args = ap.parse_args(argv)
+    stores = args.store.split(",")
+    if not stores or any(s not in STORES for s in stores):
+        raise SystemExit(f"--store: a comma list of {STORES}, got {args.store!r}")
     modes = args.ingress.split(",")
     if not modes or any(m not in INGRESS_MODES for m in modes):
         raise SystemExit(f"--ingress: a comma list of {INGRESS_MODES}, got {args.ingress!r}")
@@ -371,16 +401,27 @@ def main(argv: list[str] | None = None) -> int:
         "artefacts_s": time.time() - t_start,
         "replicas_over_time": [],
         "modes": {},
+        "stores": stores,
+        "by_store": {},
     }
-    base = {**art, "limits": {"max_candidates": 200}, "retrieval": args.retrieval}
-    for i, mode in enumerate(modes):
-        run = run_mode(mode, args.port, base, reqs, plan, first=i == 0)
-        result["replicas_over_time"] += run.pop("replica_samples")
-        result["modes"][mode] = run
+    runs: dict[str, dict] = {}
+    for k, store in enumerate(stores):
+        with history_store(store, art, root) as store_arg:
+            base = {**art, "store": store_arg, "limits": {"max_candidates": 200}, "retrieval": args.retrieval}
+            runs[store] = {}
+            for i, mode in enumerate(modes):
+                run = run_mode(mode, args.port, base, reqs, plan, first=i == 0 and k == 0)
+                result["replicas_over_time"] += run.pop("replica_samples")
+                runs[store][mode] = run
+    result["modes"] = runs[stores[0]]
     head = result["modes"][modes[0]]
     inproc = head["inprocess"][args.retrieval]
-    for run in result["modes"].values():
-        run.update(summarise(run, inproc["p50_ms"], inproc["cpu_p50_ms"], plan.headline))
+    for store_runs in runs.values():
+        for run in store_runs.values():
+            run.update(summarise(run, inproc["p50_ms"], inproc["cpu_p50_ms"], plan.headline))
+    result["by_store"] = {
+        store: {m: {k: r[k] for k in SUMMARY_KEYS} for m, r in store_runs.items()} for store, store_runs in runs.items()
+    }
     skew = head["skew"]
     head["targets"].update(
         {
@@ -412,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "load_avg_before": result["load_avg_before"],
                 "load_avg_after": result["load_avg_after"],
+                "by_store": result["by_store"],
                 "wall_s": result["wall_s"],
                 "mode_meeting_targets": result["mode_meeting_targets"],
                 **{

@@ -16,7 +16,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--index", required=True)
     ap.add_argument("--data", required=True)
-    ap.add_argument("--store", default="runs/history", help="history log directory")
+    ap.add_argument(
+        "--store",
+        default="runs/history",
+        help="history log directory, or redis://host:port/db (load it first: python -m jobs.load_histories)",
+    )
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--ingress", default="proxy", choices=INGRESS_MODES)

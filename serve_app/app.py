@@ -3,6 +3,9 @@
     HTTP ─► Retriever (FastAPI ingress: validate, read the history, GSU top-K, compact job) ─► Scorer (ESU + MLP)
     POST /v1/events ─► Retriever (validate) ─► HistoryWriter (the single writer: append, fsync, acknowledge)
 
+The history store is `AppArgs.store`: a directory (the embedded log, the default) or a `redis://host:port/db` URL
+(seminar_ray/serving/redis_store.py). A store that cannot be reached is a 503 naming it, never a hang or a 500.
+
 `build_app(AppArgs)` is the application builder (`import_path: serve_app.app:build_app`). Every deployment option
 has its default here, in the decorators; `config.yaml` (Serve's `deployments:` list) overrides them per
 deployment, and Python callers (tests, bench) pass the same overrides to `compose`.
@@ -13,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -27,8 +30,8 @@ from seminar_ray.serving import (
     EventsRequest,
     EventsResponse,
     HealthResponse,
+    HistoryStore,
     Limits,
-    LogHistoryStore,
     RetrievalStage,
     ScoreJob,
     ScoreRequest,
@@ -37,6 +40,7 @@ from seminar_ray.serving import (
     load_serving_model,
 )
 from seminar_ray.serving.api import http_errors, json_safe
+from seminar_ray.serving.history import HistoryUnavailable, open_store
 from seminar_ray.serving.process import setup_serving_process
 from seminar_ray.serving.stages import DEFAULT_RETRIEVAL, RetrievalMethod
 
@@ -48,7 +52,10 @@ class AppArgs(BaseModel):
     checkpoint: str = Field(description="checkpoint or run directory (a run resolves to its best checkpoint)")
     index: str = Field(description="serving index directory from jobs/build_index.py")
     data: str = Field(description="dataset directory the model was trained on (catalogue, base histories)")
-    store: str = Field(description="history log directory (events.log); one writer, every retriever reads it")
+    store: str = Field(
+        description="history store: a log directory (events.log, embedded; every node must see it) "
+        "or redis://host:port/db (base histories loaded by jobs/load_histories.py)"
+    )
     retrieval: RetrievalMethod = Field(DEFAULT_RETRIEVAL, description="top-K ranker over the index (stages.py)")
     rerank_factor: int = Field(8, ge=1, description="shortlist size / K for retrieval 'pq'")
     limits: Limits = Field(default_factory=Limits)
@@ -80,10 +87,10 @@ def strict_json_errors(api: FastAPI) -> FastAPI:
 # ---------------------------------------------------------------------------------------------------- writer
 @serve.deployment(logging_config=QUIET, num_replicas=1, ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64)
 class HistoryWriter:
-    """The only writer of the history log: appends and fsyncs before it acknowledges (returns the seq)."""
+    """The only writer of the history store: appends and fsyncs before it acknowledges (returns the seq)."""
 
     def __init__(self, store: str):
-        self.store = LogHistoryStore(store, writer=True)
+        self.store = open_store(store, writer=True)
 
     def append(self, user_id: int, query_ids: list[int], item_ids: list[int], timestamps: list[int]) -> int:
         return self.store.append(user_id, query_ids, item_ids, timestamps)
@@ -137,6 +144,18 @@ class Loaded:
 
 # Everything the routes use is defined above them: @serve.ingress pickles the FastAPI app, with the globals of its
 # routes, when the class is decorated (a helper defined further down is a NameError in the replica).
+def store_unavailable(e: BaseException) -> HistoryUnavailable | None:
+    """The HistoryUnavailable behind `e`: raised here, or in the writer and re-raised by its handle (RayTaskError)."""
+    for err in (e, getattr(e, "cause", None), e.__cause__):
+        if isinstance(err, HistoryUnavailable):
+            return err
+    return None
+
+
+def unavailable_503(e: BaseException) -> HTTPException:
+    return HTTPException(status_code=503, detail=str(store_unavailable(e) or e))
+
+
 async def retry_once(call):
     """One retry when the replica serving the call died mid-request (the router picks a live one next time)."""
     try:
@@ -173,7 +192,7 @@ class Retriever:
     rerank_factor.
     """
 
-    history: LogHistoryStore  # set by the first reconfigure
+    history: HistoryStore  # set by the first reconfigure
 
     def __init__(self, scorer: DeploymentHandle, writer: DeploymentHandle, data: str, limits: dict):
         setup_serving_process()
@@ -187,7 +206,7 @@ class Retriever:
         index = PQIndex.load(config["index"], mmap=True)
         stage = RetrievalStage(model, index, rerank_factor=config["rerank_factor"], method=config["retrieval"])
         if not hasattr(self, "history"):  # one reader for the replica's life: a roll keeps its position
-            self.history = LogHistoryStore(config["store"], config["data"])
+            self.history = open_store(config["store"], config["data"])
         self.loaded = Loaded(stage, model_version, index.version)
 
     @api.post("/v1/score", response_model=ScoreResponse)
@@ -196,8 +215,11 @@ class Retriever:
         with http_errors():
             query_id, note, candidates = self.catalog.check_score(req)
         loaded = self.loaded
-        self.history.refresh()  # read-your-writes: every acknowledged append is in the log
-        history = self.history.history(req.user_id, loaded.stage.max_len)
+        try:
+            self.history.refresh()  # read-your-writes: every acknowledged append is in the log
+            history = self.history.history(req.user_id, loaded.stage.max_len)
+        except HistoryUnavailable as e:
+            raise unavailable_503(e) from e
         job = loaded.stage.prepare(history, query_id, candidates, keep_full_topk=req.return_topk)
         wire = job.to_wire()
         scores, model_version = await retry_once(lambda: self.scorer.score.remote(wire))
@@ -219,7 +241,12 @@ class Retriever:
             queries, items = self.catalog.check_events(req)
         now = int(time.time())
         stamps = [e.timestamp if e.timestamp is not None else now for e in req.events]
-        seq = await self.writer.append.remote(req.user_id, queries, items, stamps)
+        try:
+            seq = await self.writer.append.remote(req.user_id, queries, items, stamps)
+        except Exception as e:  # only the store's unavailability is a 503; anything else stays what it was
+            if store_unavailable(e) is None:
+                raise
+            raise unavailable_503(e) from e
         loaded = self.loaded
         return EventsResponse(
             seq=seq, appended=len(items), model_version=loaded.model_version, index_version=loaded.index_version
@@ -228,11 +255,12 @@ class Retriever:
     @api.get("/healthz", response_model=HealthResponse)
     async def health(self) -> HealthResponse:
         loaded = self.loaded
+        try:
+            seq = self.history.refresh()
+        except HistoryUnavailable as e:
+            raise unavailable_503(e) from e
         return HealthResponse(
-            status="ok",
-            model_version=loaded.model_version,
-            index_version=loaded.index_version,
-            history_seq=self.history.refresh(),
+            status="ok", model_version=loaded.model_version, index_version=loaded.index_version, history_seq=seq
         )
 
 

@@ -18,6 +18,9 @@ from ray import serve
 from serve_app.app import AppArgs, compose
 
 APP_NAME = "seminar"
+# Serve's end-to-end HTTP timeout: a request held by a replica that died answers 408 after this, not after the
+# client's own timeout (60 s in the tests). Scoring takes milliseconds; 15 s covers queueing during a roll.
+REQUEST_TIMEOUT_S = 15.0
 INGRESS_MODES = ("proxy", "direct")
 DIRECT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
@@ -61,7 +64,10 @@ def start(
         )
     elif not ray.is_initialized():
         ray.init(address="auto", include_dashboard=False, configure_logging=False, log_to_driver=False)
-    serve.start(http_options={"host": host, "port": port}, logging_config={"enable_access_log": False})
+    serve.start(
+        http_options={"host": host, "port": port, "request_timeout_s": REQUEST_TIMEOUT_S},
+        logging_config={"enable_access_log": False},
+    )
     return serve.run(compose(args, options), name=name, route_prefix="/")
 
 

@@ -43,3 +43,14 @@ def tiny_data(tmp_path_factory):
     cfg = SyntheticConfig.preset("tiny")
     generate_to_dir(cfg, out)
     return out
+
+
+@pytest.fixture
+def local_redis(tmp_path):
+    """A private redis-server (127.0.0.1, free port, AOF fsynced on every write) for one test; stopped after it.
+
+    No redis-server on PATH is an error saying how to install it (`make install`), never a skip."""
+    from seminar_ray.testing.redis_local import LocalRedis
+
+    with LocalRedis(tmp_path / "redis") as server:
+        yield server

@@ -67,14 +67,16 @@ def _job(tiny_data, storage: Path, run_name: str, epochs: int):
     )
 
 
-def _serve_config(replicas: int, artefacts) -> dict:
+def _serve_config(replicas: int, artefacts, store: str) -> dict:
     """serve_app/config.cluster.yaml as deployed, shrunk to this machine: small local artefacts in place of the
-    bucket, no HTTP proxies, small CPUs, and `replicas` replicas of each scaling deployment, at most one per node."""
+    bucket, a local redis-server for the head's, no HTTP proxies, small CPUs, and `replicas` replicas of each scaling
+    deployment, at most one per node."""
     cfg = yaml.safe_load((ROOT / "serve_app" / "config.cluster.yaml").read_text())
     cfg["proxy_location"] = "Disabled"
     cfg.pop("http_options")
     app = cfg["applications"][0]
-    app["args"] = {k: str(getattr(artefacts, k)) for k in app["args"]}
+    assert app["args"]["store"].startswith("redis://"), "the cluster config must not need a shared file system"
+    app["args"] = {k: str(getattr(artefacts, k)) for k in app["args"]} | {"store": store}
     for dep in app["deployments"]:
         assert "cpu_worker" in dep["ray_actor_options"]["resources"], f"{dep['name']} is not steered to cpu_worker"
         dep["ray_actor_options"]["num_cpus"] = 0.1
@@ -110,16 +112,22 @@ def _wait_running(app: str, timeout_s: float) -> None:
         time.sleep(1)
 
 
-def test_serve_replicas_spread_over_cpu_worker_nodes(cluster, tmp_path):
+def test_serve_replicas_spread_over_cpu_worker_nodes_and_share_one_redis_store(cluster, tmp_path):
+    """Two Retriever replicas on two nodes serve from one Redis store: an event appended through either is in
+    every answer after its acknowledgement."""
     from ray import serve
     from ray.serve._private import api as serve_api
     from ray.serve.schema import ServeDeploySchema
 
-    from seminar_ray.serving import ScoreRequest
+    from seminar_ray.serving import EventsRequest, ScoreRequest
+    from seminar_ray.serving.redis_store import load_base
     from seminar_ray.testing.artefacts import build_artefacts
+    from seminar_ray.testing.redis_local import LocalRedis
 
     artefacts = build_artefacts(tmp_path, num_users=8, min_len=10, max_len=30, model_max_len=32)
-    config = ServeDeploySchema.model_validate(_serve_config(replicas=2, artefacts=artefacts))
+    redis_server = LocalRedis(tmp_path / "redis").start()
+    load_base(redis_server.url, artefacts.data)
+    config = ServeDeploySchema.model_validate(_serve_config(2, artefacts, redis_server.url))
     client = serve_api.serve_start(proxy_location=config.proxy_location)
     try:
         client.deploy_apps(config, _blocking=False)
@@ -133,8 +141,17 @@ def test_serve_replicas_spread_over_cpu_worker_nodes(cluster, tmp_path):
         for deployment in ("Retriever", "Scorer"):
             assert len(placed[deployment]) == 2, f"{deployment} replicas on {placed[deployment]}: expected 2 nodes"
         assert set().union(*placed.values()) <= workers, "a replica ran on a node without cpu_worker (the head)"
+        user = 10**6
+        for n in range(1, 5):  # each append is seen by the next 8 answers, which the router spreads over both nodes
+            handle.events.remote(EventsRequest(user_id=user, events=[{"item_id": n}])).result(timeout_s=60)
+            lens = {
+                handle.score.remote(ScoreRequest(user_id=user, candidates=[1])).result(timeout_s=60).history_len
+                for _ in range(8)
+            }
+            assert lens == {n}, f"after {n} acknowledged appends a replica answered with history lengths {lens}"
     finally:
         serve.shutdown()
+        redis_server.stop()
 
 
 NODE_REMOVED = ".node-removed"  # written into the run's storage once the victim node is gone

@@ -19,6 +19,7 @@ from seminar_ray.serving import Limits, ScoreRequest
 from seminar_ray.serving.history import LogHistoryStore
 from seminar_ray.testing.artefacts import build_artefacts
 from serve_app.app import compose
+from serve_app.deploy import REQUEST_TIMEOUT_S
 
 PORT = 18765
 APP = "seminar"
@@ -46,7 +47,7 @@ def app_args(art, **more) -> dict:
 
 @pytest.fixture(scope="module")
 def service(ray_local, artefacts):
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT, "request_timeout_s": REQUEST_TIMEOUT_S})
     serve.run(compose(app_args(artefacts[0]), OPTIONS), name=APP, route_prefix="/")
     with httpx.Client(base_url=f"http://127.0.0.1:{PORT}", timeout=60) as client:
         yield client, artefacts
@@ -201,13 +202,56 @@ def test_retriever_replica_killed_under_load_recovers(service):
         wait_until(lambda: replaced(before.keys()), 180, "Serve to replace the killed Retriever replica", every_s=0.5)
         replaced_at = time.time()
         wait_until(lambda: len(load.since(replaced_at)) >= 20, 60, "20 answers after the replacement")
-    # Requests in flight at the kill may fail (one once hung until the client's 60 s timeout); every request sent
-    # once the replacement runs must succeed.
+    # Requests in flight at the kill may fail, but with an answer from Serve (a 5xx, or 408 once Serve's
+    # request_timeout_s has passed), not by hanging until the client's own 60 s timeout; every request sent once the
+    # replacement runs must succeed.
     after = [r for r in load.results if r[3] > replaced_at]
     assert after and all(r[1] == 200 for r in after), [r for r in after if r[1] != 200][:3]
     failed = [r for r in load.results if r[1] != 200]
     assert all(r[0] > killed_at and r[3] < replaced_at for r in failed), failed[:3]  # only casualties of the kill
+    assert all(r[1] >= 408 and r[0] - r[3] < REQUEST_TIMEOUT_S + 5 for r in failed), failed[:3]  # bounded answers
     assert len(failed) < 0.2 * len(load.results), failed[:3]
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.05})
+class Sleeper:
+    """Holds every request far past Serve's request timeout, reporting its pid first."""
+
+    async def __call__(self, request) -> str:
+        import asyncio
+
+        await asyncio.sleep(600)
+        return "late"
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def test_request_held_by_a_killed_replica_answers_within_the_request_timeout(service):
+    """A request in flight to a replica that dies gets Serve's answer (408 or 5xx) within request_timeout_s, not
+    the client's own 60 s timeout; a request a live replica holds too long gets 408 at request_timeout_s."""
+    client = service[0]
+    handle = serve.run(Sleeper.bind(), name="sleeper", route_prefix="/sleep")
+    try:
+        t0 = time.monotonic()
+        held = client.get("/sleep")
+        assert held.status_code == 408 and REQUEST_TIMEOUT_S - 1 < time.monotonic() - t0 < REQUEST_TIMEOUT_S + 5
+        answer = {}
+
+        def call() -> None:
+            t0 = time.monotonic()
+            r = client.get("/sleep")
+            answer.update(status=r.status_code, text=r.text, seconds=time.monotonic() - t0)
+
+        thread = threading.Thread(target=call)
+        thread.start()
+        time.sleep(1.0)  # the request is now held by the replica
+        os.kill(handle.pid.remote().result(timeout_s=30), signal.SIGKILL)
+        thread.join(timeout=REQUEST_TIMEOUT_S + 30)
+        assert answer and answer["status"] in (408, 500, 502, 503, 504), answer
+        assert answer["seconds"] < REQUEST_TIMEOUT_S + 5, answer
+    finally:
+        serve.delete("sleeper")
 
 
 def test_history_writer_sigkill_keeps_every_acknowledged_event(service):

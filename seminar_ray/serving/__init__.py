@@ -13,7 +13,7 @@ from seminar_ray.serving.api import (
     ScoreResponse,
 )
 from seminar_ray.serving.catalog import Catalog, Limits
-from seminar_ray.serving.history import HistoryStore, LogHistoryStore
+from seminar_ray.serving.history import HistoryStore, HistoryUnavailable, LogHistoryStore, open_store
 from seminar_ray.serving.stages import (
     RetrievalStage,
     ScoreJob,
@@ -34,6 +34,8 @@ __all__ = [
     "Catalog",
     "Limits",
     "HistoryStore",
+    "HistoryUnavailable",
+    "open_store",
     "LogHistoryStore",
     "RetrievalStage",
     "ScoreJob",

@@ -1,9 +1,12 @@
-"""User histories for serving: base sequences plus an append-only, fsynced event log (docs/design.md, Serving).
+"""User histories for serving: base sequences plus durable appends (docs/design.md, Serving).
 
-`HistoryStore` is the interface the service needs; `LogHistoryStore` is the embedded default (no server):
-one writer appends JSON lines to `<store_dir>/events.log` and fsyncs before `append` returns, any number of
-readers load the base `sequences.parquet` once and tail the log on `refresh()`. A store backed by a real
-server (Redis lists keyed by user, with WAIT/AOF fsync for durability) implements the same four methods.
+`HistoryStore` is the interface the service needs. Two stores implement it:
+- `LogHistoryStore`, the embedded default (no server): one writer appends JSON lines to `<store_dir>/events.log`
+  and fsyncs before `append` returns; every reader holds the base `sequences.parquet` in flat arrays and tails the
+  log on `refresh()`. Each reader process holds all histories, and the log needs a file system every reader sees.
+- `RedisHistoryStore` (redis_store.py): per-user packed ids in a Redis server with `appendfsync always`; readers
+  fetch only the behaviours a request uses, from any node.
+`open_store` picks one from the `store` setting: a `redis://` URL or a directory.
 """
 
 from __future__ import annotations
@@ -12,14 +15,24 @@ import json
 import os
 import threading
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from seminar_ray.data.schema import read_table
+from seminar_ray.data.errors import DataError
+from seminar_ray.data.schema import table_path
 
 LOG_FILE = "events.log"
 History = tuple[np.ndarray, np.ndarray]  # (query_ids, item_ids), chronological, int64
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+class HistoryUnavailable(RuntimeError):
+    """The store cannot be reached or did not answer in time: the service answers 503 with this message."""
 
 
 class HistoryStore(ABC):
@@ -46,6 +59,131 @@ class HistoryStore(ABC):
     def last_seq(self) -> int:
         """The last seq this instance has written or read."""
 
+    def close(self) -> None:  # noqa: B027 - a store without resources has nothing to release
+        """Release files or connections."""
+
+
+def open_store(store: str | Path, data_dir: str | Path | None = None, writer: bool = False) -> HistoryStore:
+    """The store `store` names: a `redis://host:port/db` URL (RedisHistoryStore; its base histories are loaded
+    beforehand by jobs/load_histories.py, so `data_dir` is not read) or a directory (LogHistoryStore over
+    `data_dir`'s sequences.parquet)."""
+    if str(store).startswith(REDIS_SCHEMES):
+        from seminar_ray.serving.redis_store import RedisHistoryStore
+
+        return RedisHistoryStore(str(store), writer=writer)
+    if "://" in str(store):
+        raise ValueError(f"store {store!r}: a history store is a redis:// URL or a local directory")
+    return LogHistoryStore(store, data_dir, writer=writer)
+
+
+def check_append(query_ids: list[int], item_ids: list[int], timestamps: list[int]) -> None:
+    """Both stores refuse the same malformed appends, naming the lengths."""
+    if not len(query_ids) == len(item_ids) == len(timestamps) or not item_ids:
+        raise ValueError(
+            f"append needs equal, non-empty query/item/timestamp lists, got "
+            f"{len(query_ids)}/{len(item_ids)}/{len(timestamps)}"
+        )
+
+
+@dataclass(frozen=True)
+class BaseHistories:
+    """Every user's base history in flat arrays: user `row`'s behaviours are `items[offsets[row]:offsets[row+1]]`.
+
+    Why flat: per-user Python objects cost several times the ids themselves at 100,000 users × 2,000 behaviours.
+    Ids are held as int32 when they fit (half the memory); `history` returns int64 copies of ≤ max_len.
+    """
+
+    users: np.ndarray  # sorted user ids
+    rows: np.ndarray  # rows[k] = the row of users[k]
+    offsets: np.ndarray  # int64, len(rows) + 1
+    queries: np.ndarray
+    items: np.ndarray
+
+    @classmethod
+    def empty(cls) -> BaseHistories:
+        z = np.zeros(0, dtype=np.int64)
+        return cls(z, z, np.zeros(1, dtype=np.int64), z, z)
+
+    @classmethod
+    def load(cls, data_dir: str | Path) -> BaseHistories:
+        """Read sequences.parquet batch by batch, narrowing each batch's ids before the next is read."""
+        path = table_path(data_dir, "sequences")
+        if not path.exists():
+            raise DataError(f"{path}: missing table 'sequences'")
+        users: list[np.ndarray] = []
+        lengths: list[np.ndarray] = []
+        queries: list[np.ndarray] = []
+        items: list[np.ndarray] = []
+        pf = pq.ParquetFile(path)
+        for batch in pf.iter_batches(batch_size=1024, columns=["user_id", "item_ids", "query_ids"]):
+            users.append(batch.column("user_id").to_numpy())
+            lengths.append(pc.list_value_length(batch.column("item_ids")).to_numpy(zero_copy_only=False))
+            for col, out in (("item_ids", items), ("query_ids", queries)):
+                out.append(narrow(pc.list_flatten(batch.column(col)).to_numpy()))
+        if not users:
+            return cls.empty()
+        user_ids = np.concatenate(users)
+        order = np.argsort(user_ids, kind="stable")
+        offsets = np.zeros(len(user_ids) + 1, dtype=np.int64)
+        np.cumsum(np.concatenate(lengths), out=offsets[1:])
+        base = cls(user_ids[order], order, offsets, _concat(queries), _concat(items))
+        pa.default_memory_pool().release_unused()  # Arrow's allocator keeps the batches' pages otherwise
+        return base
+
+    def row(self, user_id: int) -> int | None:
+        k = int(np.searchsorted(self.users, user_id))
+        return int(self.rows[k]) if k < len(self.users) and self.users[k] == user_id else None
+
+    def last(self, user_id: int, n: int) -> History:
+        """The user's last `n` base behaviours as int64."""
+        row = self.row(user_id)
+        if row is None or n <= 0:
+            return EMPTY, EMPTY
+        lo, hi = int(self.offsets[row]), int(self.offsets[row + 1])
+        lo = max(lo, hi - n)
+        return self.queries[lo:hi].astype(np.int64), self.items[lo:hi].astype(np.int64)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.users, self.rows, self.offsets, self.queries, self.items))
+
+
+def narrow(ids: np.ndarray) -> np.ndarray:
+    """int32 when every id fits, else int64 unchanged."""
+    if ids.size and (ids.min() < np.iinfo(np.int32).min or ids.max() > np.iinfo(np.int32).max):
+        return ids.astype(np.int64, copy=False)
+    return ids.astype(np.int32)
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    dtype = np.result_type(*parts)  # int64 as soon as one batch needed it
+    return np.concatenate(parts).astype(dtype, copy=False)
+
+
+class Tail:
+    """One user's appended behaviours in arrays that double when full: an append costs O(events), not O(history)."""
+
+    __slots__ = ("queries", "items", "n")
+
+    def __init__(self) -> None:
+        self.queries = np.zeros(8, dtype=np.int64)
+        self.items = np.zeros(8, dtype=np.int64)
+        self.n = 0
+
+    def extend(self, queries: list[int], items: list[int]) -> None:
+        need = self.n + len(items)
+        if need > len(self.items):
+            cap = max(need, 2 * len(self.items))
+            self.queries = np.resize(self.queries, cap)
+            self.items = np.resize(self.items, cap)
+        self.queries[self.n : need] = queries
+        self.items[self.n : need] = items
+        self.n = need
+
+    def last(self, n: int) -> History:
+        lo = max(0, self.n - n)
+        return self.queries[lo : self.n].copy(), self.items[lo : self.n].copy()
+
 
 class LogHistoryStore(HistoryStore):
     """Embedded store: base sequences.parquet (optional) + `events.log`, one JSON line per append.
@@ -60,9 +198,9 @@ class LogHistoryStore(HistoryStore):
         self.dir = Path(store_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / LOG_FILE
-        self._users: dict[int, History] = load_base(data_dir) if data_dir is not None else {}
+        self.base = BaseHistories.load(data_dir) if data_dir is not None else BaseHistories.empty()
+        self._tails: dict[int, Tail] = {}
         self._offset, self._seq = 0, 0
-        self._writer = writer
         self._lock = threading.RLock()
         self._fd: int | None = None
         if writer:
@@ -85,11 +223,7 @@ class LogHistoryStore(HistoryStore):
     def append(self, user_id: int, query_ids: list[int], item_ids: list[int], timestamps: list[int]) -> int:
         if self._fd is None:
             raise PermissionError(f"{self.path}: this store was opened read-only (writer=False)")
-        if not len(query_ids) == len(item_ids) == len(timestamps) or not item_ids:
-            raise ValueError(
-                f"append needs equal, non-empty query/item/timestamp lists, got "
-                f"{len(query_ids)}/{len(item_ids)}/{len(timestamps)}"
-            )
+        check_append(query_ids, item_ids, timestamps)
         with self._lock:
             self.refresh()
             seq = self._seq + 1
@@ -130,17 +264,22 @@ class LogHistoryStore(HistoryStore):
     def _apply(self, record: dict) -> None:
         if record["seq"] != self._seq + 1:
             raise ValueError(f"{self.path}: seq {record['seq']} follows {self._seq} (log corrupted or two writers)")
-        user = record["user_id"]
-        q, i = self._users.get(user, (EMPTY, EMPTY))
-        self._users[user] = (
-            np.concatenate([q, np.asarray(record["query_ids"], dtype=np.int64)]),
-            np.concatenate([i, np.asarray(record["item_ids"], dtype=np.int64)]),
-        )
+        tail = self._tails.get(record["user_id"])
+        if tail is None:
+            tail = self._tails[record["user_id"]] = Tail()
+        tail.extend(record["query_ids"], record["item_ids"])
         self._seq = record["seq"]
 
     def history(self, user_id: int, max_len: int) -> History:
-        q, i = self._users.get(int(user_id), (EMPTY, EMPTY))
-        return q[-max_len:], i[-max_len:]
+        user = int(user_id)
+        tail = self._tails.get(user)
+        if tail is None:
+            return self.base.last(user, max_len)
+        tq, ti = tail.last(max_len)
+        if len(ti) >= max_len:
+            return tq, ti
+        bq, bi = self.base.last(user, max_len - len(ti))
+        return np.concatenate([bq, tq]), np.concatenate([bi, ti])
 
     @property
     def last_seq(self) -> int:
@@ -153,15 +292,6 @@ class LogHistoryStore(HistoryStore):
 
 
 EMPTY = np.zeros(0, dtype=np.int64)
-
-
-def load_base(data_dir: str | Path) -> dict[int, History]:
-    """user_id → (query_ids, item_ids) from the dataset's sequences.parquet."""
-    seqs = read_table(data_dir, "sequences", ["user_id", "item_ids", "query_ids"]).to_pydict()
-    return {
-        int(u): (np.asarray(q, dtype=np.int64), np.asarray(i, dtype=np.int64))
-        for u, i, q in zip(seqs["user_id"], seqs["item_ids"], seqs["query_ids"])
-    }
 
 
 def fsync_dir(path: Path) -> None:

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -117,13 +118,27 @@ def aggregate(per_seed: dict[str, list[dict]]) -> dict[str, dict[str, tuple[floa
 
 
 def markdown(agg: dict, names: Sequence[str], title: str) -> str:
-    head = f"### {title}\n\n| method | " + " | ".join(TABLE_KEYS) + " |\n|---|" + "---|" * len(TABLE_KEYS) + "\n"
-    rows = "".join(
-        f"| {n} | " + " | ".join(f"{agg[n][k][0]:.4f} ± {agg[n][k][1]:.4f}" for k in TABLE_KEYS) + " |\n"
-        for n in names
-        if n in agg
-    )
+    """A table without outer pipes (GitHub renders it the same), so a row of six metrics fits in 120 columns."""
+    head = f"### {title}\n\nmethod | " + " | ".join(TABLE_KEYS) + "\n" + "---|" * len(TABLE_KEYS) + "---\n"
+    rows = "".join(f"{n} | " + " | ".join(cell(*agg[n][k]) for k in TABLE_KEYS) + "\n" for n in names if n in agg)
     return head + rows
+
+
+def cell(mean: float, std: float) -> str:
+    """ "0.3653 ±.0022": mean ± std in 13 characters, so a six-metric row stays within 120 columns."""
+    return f"{mean:.4f} ±{std:.4f}".replace("±0.", "±.")
+
+
+def wrap_prose(text: str, width: int = 118) -> str:
+    """Markdown with every line that is not a table row wrapped to `width` columns (list items keep their dash)."""
+    out = []
+    for line in text.split("\n"):
+        if " | " in line or len(line) <= width:
+            out.append(line)
+        else:
+            indent = "  " if line.startswith("- ") else ""
+            out.append(textwrap.fill(line, width, subsequent_indent=indent, break_on_hyphens=False))
+    return "\n".join(out)
 
 
 def budget(args: argparse.Namespace) -> str:
@@ -253,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         + training_lines(per_seed)
         + ("" if args.report_only else f"\n{time.time() - t0:.0f} s in all.\n")
     )
-    (args.out / "compare.md").write_text(text)
+    (args.out / "compare.md").write_text(wrap_prose(text))
     (args.out / "compare.json").write_text(
         json.dumps(
             {

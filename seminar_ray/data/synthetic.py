@@ -108,9 +108,14 @@ def _make_world(cfg: SyntheticConfig, rng: np.random.Generator) -> _World:
 
 
 def _sample_rows(cdf: np.ndarray, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One draw from the categorical with cumulative probabilities cdf[rows[j]] for every j."""
+    """One draw from the categorical with cumulative probabilities cdf[rows[j]] for every j: the number of entries
+    of the (non-decreasing) row below u, found by binary search per distinct row, not a [len(rows), K] comparison."""
     u = rng.random(len(rows)) * cdf[rows, -1]
-    return (cdf[rows] < u[:, None]).sum(axis=1).clip(0, cdf.shape[1] - 1)
+    out = np.empty(len(rows), dtype=np.int64)
+    for r in np.unique(rows):
+        mine = rows == r
+        out[mine] = np.searchsorted(cdf[r], u[mine], side="left")
+    return out.clip(0, cdf.shape[1] - 1)
 
 
 def _topic_cdf(world: _World, topic: int, vecs: np.ndarray, beta: float) -> np.ndarray:
@@ -126,6 +131,15 @@ def _query_cdfs(cfg: SyntheticConfig, world: _World) -> list[np.ndarray]:
     return [_topic_cdf(world, k, world.query_v[world.topic_queries[k]], cfg.beta) for k in range(cfg.num_topics)]
 
 
+def _sticky_chain(first: int, redraw: np.ndarray, fresh: np.ndarray) -> np.ndarray:
+    """ks[0] = first; ks[s] = fresh[s] where redraw[s] (s ≥ 1), else ks[s - 1]: each position takes the draw of the
+    last redraw at or before it (a forward fill, no Python loop over behaviours)."""
+    idx = np.where(redraw, np.arange(len(redraw)), 0)
+    idx[:1] = 0
+    last = np.maximum.accumulate(idx)
+    return np.where(last > 0, fresh[last], first).astype(np.int64)
+
+
 def _user_sequence(
     cfg: SyntheticConfig, world: _World, rng: np.random.Generator, pop_cdf: np.ndarray, query_cdfs: list[np.ndarray]
 ):
@@ -134,12 +148,10 @@ def _user_sequence(
     interests = _unit(world.topic_centres[topics] + 0.35 * rng.normal(size=(m, cfg.latent_dim)))
     weights = rng.dirichlet(np.full(m, 1.0))
     length = int(rng.integers(cfg.min_len, cfg.max_len + 1))
-    ks = np.empty(length, dtype=np.int64)  # interest chain: sticky Markov over the user's mixture
-    ks[0] = rng.choice(m, p=weights)
+    first = rng.choice(m, p=weights)  # interest chain: sticky Markov over the user's mixture
     redraw = rng.random(length) > cfg.stickiness
     fresh = rng.choice(m, size=length, p=weights)
-    for s in range(1, length):
-        ks[s] = fresh[s] if redraw[s] else ks[s - 1]
+    ks = _sticky_chain(int(first), redraw, fresh)
     is_search = rng.random(length) < cfg.search_share
     queries = np.zeros(length, dtype=np.int64)
     items = np.empty(length, dtype=np.int64)
@@ -188,8 +200,10 @@ def _channels(cfg: SyntheticConfig, world: _World, rng: np.random.Generator):
 
 def _fixed_list(matrix: np.ndarray, present: np.ndarray) -> pa.Array:
     values = pa.array(matrix.reshape(-1), type=pa.float32())
-    arr = pa.FixedSizeListArray.from_arrays(values, FEATURE_DIM)
-    return pa.array(arr.to_pylist(), type=arr.type, mask=~present) if not present.all() else arr
+    if present.all():
+        return pa.FixedSizeListArray.from_arrays(values, FEATURE_DIM)
+    # nulls by a validity mask over the same values (a Python list of every float cost ~6 GB and minutes at 200k items)
+    return pa.FixedSizeListArray.from_arrays(values, FEATURE_DIM, mask=pa.array(~present))
 
 
 def _attributes(cfg: SyntheticConfig, world: _World, rng: np.random.Generator) -> tuple[list[list[int]], int]:

@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from seminar_ray.data.schema import FEATURE_DIM, DatasetMeta, DatasetTables
+from seminar_ray.data.queries import apply_mode, empty_queries
+from seminar_ray.data.schema import FEATURE_DIM, SEQUENCES, DatasetMeta, DatasetTables, write_streamed
 from seminar_ray.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -226,8 +228,34 @@ def _words(cfg: SyntheticConfig, topic: int, idx: np.ndarray) -> list[str]:
     return [f"t{topic}w{int(i)}" for i in idx]
 
 
+USER_CHUNK = 2048  # users handed on at a time (8 row groups of 256): at the large preset ~70 MB, not ~4 GB of them all
+
+
 def generate(cfg: SyntheticConfig, progress: bool = False) -> DatasetTables:
     """Generate the three tables and the truth for an oracle; deterministic for a given config."""
+    chunks: list[pa.Table] = []
+    tables = _generate(cfg, chunks.append, progress)
+    return replace_sequences(tables, pa.concat_tables(chunks).combine_chunks())
+
+
+def replace_sequences(tables: DatasetTables, sequences: pa.Table) -> DatasetTables:
+    return DatasetTables(tables.items, tables.queries, sequences, tables.meta, tables.extra_files)
+
+
+@dataclass
+class _Users:
+    """What the truth keeps of every user, gathered while their sequences are handed on in chunks."""
+
+    interests: list[np.ndarray]
+    weights: list[np.ndarray]
+    last_ks: list[np.ndarray]
+    topics: list[np.ndarray]
+    behaviours: int = 0
+
+
+def _generate(cfg: SyntheticConfig, sink: Callable[[pa.Table], None], progress: bool) -> DatasetTables:
+    """Generate, passing the sequences to `sink` in chunks of USER_CHUNK users (in user order); the returned tables
+    carry an empty sequences table. The draws are those of one pass over every user, whatever the chunking."""
     rng = np.random.default_rng(cfg.seed)
     world = _make_world(cfg, rng)
     text, image, qtext = _channels(cfg, world, rng)
@@ -245,23 +273,7 @@ def generate(cfg: SyntheticConfig, progress: bool = False) -> DatasetTables:
         idx = rng.choice(cfg.words_per_topic, size=int(rng.integers(1, 4)), replace=False)
         q_tokens.append([int(k * cfg.words_per_topic + i + 1) for i in idx])
         q_text.append(" ".join(_words(cfg, k, idx)))
-    pop_cdf = np.cumsum(np.exp(world.item_logpop[1:]))
-    query_cdfs = _query_cdfs(cfg, world)
-    seq_items, seq_queries, seq_ts = [], [], []
-    interests, weights, last_ks, user_topics = [], [], [], []
-    for u in range(cfg.num_users):
-        items, queries, ks, ints, w, tps = _user_sequence(cfg, world, rng, pop_cdf, query_cdfs)
-        user_topics.append(tps)
-        start = int(rng.integers(1_600_000_000, 1_700_000_000))
-        ts = start + np.cumsum(rng.exponential(3600.0, size=len(items)).astype(np.int64) + 1)
-        seq_items.append(items)
-        seq_queries.append(queries)
-        seq_ts.append(ts)
-        interests.append(ints)
-        weights.append(w)
-        last_ks.append(ks[-3:])
-        if progress and (u + 1) % max(1, cfg.num_users // 10) == 0:
-            log.info("synthetic: %d/%d users", u + 1, cfg.num_users)
+    users = _all_users(cfg, world, rng, sink, progress)
     missing_t = rng.random(n) < cfg.missing_text
     missing_i = rng.random(n) < cfg.missing_image
     items_tbl = pa.table(
@@ -286,15 +298,6 @@ def generate(cfg: SyntheticConfig, progress: bool = False) -> DatasetTables:
             "text_emb": _fixed_list(qtext_full, present_q),
         }
     )
-    seq_tbl = pa.table(
-        {
-            "user_id": np.arange(cfg.num_users, dtype=np.int64),
-            "item_ids": _list_column(seq_items),
-            "query_ids": _list_column(seq_queries),
-            "timestamps": _list_column(seq_ts),
-        }
-    )
-    n_beh = int(sum(len(s) for s in seq_items))
     meta = DatasetMeta(
         source="synthetic",
         num_items=n,
@@ -302,11 +305,53 @@ def generate(cfg: SyntheticConfig, progress: bool = False) -> DatasetTables:
         num_attrs=num_attrs,
         num_tokens=cfg.num_topics * cfg.words_per_topic,
         num_users=cfg.num_users,
-        num_behaviours=n_beh,
+        num_behaviours=users.behaviours,
         extra={"config": asdict(cfg), "timestamp_unit": "s"},
     )
-    truth = _truth_npz(cfg, world, interests, weights, last_ks, user_topics)
-    return DatasetTables(items_tbl, queries_tbl, seq_tbl, meta, {"truth.npz": truth})
+    truth = _truth_npz(cfg, world, users.interests, users.weights, users.last_ks, users.topics)
+    return DatasetTables(items_tbl, queries_tbl, SEQUENCES.empty_table(), meta, {"truth.npz": truth})
+
+
+def _all_users(
+    cfg: SyntheticConfig, world: _World, rng: np.random.Generator, sink: Callable[[pa.Table], None], progress: bool
+) -> _Users:
+    """Every user's sequence, in order, handed to `sink` USER_CHUNK users at a time."""
+    pop_cdf = np.cumsum(np.exp(world.item_logpop[1:]))
+    query_cdfs = _query_cdfs(cfg, world)
+    users = _Users([], [], [], [])
+    seq_items: list[np.ndarray] = []
+    seq_queries: list[np.ndarray] = []
+    seq_ts: list[np.ndarray] = []
+    for u in range(cfg.num_users):
+        items, queries, ks, ints, w, tps = _user_sequence(cfg, world, rng, pop_cdf, query_cdfs)
+        users.topics.append(tps)
+        start = int(rng.integers(1_600_000_000, 1_700_000_000))
+        ts = start + np.cumsum(rng.exponential(3600.0, size=len(items)).astype(np.int64) + 1)
+        seq_items.append(items)
+        seq_queries.append(queries)
+        seq_ts.append(ts)
+        users.interests.append(ints)
+        users.weights.append(w)
+        users.last_ks.append(ks[-3:])
+        if len(seq_items) == USER_CHUNK or u + 1 == cfg.num_users:
+            first = u + 1 - len(seq_items)
+            sink(_sequences_chunk(first, seq_items, seq_queries, seq_ts))
+            users.behaviours += sum(len(s) for s in seq_items)
+            seq_items, seq_queries, seq_ts = [], [], []
+        if progress and (u + 1) % max(1, cfg.num_users // 10) == 0:
+            log.info("synthetic: %d/%d users", u + 1, cfg.num_users)
+    return users
+
+
+def _sequences_chunk(first_user: int, items: list[np.ndarray], queries: list[np.ndarray], ts: list[np.ndarray]):
+    return pa.table(
+        {
+            "user_id": np.arange(first_user, first_user + len(items), dtype=np.int64),
+            "item_ids": _list_column(items),
+            "query_ids": _list_column(queries),
+            "timestamps": _list_column(ts),
+        }
+    )
 
 
 def _list_column(arrays: list[np.ndarray]) -> pa.ListArray:
@@ -342,8 +387,18 @@ def _truth_npz(cfg, world: _World, interests, weights, last_ks, user_topics) -> 
     return buf.getvalue()
 
 
-def generate_to_dir(cfg: SyntheticConfig, out_dir: str | Path, progress: bool = False) -> Path:
-    return generate(cfg, progress=progress).write(out_dir)
+def generate_to_dir(cfg: SyntheticConfig, out_dir: str | Path, progress: bool = False, mode: str | None = None) -> Path:
+    """Generate and write, streaming the sequences in chunks of users (schema.write_streamed): peak memory is the
+    item tables and one chunk of users, not every behaviour. Same files as generate(cfg).write(out_dir), or with a
+    query `mode` (queries.py) as apply_mode(generate(cfg), mode).write(out_dir)."""
+    nq = 0 if mode == "none" else cfg.num_topics * cfg.queries_per_topic
+
+    def build(sink: Callable[[pa.Table], None]) -> DatasetTables:
+        chunk_sink = (lambda chunk: sink(empty_queries(chunk))) if mode == "none" else sink
+        tables = _generate(cfg, chunk_sink, progress)
+        return tables if mode is None else apply_mode(tables, mode)
+
+    return write_streamed(out_dir, cfg.num_items, nq, build)
 
 
 class Oracle:

@@ -235,10 +235,7 @@ def generate(cfg: SyntheticConfig, progress: bool = False) -> DatasetTables:
     """Generate the three tables and the truth for an oracle; deterministic for a given config."""
     chunks: list[pa.Table] = []
     tables = _generate(cfg, chunks.append, progress)
-    return replace_sequences(tables, pa.concat_tables(chunks).combine_chunks())
-
-
-def replace_sequences(tables: DatasetTables, sequences: pa.Table) -> DatasetTables:
+    sequences = pa.concat_tables(chunks).combine_chunks() if chunks else tables.sequences
     return DatasetTables(tables.items, tables.queries, sequences, tables.meta, tables.extra_files)
 
 

@@ -53,7 +53,8 @@ def read_sequences(data_dir: str | Path, min_blocks: int = 8):
     # that the autoscaler answers with nodes (docs/scaling.md). One, unless the environment says otherwise.
     os.environ.setdefault(FOOTER_ACTORS_ENV, "1")
     # A fraction of a CPU and a cap, like the maps: uncapped, 16 read tasks of 0.25 CPU start at once on 4 logical
-    # CPUs, each decoding ~128 MiB blocks: at the large preset 3.3 GiB in a 512 MiB object store, 3 GB spilled.
+    # CPUs, each a ~1 GB process (large preset: the node's per-process peaks summed 19.5 GB, 8.7 GB capped). Both
+    # still spilled ~3.4 GB there: the read outruns 2 consumers with ~128 MiB blocks in a 512 MiB store.
     ds = ray.data.read_parquet(str(path), num_cpus=MAP_CPUS, concurrency=MAP_CONCURRENCY)
     with storage.open_input(path) as f:
         row_groups = pq.ParquetFile(f).metadata.num_row_groups

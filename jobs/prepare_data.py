@@ -56,14 +56,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def read_source(args: argparse.Namespace) -> DatasetTables:
-    if args.source == "synthetic":
-        from seminar_ray.data.synthetic import SyntheticConfig, generate
+def write_synthetic(args: argparse.Namespace, mode: str) -> Path:
+    """The synthetic source, generated and written in chunks of users (never every behaviour in memory at once)."""
+    from seminar_ray.data.synthetic import SyntheticConfig, generate_to_dir
 
-        overrides = {k: v for k, v in (("num_users", args.users), ("num_items", args.items)) if v}
-        cfg = SyntheticConfig.preset(args.scale, seed=args.seed, **overrides)
-        cfg = replace(cfg, max_len=min(cfg.max_len, args.max_len), min_len=min(cfg.min_len, args.max_len))
-        return generate(cfg, progress=True)
+    overrides = {k: v for k, v in (("num_users", args.users), ("num_items", args.items)) if v}
+    cfg = SyntheticConfig.preset(args.scale, seed=args.seed, **overrides)
+    cfg = replace(cfg, max_len=min(cfg.max_len, args.max_len), min_len=min(cfg.min_len, args.max_len))
+    return generate_to_dir(cfg, args.out, progress=True, mode=mode)
+
+
+def read_source(args: argparse.Namespace) -> DatasetTables:
     if args.input is None:
         raise InputError(f"--input is required for --source {args.source}")
     if not args.input.exists():
@@ -118,9 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     mode = resolve_mode(args.source, args.queries)  # before reading: a wrong mode costs nothing
     log.info("reading %s%s", args.source, f" from {args.input}" if args.input else f" (preset {args.scale})")
-    tables = apply_mode(read_source(args), mode)
-    log.info("validating and writing %s", args.out)
-    out = tables.write(args.out)
+    if args.source == "synthetic":
+        out = write_synthetic(args, mode)
+    else:
+        tables = apply_mode(read_source(args), mode)
+        log.info("validating and writing %s", args.out)
+        out = tables.write(args.out)
     init_ray()
     summary = summarize(out)
     summary["seconds"] = round(time.time() - t0, 1)

@@ -12,7 +12,16 @@ import pytest
 
 from seminar_ray.data.entities import EntityTables
 from seminar_ray.data.errors import DataError
-from seminar_ray.data.schema import ITEMS, QUERIES, SEQUENCES, DatasetMeta, read_table, write_dataset
+from seminar_ray.data.schema import (
+    ITEMS,
+    QUERIES,
+    SEQUENCES,
+    DatasetMeta,
+    DatasetTables,
+    conform,
+    read_table,
+    write_dataset,
+)
 from seminar_ray.data.splits import (
     SampleConfig,
     SequenceBatch,
@@ -227,3 +236,34 @@ def test_prepare_data_job_prints_a_summary_and_a_missing_input_exits_2(ray_local
     assert run_cli(main, ["--source", "recbole", "--input", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
     assert "nope: no such file or directory" in capsys.readouterr().err
     _assert_nothing_written(tmp_path / "x")
+
+
+def test_streamed_generation_writes_what_the_in_memory_tables_hold(tiny_data, tmp_path, monkeypatch):
+    """generate_to_dir hands users on in chunks (row groups of a ParquetWriter): with chunks of 7 users, the files
+    equal generate(cfg) written whole, for the source's queries and for --queries none; a bad chunk writes nothing."""
+    from seminar_ray.data import synthetic
+    from seminar_ray.data.queries import apply_mode
+    from seminar_ray.data.schema import write_streamed
+
+    monkeypatch.setattr(synthetic, "USER_CHUNK", 7)
+    cfg = SyntheticConfig.preset("tiny")
+    for mode in (None, "none"):
+        out = synthetic.generate_to_dir(cfg, tmp_path / f"s-{mode}", mode=mode)
+        whole = generate(cfg) if mode is None else apply_mode(generate(cfg), mode)
+        for name in ("items", "queries", "sequences"):
+            assert read_table(out, name).equals(conform(getattr(whole, name), name)), (mode, name)
+        assert DatasetMeta.load(out).to_json() == whole.meta.to_json()
+    assert pq.ParquetFile(tmp_path / "s-None" / "sequences.parquet").metadata.num_row_groups == -(-cfg.num_users // 7)
+    assert read_table(tiny_data, "sequences").equals(read_table(tmp_path / "s-None", "sequences"))
+    (items, queries, seqs), meta = _tables(tiny_data)
+
+    def build(sink):
+        sink(seqs.slice(0, 5))
+        sink(
+            seqs.slice(5, 1).set_column(1, "item_ids", pa.array([[0] * len(seqs["item_ids"][5])], pa.list_(pa.int64())))
+        )
+        return DatasetTables(items, queries, seqs.slice(0, 0), meta)
+
+    with pytest.raises(DataError, match=r"sequences row 0 \(user_id 5\)\.item_ids: unknown id 0"):
+        write_streamed(tmp_path / "bad", meta.num_items, meta.num_queries, build)
+    _assert_nothing_written(tmp_path / "bad")

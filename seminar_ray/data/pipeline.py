@@ -26,6 +26,7 @@ from seminar_ray.data.splits import SampleConfig, SequenceBatch, eval_batch, eva
 
 MAP_CPUS = 0.25  # fractional CPU for every map task: a 1-CPU task starves Train workers on 2 cores
 MAP_CONCURRENCY = 2  # ... and a cap, or 0.25-CPU tasks start 16 worker processes that each import torch
+ID_COLUMNS = ("user_id", "query_ids", "item_ids")  # what SequenceBatch reads of the sequences table
 FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"  # read by read_parquet() in the calling process
 
 
@@ -56,7 +57,10 @@ def read_sequences(data_dir: str | Path, min_blocks: int = 8):
     # with 1 CPU. For our one file that is 31 idle processes and, on an autoscaling cluster, 32 CPUs of pending demand
     # that the autoscaler answers with nodes (docs/scaling.md). One, unless the environment says otherwise.
     os.environ.setdefault(FOOTER_ACTORS_ENV, "1")
-    ds = ray.data.read_parquet(str(path), num_cpus=MAP_CPUS)  # a fraction of a CPU, like the maps
+    # A fraction of a CPU and a cap, like the maps: uncapped, 16 read tasks of 0.25 CPU start at once on 4 logical
+    # CPUs, each a ~1 GB process at the large preset (docs/results.md). Only the id columns: timestamps are a third of
+    # the bytes and no training or evaluation step reads them.
+    ds = ray.data.read_parquet(str(path), columns=list(ID_COLUMNS), num_cpus=MAP_CPUS, concurrency=MAP_CONCURRENCY)
     with storage.open_input(path) as f:
         row_groups = pq.ParquetFile(f).metadata.num_row_groups
     return ds.repartition(min_blocks) if row_groups < min_blocks else ds

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 from seminar_ray.data.schema import EMPTY_QUERY, QUERIES, DatasetMeta, DatasetTables
@@ -45,16 +46,20 @@ def resolve_mode(source: str, mode: str | None) -> str:
     return mode
 
 
+def empty_queries(seqs: pa.Table) -> pa.Table:
+    """The sequences with every behaviour's query the empty one (query_ids zeros of the same list lengths)."""
+    lengths = pa.compute.list_value_length(seqs.column("query_ids")).to_numpy(zero_copy_only=False)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    empty = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.full(int(offsets[-1]), EMPTY_QUERY, np.int64)))
+    return seqs.set_column(seqs.schema.get_field_index("query_ids"), "query_ids", empty)
+
+
 def apply_mode(tables: DatasetTables, mode: str) -> DatasetTables:
     """Record the mode in meta.extra["queries"]; for `none`, give every behaviour the empty query."""
     meta = DatasetMeta(**{**tables.meta.__dict__, "extra": {**tables.meta.extra, "queries": mode}})
     if mode != "none":
         return DatasetTables(tables.items, tables.queries, tables.sequences, meta, tables.extra_files)
-    seqs = tables.sequences
-    lengths = pa.compute.list_value_length(seqs.column("query_ids")).combine_chunks()
-    offsets = pa.array([0, *pa.compute.cumulative_sum(lengths).to_pylist()], pa.int32())
-    empty = pa.ListArray.from_arrays(offsets, pa.array([EMPTY_QUERY] * int(sum(lengths.to_pylist())), pa.int64()))
-    seqs = seqs.set_column(seqs.schema.get_field_index("query_ids"), "query_ids", empty)
+    seqs = empty_queries(tables.sequences)
     queries = pa.table(
         {
             "query_id": [EMPTY_QUERY],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -106,6 +107,14 @@ def _ids(table: pa.Table, column: str) -> np.ndarray:
 
 def validate(items: pa.Table, queries: pa.Table, sequences: pa.Table) -> None:
     """Check the id contracts of docs/design.md (Data model); each failure names the table, column and row."""
+    validate_entities(items, queries)
+    if len(sequences) == 0:
+        raise DataError("sequences: empty table")
+    validate_sequences(sequences, len(items), len(queries) - 1)
+
+
+def validate_entities(items: pa.Table, queries: pa.Table) -> None:
+    """Items are exactly 1..N and queries exactly 0..Q."""
     item_ids = _ids(items, "item_id")
     if len(item_ids) == 0:
         raise DataError("items: empty table")
@@ -114,8 +123,10 @@ def validate(items: pa.Table, queries: pa.Table, sequences: pa.Table) -> None:
     query_ids = _ids(queries, "query_id")
     if not np.array_equal(np.sort(query_ids), np.arange(0, len(query_ids))):
         raise DataError("queries.query_id: ids must be exactly 0..Q with 0 the empty query")
-    if len(sequences) == 0:
-        raise DataError("sequences: empty table")
+
+
+def validate_sequences(sequences: pa.Table, num_items: int, num_queries: int) -> None:
+    """Rows (of the whole table or one chunk of it) have equal list lengths and ids in 1..num_items, 0..num_queries."""
     lengths = {
         c: pa.compute.list_value_length(sequences.column(c)).to_numpy() for c in ("item_ids", "query_ids", "timestamps")
     }
@@ -125,10 +136,7 @@ def validate(items: pa.Table, queries: pa.Table, sequences: pa.Table) -> None:
     flat_items = pa.compute.list_flatten(sequences.column("item_ids")).to_numpy()
     flat_queries = pa.compute.list_flatten(sequences.column("query_ids")).to_numpy()
     row_of = np.repeat(np.arange(len(sequences)), lengths["item_ids"])
-    for col, flat, hi, lo in (
-        ("item_ids", flat_items, len(item_ids), 1),
-        ("query_ids", flat_queries, len(query_ids) - 1, 0),
-    ):
+    for col, flat, hi, lo in (("item_ids", flat_items, num_items, 1), ("query_ids", flat_queries, num_queries, 0)):
         bad = np.nonzero((flat < lo) | (flat > hi))[0]
         if len(bad):
             r = row_of[bad[0]]
@@ -155,6 +163,50 @@ def write_dataset(
         for fname, blob in (extra_files or {}).items():
             (tmp / fname).write_bytes(blob)
     return out
+
+
+def write_streamed(
+    out_dir: str | Path, num_items: int, num_queries: int, build: Callable[[SequenceSink], DatasetTables]
+) -> Path:
+    """Write a dataset whose sequences come in chunks of users, never held whole: `build(sink)` hands each chunk to
+    `sink` (conformed, validated against ids 1..num_items and 0..num_queries, written as row groups of 256 users),
+    then returns the items, queries, meta and extra files (its `sequences` is ignored). Atomic like write_dataset."""
+    out = Path(out_dir)
+    with storage.staged_dir(out) as tmp:
+        with pq.ParquetWriter(table_path(tmp, "sequences"), SEQUENCES) as writer:
+            sink = SequenceSink(writer, num_items, num_queries)
+            tables = build(sink)
+        if sink.rows == 0:
+            raise DataError("sequences: empty table")
+        items, queries = conform(tables.items, "items"), conform(tables.queries, "queries")
+        validate_entities(items, queries)
+        if (len(items), len(queries) - 1) != (num_items, num_queries):
+            raise DataError(
+                f"items/queries: {len(items)} items and {len(queries) - 1} queries, but the sequences were "
+                f"validated against {num_items} and {num_queries}"
+            )
+        for name, table in (("items", items), ("queries", queries)):
+            pq.write_table(table, table_path(tmp, name), row_group_size=8192)
+        (tmp / "meta.json").write_text(tables.meta.to_json())
+        for fname, blob in tables.extra_files.items():
+            (tmp / fname).write_bytes(blob)
+    return out
+
+
+@dataclass
+class SequenceSink:
+    """Validates and appends chunks of the sequences table to an open ParquetWriter (write_streamed)."""
+
+    writer: pq.ParquetWriter
+    num_items: int
+    num_queries: int
+    rows: int = 0
+
+    def __call__(self, chunk: pa.Table) -> None:
+        chunk = conform(chunk, "sequences")
+        validate_sequences(chunk, self.num_items, self.num_queries)
+        self.writer.write_table(chunk, row_group_size=256)
+        self.rows += len(chunk)
 
 
 def read_table(data_dir: str | Path, name: str, columns: list[str] | None = None) -> pa.Table:

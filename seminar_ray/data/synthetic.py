@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from seminar_ray.data.schema import FEATURE_DIM, DatasetMeta, DatasetTables
+from seminar_ray.data.queries import apply_mode, empty_queries
+from seminar_ray.data.schema import FEATURE_DIM, SEQUENCES, DatasetMeta, DatasetTables, write_streamed
 from seminar_ray.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -108,9 +110,14 @@ def _make_world(cfg: SyntheticConfig, rng: np.random.Generator) -> _World:
 
 
 def _sample_rows(cdf: np.ndarray, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One draw from the categorical with cumulative probabilities cdf[rows[j]] for every j."""
+    """One draw from the categorical with cumulative probabilities cdf[rows[j]] for every j: the number of entries
+    of the (non-decreasing) row below u, found by binary search per distinct row, not a [len(rows), K] comparison."""
     u = rng.random(len(rows)) * cdf[rows, -1]
-    return (cdf[rows] < u[:, None]).sum(axis=1).clip(0, cdf.shape[1] - 1)
+    out = np.empty(len(rows), dtype=np.int64)
+    for r in np.unique(rows):
+        mine = rows == r
+        out[mine] = np.searchsorted(cdf[r], u[mine], side="left")
+    return out.clip(0, cdf.shape[1] - 1)
 
 
 def _topic_cdf(world: _World, topic: int, vecs: np.ndarray, beta: float) -> np.ndarray:
@@ -126,6 +133,15 @@ def _query_cdfs(cfg: SyntheticConfig, world: _World) -> list[np.ndarray]:
     return [_topic_cdf(world, k, world.query_v[world.topic_queries[k]], cfg.beta) for k in range(cfg.num_topics)]
 
 
+def _sticky_chain(first: int, redraw: np.ndarray, fresh: np.ndarray) -> np.ndarray:
+    """ks[0] = first; ks[s] = fresh[s] where redraw[s] (s ≥ 1), else ks[s - 1]: each position takes the draw of the
+    last redraw at or before it (a forward fill, no Python loop over behaviours)."""
+    idx = np.where(redraw, np.arange(len(redraw)), 0)
+    idx[:1] = 0
+    last = np.maximum.accumulate(idx)
+    return np.where(last > 0, fresh[last], first).astype(np.int64)
+
+
 def _user_sequence(
     cfg: SyntheticConfig, world: _World, rng: np.random.Generator, pop_cdf: np.ndarray, query_cdfs: list[np.ndarray]
 ):
@@ -134,12 +150,10 @@ def _user_sequence(
     interests = _unit(world.topic_centres[topics] + 0.35 * rng.normal(size=(m, cfg.latent_dim)))
     weights = rng.dirichlet(np.full(m, 1.0))
     length = int(rng.integers(cfg.min_len, cfg.max_len + 1))
-    ks = np.empty(length, dtype=np.int64)  # interest chain: sticky Markov over the user's mixture
-    ks[0] = rng.choice(m, p=weights)
+    first = rng.choice(m, p=weights)  # interest chain: sticky Markov over the user's mixture
     redraw = rng.random(length) > cfg.stickiness
     fresh = rng.choice(m, size=length, p=weights)
-    for s in range(1, length):
-        ks[s] = fresh[s] if redraw[s] else ks[s - 1]
+    ks = _sticky_chain(int(first), redraw, fresh)
     is_search = rng.random(length) < cfg.search_share
     queries = np.zeros(length, dtype=np.int64)
     items = np.empty(length, dtype=np.int64)
@@ -188,8 +202,10 @@ def _channels(cfg: SyntheticConfig, world: _World, rng: np.random.Generator):
 
 def _fixed_list(matrix: np.ndarray, present: np.ndarray) -> pa.Array:
     values = pa.array(matrix.reshape(-1), type=pa.float32())
-    arr = pa.FixedSizeListArray.from_arrays(values, FEATURE_DIM)
-    return pa.array(arr.to_pylist(), type=arr.type, mask=~present) if not present.all() else arr
+    if present.all():
+        return pa.FixedSizeListArray.from_arrays(values, FEATURE_DIM)
+    # nulls by a validity mask over the same values (a Python list of every float cost ~6 GB and minutes at 200k items)
+    return pa.FixedSizeListArray.from_arrays(values, FEATURE_DIM, mask=pa.array(~present))
 
 
 def _attributes(cfg: SyntheticConfig, world: _World, rng: np.random.Generator) -> tuple[list[list[int]], int]:
@@ -212,8 +228,31 @@ def _words(cfg: SyntheticConfig, topic: int, idx: np.ndarray) -> list[str]:
     return [f"t{topic}w{int(i)}" for i in idx]
 
 
+USER_CHUNK = 2048  # users handed on at a time (8 row groups of 256): at the large preset ~70 MB, not ~4 GB of them all
+
+
 def generate(cfg: SyntheticConfig, progress: bool = False) -> DatasetTables:
     """Generate the three tables and the truth for an oracle; deterministic for a given config."""
+    chunks: list[pa.Table] = []
+    tables = _generate(cfg, chunks.append, progress)
+    sequences = pa.concat_tables(chunks).combine_chunks() if chunks else tables.sequences
+    return DatasetTables(tables.items, tables.queries, sequences, tables.meta, tables.extra_files)
+
+
+@dataclass
+class _Users:
+    """What the truth keeps of every user, gathered while their sequences are handed on in chunks."""
+
+    interests: list[np.ndarray]
+    weights: list[np.ndarray]
+    last_ks: list[np.ndarray]
+    topics: list[np.ndarray]
+    behaviours: int = 0
+
+
+def _generate(cfg: SyntheticConfig, sink: Callable[[pa.Table], None], progress: bool) -> DatasetTables:
+    """Generate, passing the sequences to `sink` in chunks of USER_CHUNK users (in user order); the returned tables
+    carry an empty sequences table. The draws are those of one pass over every user, whatever the chunking."""
     rng = np.random.default_rng(cfg.seed)
     world = _make_world(cfg, rng)
     text, image, qtext = _channels(cfg, world, rng)
@@ -231,23 +270,7 @@ def generate(cfg: SyntheticConfig, progress: bool = False) -> DatasetTables:
         idx = rng.choice(cfg.words_per_topic, size=int(rng.integers(1, 4)), replace=False)
         q_tokens.append([int(k * cfg.words_per_topic + i + 1) for i in idx])
         q_text.append(" ".join(_words(cfg, k, idx)))
-    pop_cdf = np.cumsum(np.exp(world.item_logpop[1:]))
-    query_cdfs = _query_cdfs(cfg, world)
-    seq_items, seq_queries, seq_ts = [], [], []
-    interests, weights, last_ks, user_topics = [], [], [], []
-    for u in range(cfg.num_users):
-        items, queries, ks, ints, w, tps = _user_sequence(cfg, world, rng, pop_cdf, query_cdfs)
-        user_topics.append(tps)
-        start = int(rng.integers(1_600_000_000, 1_700_000_000))
-        ts = start + np.cumsum(rng.exponential(3600.0, size=len(items)).astype(np.int64) + 1)
-        seq_items.append(items)
-        seq_queries.append(queries)
-        seq_ts.append(ts)
-        interests.append(ints)
-        weights.append(w)
-        last_ks.append(ks[-3:])
-        if progress and (u + 1) % max(1, cfg.num_users // 10) == 0:
-            log.info("synthetic: %d/%d users", u + 1, cfg.num_users)
+    users = _all_users(cfg, world, rng, sink, progress)
     missing_t = rng.random(n) < cfg.missing_text
     missing_i = rng.random(n) < cfg.missing_image
     items_tbl = pa.table(
@@ -272,15 +295,6 @@ def generate(cfg: SyntheticConfig, progress: bool = False) -> DatasetTables:
             "text_emb": _fixed_list(qtext_full, present_q),
         }
     )
-    seq_tbl = pa.table(
-        {
-            "user_id": np.arange(cfg.num_users, dtype=np.int64),
-            "item_ids": _list_column(seq_items),
-            "query_ids": _list_column(seq_queries),
-            "timestamps": _list_column(seq_ts),
-        }
-    )
-    n_beh = int(sum(len(s) for s in seq_items))
     meta = DatasetMeta(
         source="synthetic",
         num_items=n,
@@ -288,11 +302,53 @@ def generate(cfg: SyntheticConfig, progress: bool = False) -> DatasetTables:
         num_attrs=num_attrs,
         num_tokens=cfg.num_topics * cfg.words_per_topic,
         num_users=cfg.num_users,
-        num_behaviours=n_beh,
+        num_behaviours=users.behaviours,
         extra={"config": asdict(cfg), "timestamp_unit": "s"},
     )
-    truth = _truth_npz(cfg, world, interests, weights, last_ks, user_topics)
-    return DatasetTables(items_tbl, queries_tbl, seq_tbl, meta, {"truth.npz": truth})
+    truth = _truth_npz(cfg, world, users.interests, users.weights, users.last_ks, users.topics)
+    return DatasetTables(items_tbl, queries_tbl, SEQUENCES.empty_table(), meta, {"truth.npz": truth})
+
+
+def _all_users(
+    cfg: SyntheticConfig, world: _World, rng: np.random.Generator, sink: Callable[[pa.Table], None], progress: bool
+) -> _Users:
+    """Every user's sequence, in order, handed to `sink` USER_CHUNK users at a time."""
+    pop_cdf = np.cumsum(np.exp(world.item_logpop[1:]))
+    query_cdfs = _query_cdfs(cfg, world)
+    users = _Users([], [], [], [])
+    seq_items: list[np.ndarray] = []
+    seq_queries: list[np.ndarray] = []
+    seq_ts: list[np.ndarray] = []
+    for u in range(cfg.num_users):
+        items, queries, ks, ints, w, tps = _user_sequence(cfg, world, rng, pop_cdf, query_cdfs)
+        users.topics.append(tps)
+        start = int(rng.integers(1_600_000_000, 1_700_000_000))
+        ts = start + np.cumsum(rng.exponential(3600.0, size=len(items)).astype(np.int64) + 1)
+        seq_items.append(items)
+        seq_queries.append(queries)
+        seq_ts.append(ts)
+        users.interests.append(ints)
+        users.weights.append(w)
+        users.last_ks.append(ks[-3:])
+        if len(seq_items) == USER_CHUNK or u + 1 == cfg.num_users:
+            first = u + 1 - len(seq_items)
+            sink(_sequences_chunk(first, seq_items, seq_queries, seq_ts))
+            users.behaviours += sum(len(s) for s in seq_items)
+            seq_items, seq_queries, seq_ts = [], [], []
+        if progress and (u + 1) % max(1, cfg.num_users // 10) == 0:
+            log.info("synthetic: %d/%d users", u + 1, cfg.num_users)
+    return users
+
+
+def _sequences_chunk(first_user: int, items: list[np.ndarray], queries: list[np.ndarray], ts: list[np.ndarray]):
+    return pa.table(
+        {
+            "user_id": np.arange(first_user, first_user + len(items), dtype=np.int64),
+            "item_ids": _list_column(items),
+            "query_ids": _list_column(queries),
+            "timestamps": _list_column(ts),
+        }
+    )
 
 
 def _list_column(arrays: list[np.ndarray]) -> pa.ListArray:
@@ -328,8 +384,18 @@ def _truth_npz(cfg, world: _World, interests, weights, last_ks, user_topics) -> 
     return buf.getvalue()
 
 
-def generate_to_dir(cfg: SyntheticConfig, out_dir: str | Path, progress: bool = False) -> Path:
-    return generate(cfg, progress=progress).write(out_dir)
+def generate_to_dir(cfg: SyntheticConfig, out_dir: str | Path, progress: bool = False, mode: str | None = None) -> Path:
+    """Generate and write, streaming the sequences in chunks of users (schema.write_streamed): peak memory is the
+    item tables and one chunk of users, not every behaviour. Same files as generate(cfg).write(out_dir), or with a
+    query `mode` (queries.py) as apply_mode(generate(cfg), mode).write(out_dir)."""
+    nq = 0 if mode == "none" else cfg.num_topics * cfg.queries_per_topic
+
+    def build(sink: Callable[[pa.Table], None]) -> DatasetTables:
+        chunk_sink = (lambda chunk: sink(empty_queries(chunk))) if mode == "none" else sink
+        tables = _generate(cfg, chunk_sink, progress)
+        return tables if mode is None else apply_mode(tables, mode)
+
+    return write_streamed(out_dir, cfg.num_items, nq, build)
 
 
 class Oracle:

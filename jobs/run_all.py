@@ -69,8 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--scale", default="small", help="synthetic preset: tiny, small, medium, long, large")
-    p.add_argument("--pretrain-epochs", type=int, default=2)
-    p.add_argument("--epochs", type=int, default=3)
+    # Training is user-level over every position (the jobs' defaults): an epoch trains ~15x the targets of the old
+    # 8 per user. Chosen on validation NDCG@10 (500 users) among settings that keep `make run` no slower than the old
+    # 2 + 3 epochs of 8 per user (0.50-0.51, 468-590 s): pretraining 1 + fine-tuning 2 epochs 0.644 (307 s),
+    # 1 + 1 0.526 (320 s), 2 + 1 0.57-0.58 (491 s); 2 + 3 reached 0.69 but took 547 s (issue 23, item 5).
+    p.add_argument("--pretrain-epochs", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs (the cap of the stopping rule)")
     p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (0 = local mode)")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--port", type=int, default=8000, help="HTTP port of the serve stage (127.0.0.1)")

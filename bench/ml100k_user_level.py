@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from bench.compare_ml100k import WHEEL, fetch_ml100k
+from jobs.compare import wrap_prose
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "model_ml100k.yaml"
@@ -160,7 +161,7 @@ def main() -> int:
         cpus=os.cpu_count(),
     )
     out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    out.with_suffix(".md").write_text(markdown(res))
+    out.with_suffix(".md").write_text(wrap_prose(markdown(res)))
     partial.unlink()
     print(out.with_suffix(".md").read_text())  # noqa: T201
     return 0

@@ -2,9 +2,11 @@
 
 A user with N behaviours gives N-1 targets: position N-1 is the test target, N-2 the validation
 target and every position 1 ≤ n ≤ N-3 a training (and pretraining) target, each with the behaviours
-before it as history, left-truncated to L. Batches follow the batch contract:
-user_id [B]; hist_items, hist_queries [B, L] left-padded with 0; target_items, target_queries,
-labels [B, C] with the positive in column 0.
+before it as history, left-truncated to L. Two batch forms (models/__init__.py):
+- per-target (evaluation, serving): user_id [B]; hist_items, hist_queries [B, L] left-padded with 0;
+  target_items, target_queries, labels [B, C] with the positive in column 0;
+- user-level (training, `user_batch`): a user's window once, seq_items, seq_queries [R, N]; target_pos,
+  target_valid [R, T]; target_items, target_queries, labels [R, T, C].
 """
 
 from __future__ import annotations

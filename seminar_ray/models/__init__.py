@@ -1,7 +1,10 @@
 """SEMINAR and baseline models as plain nn.Modules (paper §3.3); no Ray imports.
 
-Every model takes the batch contract (hist_items/hist_queries [B, L] left-padded, target_items/target_queries and
-labels [B, C]) and has `forward(batch) -> logits [B, C]` and `loss(batch) -> (loss, parts)`.
+Every model takes either batch form: per-target (hist_items/hist_queries [B, L] left-padded, target_items/
+target_queries and labels [B, C]) or user-level (seq_items/seq_queries [R, N], target_pos and target_valid [R, T],
+target_* and labels [R, T, C]; a target's history is the columns [target_pos − L, target_pos)). It has
+`forward(batch) -> logits` shaped like the labels and `loss(batch) -> (loss, parts)` (docs/design.md, "Training on
+whole sequences").
 """
 
 from __future__ import annotations

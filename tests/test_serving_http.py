@@ -18,6 +18,7 @@ from ray import serve
 from seminar_ray.serving import Limits, ScoreRequest
 from seminar_ray.serving.history import LogHistoryStore
 from seminar_ray.testing.artefacts import build_artefacts
+from seminar_ray.testing.polling import wait_until
 from serve_app.app import compose
 from serve_app.deploy import REQUEST_TIMEOUT_S
 
@@ -56,16 +57,6 @@ def service(ray_local, artefacts):
 
 def score(client, user_id=1, candidates=(1, 2, 3), **extra):
     return client.post("/v1/score", json={"user_id": user_id, "candidates": list(candidates), **extra})
-
-
-def wait_until(condition, timeout_s: float, what: str, every_s: float = 0.2):
-    """Poll `condition` until it returns something truthy, and return that; fail saying `what` after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"waited {timeout_s:.0f} s for {what}")
-        time.sleep(every_s)
-    return value
 
 
 def test_score_events_and_read_your_writes(service):

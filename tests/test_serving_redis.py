@@ -18,6 +18,7 @@ from ray import serve
 from seminar_ray.data.schema import read_table
 from seminar_ray.serving.redis_store import RedisHistoryStore, load_base
 from seminar_ray.testing.artefacts import build_artefacts
+from seminar_ray.testing.polling import wait_until
 from seminar_ray.testing.redis_local import LocalRedis
 from serve_app.app import compose
 from serve_app.deploy import REQUEST_TIMEOUT_S
@@ -50,15 +51,6 @@ def score(client, user_id, candidates=(1, 2, 3)):
 
 def events(client, user_id, items):
     return client.post("/v1/events", json={"user_id": user_id, "events": [{"item_id": i} for i in items]})
-
-
-def wait_until(condition, timeout_s: float, what: str, every_s: float = 0.2):
-    deadline = time.monotonic() + timeout_s
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"waited {timeout_s:.0f} s for {what}")
-        time.sleep(every_s)
-    return value
 
 
 def test_redis_store_read_your_writes_503_while_down_and_recovery(service):

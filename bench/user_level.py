@@ -7,6 +7,10 @@ Both paths train every position of the same users with the same optimizer step s
 micro-batch, seminar_ray.train.loop.train_one_epoch). Each (shape, model, path) runs in its own subprocess, so its
 peak RSS is its own; the two paths of a model alternate so that the shared machine's load falls on both. One
 torch.profiler step of each path is recorded for SEMINAR and the PSU at L = 2,000. The load average is recorded.
+
+Every worker runs with the training processes' settings (`setup_training_process`: malloc keeps freed activations);
+at L = 2,000 every (model, path) runs once more with glibc's default malloc, the before of that setting
+(`malloc_speedup`: heap-kept targets/s over default targets/s, same run, same steps).
     .venv/bin/python -m bench.user_level --out bench/out/user_level.json [--quick]
 """
 
@@ -28,12 +32,12 @@ from seminar_ray.data.schema import DatasetMeta, read_table
 from seminar_ray.data.splits import SampleConfig, SequenceBatch, train_batch, user_batch
 from seminar_ray.data.synthetic import SyntheticConfig, generate_to_dir
 from seminar_ray.models import ModelConfig, build_model
-from seminar_ray.train.loop import WithLoss, train_one_epoch
+from seminar_ray.train.loop import WithLoss, setup_training_process, train_one_epoch
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SHAPES = {  # name: (synthetic preset, model config, users: full / quick)
     "L2000": ("long", "model_paper.yaml", (6, 2)),
-    "small": ("small", "model_small.yaml", (48, 16)),
+    "small": ("small", "model_small.yaml", (96, 48)),
 }
 KINDS = ("psu", "seminar", "din")
 
@@ -68,9 +72,16 @@ def batches(
     return out
 
 
-def worker(data: str, config: str, kind: str, path: str, users: int, max_targets: int, profile: bool) -> dict:
-    """Train `kind` from its seeded initial weights over `users` users' every position in `path`'s batch form."""
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+def worker(
+    data: str, config: str, kind: str, path: str, users: int, max_targets: int, profile: bool, malloc: str
+) -> dict:
+    """Train `kind` from its seeded initial weights over `users` users' every position in `path`'s batch form, with
+    the training processes' settings (`malloc` "kept") or glibc's default malloc ("default")."""
+    threads = int(os.environ.get("OMP_NUM_THREADS", "2"))
+    if malloc == "kept":
+        setup_training_process(threads)
+    else:
+        torch.set_num_threads(threads)
     cfg = ModelConfig.from_yaml(CONFIGS / config, pretrained=False)
     tables = EntityTables.load(data)
     model = build_model(kind, cfg, tables)
@@ -97,6 +108,7 @@ def worker(data: str, config: str, kind: str, path: str, users: int, max_targets
     out = {
         "kind": kind,
         "path": path,
+        "malloc": malloc,
         "targets": stats["samples"],
         "seconds": wall,
         "cpu_seconds": cpu,
@@ -154,14 +166,23 @@ def measure(shape: str, quick: bool, tmp: Path) -> dict:
     load = [os.getloadavg()[0]]
     for kind in KINDS:
         prof = kind in ("psu", "seminar")
-        per = run_worker(data, config, kind, "target", users, per_target_cap, int(prof))
-        user = run_worker(data, config, kind, "user", users, 0, int(prof))
+        per = run_worker(data, config, kind, "target", users, per_target_cap, int(prof), "kept")
+        user = run_worker(data, config, kind, "user", users, 0, int(prof), "kept")
         runs[kind] = {
             "per_target": per,
             "user_level": user,
             "speedup": user["targets_per_s"] / per["targets_per_s"],
             "speedup_cpu_time": user["targets_per_cpu_s"] / per["targets_per_cpu_s"],
         }
+        if shape == "L2000":  # the before of setup_training_process's malloc setting, on the same steps
+            before = {
+                "per_target": run_worker(data, config, kind, "target", users, per_target_cap, 0, "default"),
+                "user_level": run_worker(data, config, kind, "user", users, 0, 0, "default"),
+            }
+            runs[kind]["glibc_default_malloc"] = before
+            runs[kind]["malloc_speedup_cpu_time"] = {
+                p: runs[kind][p]["targets_per_cpu_s"] / before[p]["targets_per_cpu_s"] for p in before
+            }
         load.append(os.getloadavg()[0])
         print(
             f"{shape} {kind}: user-level {user['targets_per_s']:.0f} targets/s, per-target "
@@ -178,6 +199,9 @@ def measure(shape: str, quick: bool, tmp: Path) -> dict:
         "user_level_speedup": {k: r["speedup"] for k, r in runs.items()},
         "user_level_speedup_cpu_time": {k: r["speedup_cpu_time"] for k, r in runs.items()},
         "peak_rss_mb": {k: {p: r[p]["peak_rss_mb"] for p in ("per_target", "user_level")} for k, r in runs.items()},
+        "malloc_speedup_cpu_time": {
+            k: r["malloc_speedup_cpu_time"] for k, r in runs.items() if "glibc_default_malloc" in r
+        },
         "load_avg_1m": load,
         "runs": runs,
     }
@@ -186,13 +210,13 @@ def measure(shape: str, quick: bool, tmp: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/out/user_level.json", help="JSON file to write")
-    ap.add_argument("--quick", action="store_true", help="fewer users (2 at L = 2,000, 16 at the small shape)")
+    ap.add_argument("--quick", action="store_true", help="fewer users (2 at L = 2,000, 48 at the small shape)")
     ap.add_argument("--tmp", type=Path, default=Path("/tmp/bench_user_level"), help="where the synthetic data goes")
     ap.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        data, config, kind, path, users, cap, prof = args.worker
-        print(json.dumps(worker(data, config, kind, path, int(users), int(cap), bool(int(prof)))))
+        data, config, kind, path, users, cap, prof, malloc = args.worker
+        print(json.dumps(worker(data, config, kind, path, int(users), int(cap), bool(int(prof)), malloc)))
         return
     t0 = time.time()
     big = measure("L2000", args.quick, args.tmp)
@@ -203,6 +227,7 @@ def main() -> None:
         "small": small["user_level_speedup"],
         "peak_rss_mb": big["peak_rss_mb"]["seminar"]["user_level"],
         "peak_rss_mb_by_model": big["peak_rss_mb"],
+        "malloc_speedup_cpu_time": big["malloc_speedup_cpu_time"],
         "load_avg_1m": big["load_avg_1m"] + small["load_avg_1m"],
         "quick": args.quick,
         "wall_s": time.time() - t0,

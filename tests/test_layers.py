@@ -14,6 +14,7 @@ LAYERS: list[tuple[str, ...]] = [
     (
         "seminar_ray",
         "seminar_ray.errors",
+        "seminar_ray.memory",
         "seminar_ray.storage",
         "seminar_ray.runtime",
         "seminar_ray.runs",

@@ -53,37 +53,6 @@ def random_history(rng, n_queries, n_items, L):
     return rng.integers(0, n_queries + 1, L), rng.integers(1, n_items + 1, L)
 
 
-FAULTS_PER_REQUEST = textwrap.dedent("""
-    import resource, sys, threading
-    import numpy as np
-    from seminar_ray.serving.process import keep_freed_memory
-
-    def faults_per_request(n=50):  # a request's arrays, allocated in a thread as Serve runs user code
-        out = []
-        def work():
-            np.zeros(1 << 16)  # the thread's malloc arena exists before counting
-            f0 = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
-            for _ in range(n):
-                np.argpartition(np.ones((100, 2000), np.float32), 1900, axis=1)
-            out.append((resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - f0) / n)
-        t = threading.Thread(target=work)
-        t.start()
-        t.join()
-        return out[0]
-
-    before = faults_per_request()
-    kept = keep_freed_memory()
-    print(before, faults_per_request(), kept)
-""")
-
-
-def test_keep_freed_memory_stops_a_threads_arena_refaulting_its_pages():
-    out = subprocess.run([sys.executable, "-c", FAULTS_PER_REQUEST], capture_output=True, text=True, check=True)
-    before, after, kept = out.stdout.split()
-    assert kept == "True"
-    assert float(after) * 2 < float(before), out.stdout  # glibc's defaults give the pages back every request
-
-
 def test_compact_history_keeps_selected_and_recent_in_order():
     hq, hi = np.arange(10) + 100, np.arange(10) + 1
     topk = np.array([[7, 2, -1], [2, 0, 9]])

@@ -34,7 +34,7 @@ from seminar_ray.runs import (
     stops_early,
 )
 from seminar_ray.runtime import ensure_logging, ray_console_level
-from seminar_ray.train.loop import WithLoss, evaluate, train_one_epoch, unwrap
+from seminar_ray.train.loop import WithLoss, evaluate, setup_training_process, train_one_epoch, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     ensure_logging()  # the per-epoch line below is an INFO record; Ray forwards this process's stderr
     job = TrainJob(**config)
-    torch.set_num_threads(job.threads)
+    setup_training_process(job.threads)
     cfg = job.model_config
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()

@@ -10,7 +10,7 @@ from pathlib import Path
 from seminar_ray.data.splits import EVAL_NEG, EVAL_SEED
 from seminar_ray.errors import InputError
 from seminar_ray.models import ModelConfig
-from seminar_ray.runs import PATIENCE
+from seminar_ray.runs import MAX_EPOCHS, PATIENCE
 from seminar_ray.train.job import TrainJob
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "model_small.yaml"
@@ -22,7 +22,13 @@ def add_train_flags(p: argparse.ArgumentParser, model_choices: tuple[str, ...] |
     )
     p.add_argument("--out", required=True, help="storage path for runs: a local directory or a shared URI")
     p.add_argument("--run-name", help="re-running with the same name resumes from its latest checkpoint")
-    p.add_argument("--epochs", type=int, default=None, help="default: the config's epochs")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=MAX_EPOCHS if model_choices else None,
+        help=f"PSU: the epochs it pretrains (default: the config's epochs, 1); CTR models: the cap (default "
+        f"{MAX_EPOCHS}), the stopping rule ends the run once validation NDCG@10 stops improving",
+    )
     p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers; 0 = local mode in this process")
     p.add_argument("--cpus-per-worker", type=float, default=0.5)
     p.add_argument("--use-gpu", action="store_true")

@@ -31,7 +31,7 @@ from jobs.common import add_eval_neg_flag, parse_overrides
 from seminar_ray.data.splits import EVAL_SEED
 from seminar_ray.errors import InputError
 from seminar_ray.rule_rankers import evaluate_rule
-from seminar_ray.runs import PATIENCE
+from seminar_ray.runs import MAX_EPOCHS, PATIENCE
 from seminar_ray.runtime import init_ray, run_cli, setup_logging
 
 # name → (kind, PSU tasks to pretrain with, or None for no pretraining)
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=50, help="the cap on every model's epochs (the stopping rule)")
+    p.add_argument("--epochs", type=int, default=MAX_EPOCHS, help="the cap on every model's epochs (the stopping rule)")
     p.add_argument(
         "--patience",
         type=int,

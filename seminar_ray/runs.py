@@ -19,6 +19,7 @@ TRAIN_STATE_FILE = "train_state.pt"  # optimizer state and epoch, for resuming
 SELECT_METRIC = "ndcg@10"  # what a CTR run is selected by (validation)
 SELECT_KEY = "select"  # each epoch's selection score, recorded in its metrics: higher is better
 PATIENCE = 5  # epochs without a better selection score before a run stops early (0 = never)
+MAX_EPOCHS = 50  # a CTR model's epochs when none are given: the cap; the stopping rule ends a run sooner
 
 
 def selection_score(kind: str, metrics: dict) -> float:

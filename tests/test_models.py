@@ -141,6 +141,27 @@ def test_config_has_the_papers_defaults_and_reads_yaml(tmp_path):
         ModelConfig(lam=1.5)
 
 
+def test_dropout_acts_in_training_only_and_weight_decay_chooses_adamw(cfg, tables, batch):
+    from seminar_ray.train.loop import make_optimizer
+
+    plain = build_model("seminar", cfg, tables)
+    dropped = build_model("seminar", cfg.replace(dropout=0.5), tables)
+    assert plain.state_dict().keys() == dropped.state_dict().keys()  # checkpoints load either way
+    dropped.load_state_dict(plain.state_dict())
+    plain.eval()
+    dropped.eval()
+    assert torch.equal(plain(batch), dropped(batch))
+    dropped.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(dropped(batch), plain(batch))
+    assert type(make_optimizer(plain, 1e-3)) is torch.optim.Adam
+    decayed = make_optimizer(plain, 1e-3, weight_decay=0.01)
+    assert type(decayed) is torch.optim.AdamW and decayed.param_groups[0]["weight_decay"] == 0.01
+    for bad in (dict(dropout=1.0), dict(dropout=-0.1), dict(weight_decay=-1.0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ModelConfig(**bad)
+
+
 def test_every_config_in_configs_loads():
     from pathlib import Path
 

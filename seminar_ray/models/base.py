@@ -79,7 +79,7 @@ class LifelongCTR(EmbeddingModel):
         d = cfg.d
         self.esu = MultiHeadTargetAttention(d, cfg.heads)
         # MLP input: [lifelong-sequence vector, target pair vector, recent-history vector, target channels Q,T,I,A]
-        self.mlp = MLP(7 * d, cfg.mlp_hidden)
+        self.mlp = MLP(7 * d, cfg.mlp_hidden, dropout=cfg.dropout)
 
     def projection(self) -> ChannelProjection | None:
         """Per-channel projection applied to the embedding before fusing (SEMINAR's G_j); None for the baselines."""

@@ -42,6 +42,7 @@ class ModelConfig:
     beta_gsu: float = 1.0  # β of L = L_ESU + β·L_GSU (docs/design.md, Model contracts)
     pretrained: bool = True  # restore PSU's embedding tables before fine-tuning
     recent_len: int = 20  # "other features": mean of the most recent behaviours' keys
+    dropout: float = 0.0  # dropout on the CTR MLP's inputs in training (the paper states none: 0)
     # baselines
     din_recent: int = 50  # DIN attends over the most recent behaviours
     qin_k1: int = 400  # QIN: the target query keeps K1 behaviours ...
@@ -49,6 +50,7 @@ class ModelConfig:
     eta_bits: int = 64  # ETA: SimHash signature width
     # optimisation (read by the training jobs)
     lr: float = 1e-3
+    weight_decay: float = 0.0  # > 0: AdamW's decoupled weight decay on every parameter (the paper's Adam: 0)
     batch: int = 256
     epochs: int = 1
 
@@ -68,6 +70,8 @@ class ModelConfig:
             "recent_len": self.recent_len > 0,
             "n_neg": self.n_neg >= 0,
             "loss_norm": self.loss_norm in ("none", "chance"),
+            "dropout": 0.0 <= self.dropout < 1.0,
+            "weight_decay": self.weight_decay >= 0.0,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:

@@ -102,15 +102,24 @@ def recent_positions(real: Tensor, pos: Tensor, max_len: int, n: int) -> Tensor:
 
 
 class MLP(nn.Sequential):
-    """Linear-ReLU stack ending in a linear layer of width `out`."""
+    """Linear-ReLU stack ending in a linear layer of width `out`; in training, `dropout` zeroes each Linear's inputs
+    with that probability (the layers and their state-dict names are the same either way)."""
 
-    def __init__(self, d_in: int, hidden: tuple[int, ...], out: int = 1, out_bias: bool = True):
+    def __init__(self, d_in: int, hidden: tuple[int, ...], out: int = 1, out_bias: bool = True, dropout: float = 0.0):
         layers: list[nn.Module] = []
         for h in hidden:
             layers += [nn.Linear(d_in, h), nn.ReLU()]
             d_in = h
         layers.append(nn.Linear(d_in, out, bias=out_bias))
         super().__init__(*layers)
+        self.dropout = dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self:
+            if self.dropout and isinstance(layer, nn.Linear):
+                x = F.dropout(x, self.dropout, self.training)
+            x = layer(x)
+        return x
 
 
 class MultiModalEmbedding(nn.Module):

@@ -34,7 +34,14 @@ from seminar_ray.runs import (
     stops_early,
 )
 from seminar_ray.runtime import ensure_logging, ray_console_level
-from seminar_ray.train.loop import WithLoss, evaluate, setup_training_process, train_one_epoch, unwrap
+from seminar_ray.train.loop import (
+    WithLoss,
+    evaluate,
+    make_optimizer,
+    setup_training_process,
+    train_one_epoch,
+    unwrap,
+)
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +194,7 @@ def train_loop_per_worker(config: dict) -> None:
         restore_psu(cast(SeminarCTR, model), read_checkpoint(resolve_checkpoint(job.pretrained))["state_dict"])
     net = ray.train.torch.prepare_model(WithLoss(model), parallel_strategy_kwargs={"find_unused_parameters": True})
     device = ray.train.torch.get_device()
-    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    optimizer = make_optimizer(net, cfg.lr, cfg.weight_decay)
     start_epoch, history = _load_state(net, optimizer, job)
     sample_cfg = _sample_cfg(job)
     queries = query_pool(data, seed=cfg.seed) if job.kind == "psu" else None

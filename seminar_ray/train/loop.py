@@ -47,6 +47,13 @@ def setup_training_process(threads: int, trim_mb: int = 1024) -> None:
     keep_freed_memory(trim_mb=trim_mb, mmap_mb=None)
 
 
+def make_optimizer(net: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """The paper's Adam (§4.1), or AdamW with decoupled weight decay when `weight_decay` > 0 (ModelConfig)."""
+    if weight_decay > 0:
+        return torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    return torch.optim.Adam(net.parameters(), lr=lr)
+
+
 MICRO_CELLS = 1 << 19  # (target, history column) pairs per micro-batch: ~256 targets at L = 2,000
 
 

@@ -182,6 +182,21 @@ def test_ray_data_pipeline_shapes_and_two_shards_cover_every_user_once(ray_local
     assert rows[0]["target_items"].shape == (100,) and rows[0]["hist_items"].shape == (cfg.max_len,)
 
 
+def test_training_visits_every_user_once_per_epoch_in_a_new_order(ray_local, tiny_data, cfg):
+    from seminar_ray.data.pipeline import train_batches, training_users
+
+    ds = training_users(tiny_data, min_blocks=1, seed=0)
+    file_order = read_table(tiny_data, "sequences").column("user_id").to_numpy()
+    orders = [
+        np.concatenate([b["user_id"].numpy() for b in train_batches(ds, cfg, epoch, 8, targets_per_row=cfg.max_len)])
+        for epoch in (0, 1)
+    ]
+    for order in orders:
+        assert sorted(order.tolist()) == sorted(file_order.tolist())  # every user once (rows of <= L targets)
+        assert not np.array_equal(order, file_order)
+    assert not np.array_equal(orders[0], orders[1])
+
+
 def _tables(tiny_data):
     return [read_table(tiny_data, n) for n in ("items", "queries", "sequences")], DatasetMeta.load(tiny_data)
 

@@ -28,6 +28,12 @@ MAP_CPUS = 0.25  # fractional CPU for every map task: a 1-CPU task starves Train
 MAP_CONCURRENCY = 2  # ... and a cap, or 0.25-CPU tasks start 16 worker processes that each import torch
 ID_COLUMNS = ("user_id", "query_ids", "item_ids")  # what SequenceBatch reads of the sequences table
 FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"  # read by read_parquet() in the calling process
+# Training visits users in a new random order every epoch (`training_users`, `train_batches`): the blocks in a
+# seeded random order, then rows mixed in a buffer of SHUFFLE_USERS users. Files are often sorted by user id, and ids
+# follow sign-up time: in file order, a model fits the last users' items and forgets the first ones' within an
+# epoch (docs/results.md, Amazon Video Games).
+SHUFFLE_BLOCKS = 32  # at least this many blocks, so that the block order is worth randomising
+SHUFFLE_USERS = 1024  # rows (users) in the local shuffle buffer: ~50 MB of ids at L = 2,000
 
 
 def map_compute():
@@ -64,6 +70,15 @@ def read_sequences(data_dir: str | Path, min_blocks: int = 8):
     with storage.open_input(path) as f:
         row_groups = pq.ParquetFile(f).metadata.num_row_groups
     return ds.repartition(min_blocks) if row_groups < min_blocks else ds
+
+
+def training_users(data_dir: str | Path, min_blocks: int, seed: int):
+    """The sequences as a materialised Dataset of at least max(min_blocks, SHUFFLE_BLOCKS) blocks, read once, whose
+    block order is a new seeded random order in each execution (each epoch)."""
+    import ray.data
+
+    users = read_sequences(data_dir, min_blocks=max(min_blocks, SHUFFLE_BLOCKS)).materialize()
+    return users.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True))
 
 
 def query_pool(data_dir: str | Path, size: int = 100_000, seed: int = 0) -> np.ndarray:
@@ -137,11 +152,14 @@ def train_batches(
     targets_per_row: int = 0,
 ):
     """Iterate one epoch of training batches from a Dataset or a DataIterator (a Train worker's shard): user-level
-    when targets_per_row > 0, else per-target (TrainCollate)."""
+    when targets_per_row > 0, else per-target (TrainCollate); users mixed in a buffer of SHUFFLE_USERS, in an order
+    seeded by (cfg.seed, epoch)."""
     return ds.iter_torch_batches(
         batch_size=users_per_batch,
         collate_fn=TrainCollate(cfg, epoch, queries, targets_per_row),
         prefetch_batches=prefetch_batches,
+        local_shuffle_buffer_size=SHUFFLE_USERS,
+        local_shuffle_seed=cfg.seed * 1_000_003 + epoch,
     )
 
 

@@ -350,17 +350,16 @@ def build_trainer(job: TrainJob, train_ds=None, valid_ds=None):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from seminar_ray.data.pipeline import eval_dataset, pick_eval_users, read_sequences
+    from seminar_ray.data.pipeline import eval_dataset, pick_eval_users, training_users
 
     sample_cfg = _sample_cfg(job)
     # Both datasets are read once into Ray's object store (which spills to disk past its memory), not re-read from
     # Parquet by every epoch: the sequences are ids only and each epoch draws its own targets from them (TrainCollate);
     # the validation rows are the same every epoch. A lazy read cost every epoch seconds of start-up before its first
     # batch (bench/train_throughput.py).
-    # Enough blocks that every worker's shard gets users; one consumer needs no repartition (an all-to-all step).
-    min_blocks = 4 * job.num_workers if job.num_workers > 1 else 1
+    # Enough blocks that every worker's shard gets users, in a new order each epoch (pipeline.training_users).
     if train_ds is None:
-        train_ds = read_sequences(job.data, min_blocks=min_blocks).materialize()
+        train_ds = training_users(job.data, min_blocks=4 * job.num_workers, seed=job.model_config.seed)
     if valid_ds is None:  # the same users and candidates every epoch (eval_users drawn once by eval_seed)
         users = pick_eval_users(job.data, job.eval_users, job.eval_seed) if job.eval_users else None
         valid_ds = eval_dataset(job.data, "valid", sample_cfg, users).materialize()

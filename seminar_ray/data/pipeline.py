@@ -29,11 +29,11 @@ MAP_CONCURRENCY = 2  # ... and a cap, or 0.25-CPU tasks start 16 worker processe
 ID_COLUMNS = ("user_id", "query_ids", "item_ids")  # what SequenceBatch reads of the sequences table
 FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"  # read by read_parquet() in the calling process
 # Training visits users in a new random order every epoch (`training_users`, `train_batches`): the blocks in a
-# seeded random order, then rows mixed in a buffer of SHUFFLE_USERS users. Files are often sorted by user id, and ids
-# follow sign-up time: in file order, a model fits the last users' items and forgets the first ones' within an
-# epoch (docs/results.md, Amazon Video Games).
-SHUFFLE_BLOCKS = 32  # at least this many blocks, so that the block order is worth randomising
-SHUFFLE_USERS = 1024  # rows (users) in the local shuffle buffer: ~50 MB of ids at L = 2,000
+# seeded random order, then rows mixed in a local shuffle buffer of `shuffle_users` users, all of a small dataset.
+# Files are often sorted by user id, and ids follow sign-up time: in file order, a model fits the last users' items
+# and forgets the first ones' within an epoch (docs/results.md, Amazon Video Games). No repartition for it: an
+# all-to-all step asks for whole CPUs, which on an autoscaling cluster launches a node (tests/test_autoscaling.py).
+SHUFFLE_BEHAVIOURS = 1 << 23  # behaviours the shuffle buffer holds at most: ~130 MB of ids
 
 
 def map_compute():
@@ -73,12 +73,20 @@ def read_sequences(data_dir: str | Path, min_blocks: int = 8):
 
 
 def training_users(data_dir: str | Path, min_blocks: int, seed: int):
-    """The sequences as a materialised Dataset of at least max(min_blocks, SHUFFLE_BLOCKS) blocks, read once, whose
-    block order is a new seeded random order in each execution (each epoch)."""
+    """The sequences as a materialised Dataset of at least `min_blocks` blocks, read once, whose block order is a new
+    seeded random order in each execution (each epoch)."""
     import ray.data
 
-    users = read_sequences(data_dir, min_blocks=max(min_blocks, SHUFFLE_BLOCKS)).materialize()
+    users = read_sequences(data_dir, min_blocks=min_blocks).materialize()
     return users.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True))
+
+
+def shuffle_users(data_dir: str | Path) -> int:
+    """Users in a training epoch's shuffle buffer: every user when they hold at most SHUFFLE_BEHAVIOURS behaviours
+    (MovieLens-100K, Amazon Games), else as many as do (~5,600 users of the `large` preset)."""
+    meta = DatasetMeta.load(data_dir)
+    per_user = max(meta.num_behaviours / max(meta.num_users, 1), 1.0)
+    return max(1, min(meta.num_users, int(SHUFFLE_BEHAVIOURS / per_user)))
 
 
 def query_pool(data_dir: str | Path, size: int = 100_000, seed: int = 0) -> np.ndarray:
@@ -150,15 +158,16 @@ def train_batches(
     queries: np.ndarray | None = None,
     prefetch_batches: int = 2,
     targets_per_row: int = 0,
+    shuffle_users: int = 1024,
 ):
     """Iterate one epoch of training batches from a Dataset or a DataIterator (a Train worker's shard): user-level
-    when targets_per_row > 0, else per-target (TrainCollate); users mixed in a buffer of SHUFFLE_USERS, in an order
-    seeded by (cfg.seed, epoch)."""
+    when targets_per_row > 0, else per-target (TrainCollate); users mixed in a buffer of `shuffle_users`, in an
+    order seeded by (cfg.seed, epoch)."""
     return ds.iter_torch_batches(
         batch_size=users_per_batch,
         collate_fn=TrainCollate(cfg, epoch, queries, targets_per_row),
         prefetch_batches=prefetch_batches,
-        local_shuffle_buffer_size=SHUFFLE_USERS,
+        local_shuffle_buffer_size=shuffle_users,
         local_shuffle_seed=cfg.seed * 1_000_003 + epoch,
     )
 

@@ -179,7 +179,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
     from ray.experimental.tqdm_ray import tqdm
 
-    from seminar_ray.data.pipeline import query_pool, train_batches, users_per_step
+    from seminar_ray.data.pipeline import query_pool, shuffle_users, train_batches, users_per_step
 
     ensure_logging()  # the per-epoch line below is an INFO record; Ray forwards this process's stderr
     job = TrainJob(**config)
@@ -200,6 +200,7 @@ def train_loop_per_worker(config: dict) -> None:
     queries = query_pool(data, seed=cfg.seed) if job.kind == "psu" else None
     users_per_batch = users_per_step(data, job.samples_per_user, cfg.batch)
     targets_per_row = min(cfg.batch, cfg.max_len) if job.user_level else 0  # windows of at most L + batch columns
+    buffer = shuffle_users(data)
     shard = ray.train.get_dataset_shard("train")
     valid = ray.train.get_dataset_shard("valid")
     for epoch in range(start_epoch, job.epochs):
@@ -211,7 +212,15 @@ def train_loop_per_worker(config: dict) -> None:
         try:
             stats = train_one_epoch(
                 net,
-                train_batches(shard, sample_cfg, epoch, users_per_batch, queries, targets_per_row=targets_per_row),
+                train_batches(
+                    shard,
+                    sample_cfg,
+                    epoch,
+                    users_per_batch,
+                    queries,
+                    targets_per_row=targets_per_row,
+                    shuffle_users=buffer,
+                ),
                 optimizer,
                 device,
                 on_step=_on_step(bar, hook),
@@ -357,9 +366,11 @@ def build_trainer(job: TrainJob, train_ds=None, valid_ds=None):
     # Parquet by every epoch: the sequences are ids only and each epoch draws its own targets from them (TrainCollate);
     # the validation rows are the same every epoch. A lazy read cost every epoch seconds of start-up before its first
     # batch (bench/train_throughput.py).
-    # Enough blocks that every worker's shard gets users, in a new order each epoch (pipeline.training_users).
+    # Enough blocks that every worker's shard gets users, in a new order each epoch (pipeline.training_users); one
+    # consumer needs no repartition (an all-to-all step).
     if train_ds is None:
-        train_ds = training_users(job.data, min_blocks=4 * job.num_workers, seed=job.model_config.seed)
+        min_blocks = 4 * job.num_workers if job.num_workers > 1 else 1
+        train_ds = training_users(job.data, min_blocks=min_blocks, seed=job.model_config.seed)
     if valid_ds is None:  # the same users and candidates every epoch (eval_users drawn once by eval_seed)
         users = pick_eval_users(job.data, job.eval_users, job.eval_seed) if job.eval_users else None
         valid_ds = eval_dataset(job.data, "valid", sample_cfg, users).materialize()

@@ -36,10 +36,9 @@ import pyarrow.parquet as pq
 
 from seminar_ray.data.pipeline import TrainCollate, read_sequences, sample_config, train_batches
 from seminar_ray.data.schema import DatasetMeta, table_path
+from seminar_ray.testing.local_ray import OBJECT_STORE_BYTES, init_local_ray
 
 log = logging.getLogger("bench.data_scale")
-RAY_CPUS = 4  # logical CPUs on 2 cores (tests/conftest.py): every task asks for a fraction
-OBJECT_STORE_BYTES = 512 * 1024**2
 CONSUMER_CPUS = 0.5
 L = 2000
 TARGETS_PER_ROW = 256
@@ -164,20 +163,14 @@ def spilled(summary: str) -> dict:
 
 
 def start_ray(attempts: int = 4) -> None:
-    """A local Ray node like tests/conftest.py's. Ray gives its raylet 30 s to register (hard-coded in Ray 2.60); on
-    a shared machine at a load of ~60 under nice 19 that fails, so start again a few times before giving up."""
+    """The tests' local Ray node (seminar_ray.testing.local_ray). Ray gives its raylet 30 s to register (hard-coded
+    in Ray 2.60); on a shared machine at a load of ~60 under nice 19 that fails, so start again a few times before
+    giving up."""
     import ray
 
     for attempt in range(1, attempts + 1):
         try:
-            ray.init(
-                address="local",
-                num_cpus=RAY_CPUS,
-                object_store_memory=OBJECT_STORE_BYTES,
-                include_dashboard=False,
-                log_to_driver=False,
-                configure_logging=False,
-            )
+            init_local_ray()
             return
         except Exception as exc:  # Ray raises a bare Exception for this
             if "timed out during startup" not in str(exc) or attempt == attempts:

@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import torch
 
 from seminar_ray.data.entities import EntityTables
 from seminar_ray.data.pipeline import TrainCollate, sample_config
@@ -35,7 +34,7 @@ from seminar_ray.data.synthetic import SyntheticConfig, generate_to_dir
 from seminar_ray.models import ModelConfig, build_model
 from seminar_ray.runtime import init_ray
 from seminar_ray.train.job import TrainJob, run_training
-from seminar_ray.train.loop import WithLoss, setup_training_process, train_one_epoch
+from seminar_ray.train.loop import WithLoss, make_optimizer, setup_training_process, train_one_epoch
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # shape → (synthetic preset, model config, users full/quick, samples per user)
@@ -59,7 +58,7 @@ def totals(epochs: list[dict]) -> dict:
 def plain_torch(data: Path, cfg: ModelConfig, epochs: int, samples_per_user: int) -> dict:
     setup_training_process(1)  # what a Ray Train worker runs with (bench/out/train.json predates it on both sides)
     net = WithLoss(build_model("seminar", cfg, EntityTables.load(data)))
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    opt = make_optimizer(net, cfg.lr, cfg.weight_decay)
     scfg = sample_config(data, max_len=cfg.max_len, num_neg=cfg.n_neg, samples_per_user=samples_per_user)
     users_per_batch = max(1, cfg.batch // samples_per_user)
     rows = []

@@ -32,7 +32,7 @@ from seminar_ray.data.schema import DatasetMeta, read_table
 from seminar_ray.data.splits import SampleConfig, SequenceBatch, train_batch, user_batch
 from seminar_ray.data.synthetic import SyntheticConfig, generate_to_dir
 from seminar_ray.models import ModelConfig, build_model
-from seminar_ray.train.loop import WithLoss, setup_training_process, train_one_epoch
+from seminar_ray.train.loop import WithLoss, make_optimizer, setup_training_process, train_one_epoch
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SHAPES = {  # name: (synthetic preset, model config, users: full / quick)
@@ -98,7 +98,7 @@ def worker(
     if max_targets:  # the per-target path at L = 2,000 is slow: time the first max_targets targets of each user
         steps = [_first_targets(b, max_targets) for b in steps]
     net = WithLoss(model)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    opt = make_optimizer(net, cfg.lr, cfg.weight_decay)
     train_one_epoch(net, steps[:1], torch.optim.Adam(net.parameters()))  # warm-up
     model.load_state_dict(build_model(kind, cfg, tables).state_dict())
     rss0 = peak_rss_mb()

@@ -6,12 +6,11 @@ import os
 
 import pytest
 
+from seminar_ray.testing.local_ray import init_local_ray
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-
-RAY_CPUS = 4  # logical CPUs on 2 cores: every actor below asks for a fraction
-OBJECT_STORE_BYTES = 512 * 1024**2
 
 
 @pytest.fixture(scope="session")
@@ -20,14 +19,7 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(
-            address="local",
-            num_cpus=RAY_CPUS,
-            object_store_memory=OBJECT_STORE_BYTES,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
+        init_local_ray()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield ray

@@ -1,7 +1,7 @@
 """MovieLens-100K end to end: SEMINAR, its no-pretraining ablation, DIN, SIM, TWIN and the rules, under
 --queries none (pure sequential recommendation) and --queries derived (each item's query from its leaf genre).
 
-    python -m bench.compare_ml100k [--quick] [--seeds 2] [--work runs/ml100k]
+    python -m bench.compare_ml100k [--quick] [--seeds 2] [--work runs/ml100k] [--set KEY=VALUE ...]
 
 The data is the RecBole atomic copy of MovieLens-100K that the `recbole` wheel on PyPI ships under
 recbole/dataset_example/ml-100k: the wheel is downloaded with pip into WORK (nothing of it is committed), then
@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WHEEL = "recbole==1.2.1"
 MEMBER = "recbole/dataset_example/ml-100k/"
 VARIANTS = "SEMINAR,w/o pretraining,DIN,SIM,TWIN"
+TABLE_SET = ["d=64", "heads=4", "recent_len=1"]
 
 
 def fetch_ml100k(work: Path) -> Path:
@@ -50,12 +51,21 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "ml100k")
     p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=30, help="the cap of the stopping rule (jobs/compare.py)")
+    p.add_argument("--patience", type=int, default=5, help="epochs without a better validation NDCG@10 before a stop")
     p.add_argument(
         "--config",
         type=Path,
         default=ROOT / "configs" / "model_ml100k.yaml",
         help="model config (default: the small sizes with the paper's L = 100, K = 50 for short histories)",
+    )
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=TABLE_SET,
+        metavar="KEY=VALUE",
+        help="config overrides for every row (default: the paper's width and the last behaviour as the MLP's recent "
+        "vector, chosen on validation; docs/results.md)",
     )
     p.add_argument("--pretrain-epochs", type=int, default=2)
     p.add_argument("--modes", default="none,derived")
@@ -100,6 +110,8 @@ def main() -> int:
             str(args.seeds),
             "--epochs",
             str(args.epochs),
+            "--patience",
+            str(args.patience),
             "--pretrain-epochs",
             str(args.pretrain_epochs),
             "--samples-per-user",
@@ -110,6 +122,7 @@ def main() -> int:
             str(args.config),
             "--variants",
             args.variants,
+            *(["--set", *args.set] if args.set else []),
             *(["--report-only"] if args.report_only else []),
         )
         results[mode] = json.loads((runs / "compare.json").read_text())
@@ -133,6 +146,8 @@ def main() -> int:
                 "loadavg_end": load1,
                 "seeds": args.seeds,
                 "epochs": args.epochs,
+                "patience": args.patience,
+                "set": args.set,
                 "pretrain_epochs": args.pretrain_epochs,
                 "modes": results,
             },

@@ -12,11 +12,16 @@ the rules (Popularity, and QueryMatch+Pop on derived queries) are deterministic.
     python jobs/compare.py --data data/small --out runs/compare --seeds 3
     python jobs/compare.py --data data/ml100k --out runs/ml100k --seeds 2 --samples-per-user 0 --epochs 50
     python jobs/compare.py --data data/games --out runs/games --eval-neg 100 --variants ''  # the rules only
+
+A run is resumable: every finished (seed, variant) is kept in OUT/compare_partial.json and skipped when the same
+command runs again. Processes may share one OUT (on 2 cores, one with --variants 'SEMINAR,w/o pretraining' and one
+with --variants DIN,SIM,TWIN); `--report-only --variants` with every row then writes the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import sys
@@ -108,6 +113,22 @@ def train_variant(name: str, seed: int, args, base, psu_runs: dict) -> dict:
     summary = run_training(job)
     test = evaluate_checkpoint(summary["run_dir"], "test", actors=1, eval_seed=args.eval_seed, eval_neg=args.eval_neg)
     return {**test, **{k: summary[k] for k in TRAINING_KEYS}}
+
+
+def record_finished(partial: Path, key: str, result: dict) -> dict[str, dict]:
+    """Add one finished (seed, variant) to OUT/compare_partial.json and return every row finished so far.
+
+    The file is re-read under an exclusive lock before it is rewritten, so several compare processes may share one
+    --out (one per core, each with its own --variants) without one overwriting another's rows.
+    """
+    from seminar_ray import storage
+
+    with open(partial.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = json.loads(partial.read_text()) if partial.exists() else {}
+        done[key] = result
+        storage.write_text(partial, json.dumps(done, indent=1))
+    return done
 
 
 def aggregate(per_seed: dict[str, list[dict]]) -> dict[str, dict[str, tuple[float, float]]]:
@@ -231,8 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             if key in done:
                 continue
             start = time.time()
-            done[key] = train_variant(name, seed, args, base, psu_runs)
-            partial.write_text(json.dumps(done, indent=1))
+            done = record_finished(partial, key, train_variant(name, seed, args, base, psu_runs))
             print(
                 f"[compare] seed {seed} {name}: test ndcg@10 {done[key]['ndcg@10']:.4f} "
                 f"({time.time() - start:.0f}s, {time.time() - t0:.0f}s total)",

@@ -185,3 +185,27 @@ def test_epoch_loss_is_the_sample_weighted_mean_of_step_losses():
     net = Fixed()
     stats = train_one_epoch(net, batches, torch.optim.SGD(net.parameters(), lr=0.0))
     assert stats["loss"] == pytest.approx((2 * 1.0 + 6 * 4.0) / 8) and stats["ctr"] == stats["loss"]
+
+
+def _record_rows(partial: Path, prefix: str, n: int) -> None:
+    from jobs.compare import record_finished
+
+    for i in range(n):
+        record_finished(partial, f"{prefix}/{i}", {"ndcg@10": i / n})
+
+
+def test_compare_processes_sharing_one_out_keep_every_finished_row(tmp_path):
+    """Two compare processes (say one per core, with disjoint --variants) write OUT/compare_partial.json in turn:
+    each re-reads it under a lock, so neither drops the rows the other finished."""
+    import multiprocessing
+
+    partial = tmp_path / "compare_partial.json"
+    ctx = multiprocessing.get_context("spawn")
+    writers = [ctx.Process(target=_record_rows, args=(partial, name, 40)) for name in ("SEMINAR", "DIN")]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(60)
+    assert [w.exitcode for w in writers] == [0, 0]
+    done = json.loads(partial.read_text())
+    assert sorted(done) == sorted(f"{name}/{i}" for name in ("SEMINAR", "DIN") for i in range(40))

@@ -20,6 +20,8 @@ import time
 import zipfile
 from pathlib import Path
 
+from seminar_ray.runs import PATIENCE
+
 ROOT = Path(__file__).resolve().parents[1]
 WHEEL = "recbole==1.2.1"
 MEMBER = "recbole/dataset_example/ml-100k/"
@@ -52,7 +54,9 @@ def main() -> int:
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "ml100k")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--epochs", type=int, default=30, help="the cap of the stopping rule (jobs/compare.py)")
-    p.add_argument("--patience", type=int, default=5, help="epochs without a better validation NDCG@10 before a stop")
+    p.add_argument(
+        "--patience", type=int, default=PATIENCE, help="epochs without a better validation NDCG@10 before a stop"
+    )
     p.add_argument(
         "--config",
         type=Path,

@@ -162,6 +162,20 @@ def test_dropout_acts_in_training_only_and_weight_decay_chooses_adamw(cfg, table
             ModelConfig(**bad)
 
 
+def test_target_products_widen_the_mlp_by_two_parts_and_change_the_scores(cfg, tables, batch):
+    """With target_products the MLP reads target ⊙ lifelong and target ⊙ recent beside the paper's concatenation."""
+    plain = build_model("seminar", cfg, tables).eval()
+    products = build_model("seminar", cfg.replace(target_products=True), tables).eval()
+    assert products.mlp[0].in_features == plain.mlp[0].in_features + 2 * cfg.d
+    logits = products(batch)
+    assert logits.shape == plain(batch).shape and torch.isfinite(logits).all()
+    with torch.no_grad():
+        products.mlp[0].weight[:, -2 * cfg.d :] = 0.0  # without the products' columns the inputs' rest decides
+        before = products(batch)
+        products.mlp[0].weight[:, -2 * cfg.d :] = 1.0
+        assert not torch.allclose(products(batch), before)
+
+
 def test_every_config_in_configs_loads():
     from pathlib import Path
 

@@ -99,9 +99,9 @@ def test_user_batch_holds_the_same_targets_and_candidates_with_their_histories_i
     assert user["seq_items"].numel() < per["hist_items"].numel() / 3
 
 
-@pytest.mark.parametrize("kind", CTR_KINDS)
-def test_ctr_logits_and_loss_equal_the_per_target_path(kind, seqs, tables, tiny_data):
-    mc = model_cfg()
+@pytest.mark.parametrize("kind, extras", [(kind, {}) for kind in CTR_KINDS] + [("seminar", {"target_products": True})])
+def test_ctr_logits_and_loss_equal_the_per_target_path(kind, extras, seqs, tables, tiny_data):
+    mc = model_cfg(**extras)
     model = build_model(kind, mc, tables).eval()
     user, per = both_batches(seqs, sample_cfg(tiny_data, mc), targets_per_row=9)
     with torch.no_grad():

@@ -79,7 +79,8 @@ class LifelongCTR(EmbeddingModel):
         d = cfg.d
         self.esu = MultiHeadTargetAttention(d, cfg.heads)
         # MLP input: [lifelong-sequence vector, target pair vector, recent-history vector, target channels Q,T,I,A]
-        self.mlp = MLP(7 * d, cfg.mlp_hidden, dropout=cfg.dropout)
+        # and, with target_products, [target ⊙ lifelong, target ⊙ recent]
+        self.mlp = MLP((9 if cfg.target_products else 7) * d, cfg.mlp_hidden, dropout=cfg.dropout)
 
     def projection(self) -> ChannelProjection | None:
         """Per-channel projection applied to the embedding before fusing (SEMINAR's G_j); None for the baselines."""
@@ -128,7 +129,10 @@ class LifelongCTR(EmbeddingModel):
         """ESU multi-head target attention over the selected behaviours, then the MLP → click logits [B, T·C]."""
         lifelong = self.esu.attend_rows(enc.target, enc.keys, topk_idx)
         recent = enc.recent(self.cfg.recent_len)
-        features = torch.cat([lifelong, enc.target, recent, enc.target_channels.flatten(-2)], dim=-1)
+        parts = [lifelong, enc.target, recent, enc.target_channels.flatten(-2)]
+        if self.cfg.target_products:
+            parts += [enc.target * lifelong, enc.target * recent]
+        features = torch.cat(parts, dim=-1)
         return self.mlp(features).squeeze(-1)
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:

@@ -43,6 +43,9 @@ class ModelConfig:
     pretrained: bool = True  # restore PSU's embedding tables before fine-tuning
     recent_len: int = 20  # "other features": mean of the most recent behaviours' keys
     dropout: float = 0.0  # dropout on the CTR MLP's inputs in training (the paper states none: 0)
+    # True: the MLP also reads target ⊙ lifelong and target ⊙ recent, the inner products an MLP over concatenated
+    # vectors learns poorly (not in the paper, whose MLP reads the concatenation: False)
+    target_products: bool = False
     # baselines
     din_recent: int = 50  # DIN attends over the most recent behaviours
     qin_k1: int = 400  # QIN: the target query keeps K1 behaviours ...

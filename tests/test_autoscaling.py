@@ -1,6 +1,6 @@
 """cluster.yaml's node types on Ray's real autoscaler with the fake_multinode provider
 (seminar_ray/testing/fake_cluster.py),
-in the multi-node pytest process. The cluster starts with a head and no worker; every worker node below is launched
+in the pytest process of the tests that start a Ray of their own (marker ownray). The cluster starts with a head and no worker; every worker node below is launched
 by the autoscaler for a pending demand and terminated by it after the idle timeout. Each test records what the
 autoscaler did (node types and times, `autoscaler` in the junit properties and on stdout) and asserts on it.
 """
@@ -22,7 +22,7 @@ from seminar_ray.testing.fake_cluster import LocalAutoscalingCluster, NodeWatche
 
 log = logging.getLogger(__name__)
 
-pytestmark = [pytest.mark.multinode, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.ownray, pytest.mark.timeout(600)]
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_HEAD = {"CPU": 2, "object_store_memory": 200 * 1024**2}  # the Serve test's head: 2 logical CPUs

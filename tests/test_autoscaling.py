@@ -1,9 +1,8 @@
 """cluster.yaml's node types on Ray's real autoscaler with the fake_multinode provider
-(seminar_ray/testing/fake_cluster.py),
-in the pytest process of the tests that start a Ray of their own (marker ownray). The cluster starts with a head
-and no worker; every worker node below is launched
-by the autoscaler for a pending demand and terminated by it after the idle timeout. Each test records what the
-autoscaler did (node types and times, `autoscaler` in the junit properties and on stdout) and asserts on it.
+(seminar_ray/testing/fake_cluster.py), in the pytest process of the tests that start a Ray of their own (marker
+ownray). The cluster starts with a head and no worker; every worker node below is launched by the autoscaler for a
+pending demand and terminated by it after the idle timeout. Each test records what the autoscaler did (node types
+and times, `autoscaler` in the junit properties and on stdout) and asserts on it.
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ force the workers onto distinct nodes; Serve's max_replicas_per_node does the sa
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 import threading
@@ -18,6 +17,7 @@ import pytest
 import yaml
 
 from seminar_ray.runs import run_checkpoints
+from seminar_ray.testing.fake_cluster import kill_processes
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +54,7 @@ def _start_cluster_once():
             c.add_node(**NODE, resources=STEER)
     except Exception:
         c.shutdown()
-        orphans = [p for p in me.children(recursive=True) if p.pid not in before]
-        for proc in orphans:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-        psutil.wait_procs(orphans, timeout=10)
+        kill_processes([p for p in me.children(recursive=True) if p.pid not in before])
         raise
     return c
 

@@ -286,12 +286,7 @@ class LocalAutoscalingCluster:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
-        _, alive = psutil.wait_procs(tree, timeout=10)
-        for proc in alive:  # psutil checks the pid still names the same process (its start time)
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                continue
+        kill_processes(tree, grace_s=10)
         self._proc = None
         self._restore_env()
         shutil.rmtree(self._dir, ignore_errors=True)  # the config, the head's log and the session's logs
@@ -315,6 +310,21 @@ class LocalAutoscalingCluster:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def kill_processes(procs: list, grace_s: float = 0.0) -> None:
+    """Kill the psutil processes `procs` still running after `grace_s` seconds and wait for them. psutil checks that
+    each pid still names the same process (its start time), so a reused pid is never killed."""
+    import psutil
+    import ray  # noqa: F401  (ray puts its bundled psutil on sys.path)
+
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            continue
+    psutil.wait_procs(alive, timeout=10)
 
 
 def _reload_auth_config() -> None:

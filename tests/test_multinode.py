@@ -28,14 +28,13 @@ NODE = {"num_cpus": 1, "object_store_memory": 200 * 1024**2}
 STEER = {"gpu_trainer": 1, "cpu_worker": 1}
 
 
-def _start_cluster(attempts: int = 2):
+def _start_cluster():
     """A head and two worker raylets. Ray gives each raylet a fixed 30 s to register with the GCS; on a loaded CI
-    machine one worker raylet missed that once (a CI run of 2026-12-06), so a failed start is started again."""
-    for _ in range(attempts - 1):
-        try:
-            return _start_cluster_once()
-        except Exception as exc:  # Ray raises a bare Exception for a raylet that did not register in time
-            log.warning("the test cluster did not start (%s); starting it again", exc)
+    machine one worker raylet missed that once (a CI run of 2026-12-06), so a failed start is tried once more."""
+    try:
+        return _start_cluster_once()
+    except Exception as exc:  # Ray raises a bare Exception for a raylet that did not register in time
+        log.warning("the test cluster did not start (%s); starting it again", exc)
     return _start_cluster_once()
 
 

@@ -145,19 +145,20 @@ def test_dropout_acts_in_training_only_and_weight_decay_chooses_adamw(cfg, table
     from seminar_ray.train.loop import make_optimizer
 
     plain = build_model("seminar", cfg, tables)
-    dropped = build_model("seminar", cfg.replace(dropout=0.5), tables)
-    assert plain.state_dict().keys() == dropped.state_dict().keys()  # checkpoints load either way
-    dropped.load_state_dict(plain.state_dict())
-    plain.eval()
-    dropped.eval()
-    assert torch.equal(plain(batch), dropped(batch))
-    dropped.train()
-    torch.manual_seed(0)
-    assert not torch.allclose(dropped(batch), plain(batch))
+    for field in ("dropout", "emb_dropout"):
+        dropped = build_model("seminar", cfg.replace(**{field: 0.5}), tables)
+        assert plain.state_dict().keys() == dropped.state_dict().keys()  # checkpoints load either way
+        dropped.load_state_dict(plain.state_dict())
+        plain.eval()
+        dropped.eval()
+        assert torch.equal(plain(batch), dropped(batch)), field
+        dropped.train()
+        torch.manual_seed(0)
+        assert not torch.allclose(dropped(batch), plain(batch)), field
     assert type(make_optimizer(plain, 1e-3)) is torch.optim.Adam
     decayed = make_optimizer(plain, 1e-3, weight_decay=0.01)
     assert type(decayed) is torch.optim.AdamW and decayed.param_groups[0]["weight_decay"] == 0.01
-    for bad in (dict(dropout=1.0), dict(dropout=-0.1), dict(weight_decay=-1.0)):
+    for bad in (dict(dropout=1.0), dict(dropout=-0.1), dict(emb_dropout=1.0), dict(weight_decay=-1.0)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ModelConfig(**bad)
 

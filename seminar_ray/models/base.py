@@ -106,7 +106,7 @@ class LifelongCTR(EmbeddingModel):
         tq, ti = target_queries.reshape(b, -1), target_items.reshape(b, -1)
         table, (hq, tq), (hi, ti) = self.embedding.table([hist_queries, tq], [hist_items, ti], self.projection())
         return Encoded(
-            keys=table.keys(hq, hi),
+            keys=F.dropout(table.keys(hq, hi), self.cfg.emb_dropout, self.training),
             real=hist_items != 0,
             pos=pos,
             max_len=self.cfg.max_len if target_pos is not None else n,

@@ -43,6 +43,9 @@ class ModelConfig:
     pretrained: bool = True  # restore PSU's embedding tables before fine-tuning
     recent_len: int = 20  # "other features": mean of the most recent behaviours' keys
     dropout: float = 0.0  # dropout on the CTR MLP's inputs in training (the paper states none: 0)
+    # dropout on the behaviours' keys [B, N, d] in training, what GSU, ESU and the recent mean read (SASRec's dropout
+    # on its input embeddings; the paper states none: 0)
+    emb_dropout: float = 0.0
     # True: the MLP also reads target ⊙ lifelong and target ⊙ recent, the inner products an MLP over concatenated
     # vectors learns poorly (not in the paper, whose MLP reads the concatenation: False)
     target_products: bool = False
@@ -74,6 +77,7 @@ class ModelConfig:
             "n_neg": self.n_neg >= 0,
             "loss_norm": self.loss_norm in ("none", "chance"),
             "dropout": 0.0 <= self.dropout < 1.0,
+            "emb_dropout": 0.0 <= self.emb_dropout < 1.0,
             "weight_decay": self.weight_decay >= 0.0,
         }
         bad = [k for k, ok in checks.items() if not ok]

@@ -19,6 +19,7 @@ from seminar_ray.errors import InputError
 from seminar_ray.runtime import run_cli
 
 ZOOM_FROM = 8  # the right panel starts at this epoch, where the rows are within a few hundredths of each other
+SEED_MARKERS = "o^sDv"  # seed 0, 1, ... of one method: one colour, one marker per seed
 
 
 def select_runs(curves: dict, match: str) -> dict[str, dict]:
@@ -37,23 +38,33 @@ def short_label(name: str, match: str) -> str:
     return re.sub(r"(, )+", ", ", name.replace(match, "")).strip(", ") if match else name
 
 
+def method_and_seed(label: str) -> tuple[str, int]:
+    """("SEMINAR", 1) for "SEMINAR, seed 1"; a label without a seed is seed 0."""
+    m = re.fullmatch(r"(.*?),? seed (\d+)", label)
+    return (m.group(1), int(m.group(2))) if m else (label, 0)
+
+
 def plot(runs: dict[str, dict], popularity: float | None, out: Path, title: str) -> None:
-    """Left: every epoch (PSU epochs dashed, at 1-P..0); right: from ZOOM_FROM on. The best epoch is ringed."""
+    """Left: every epoch (PSU epochs dashed, at 1-P..0); right: from ZOOM_FROM on. The best epoch is ringed; the
+    seeds of one method share its colour and differ by marker."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for i, (name, run) in enumerate(runs.items()):
-        color = f"C{i % 10}"
+    methods: list[str] = []
+    for name, run in runs.items():
+        method, seed = method_and_seed(name)
+        methods += [method] if method not in methods else []
+        color, marker = f"C{methods.index(method) % 10}", SEED_MARKERS[seed % len(SEED_MARKERS)]
         valid = run["valid_ndcg@10"]
         epochs = range(1, len(valid) + 1)
         psu = run.get("psu_valid_ndcg@10") or []
         best = run.get("test", {}).get("best_epoch")
         for ax, start in zip(axes, (1, ZOOM_FROM)):
             shown = [(e, v) for e, v in zip(epochs, valid) if e >= start]
-            ax.plot(*zip(*shown), "o-", ms=3, color=color, label=name)
+            ax.plot(*zip(*shown), f"{marker}-", ms=3, color=color, label=name)
             if best and best >= start:
                 ax.plot(best, valid[best - 1], "o", ms=10, mfc="none", color=color)
         if psu:

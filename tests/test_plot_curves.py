@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bench.plot_curves import main, select_runs, short_label
+from bench.plot_curves import main, method_and_seed, select_runs, short_label
 
 CURVES = {
     "runs": {
@@ -27,6 +27,12 @@ def test_select_runs_keeps_matching_runs_with_curves_under_short_labels():
     assert list(select_runs(CURVES, "emb_dropout=0.2")) == ["SEMINAR", "DIN, seed 1"]
     assert short_label("SEMINAR, A=1, seed 1", "A=1") == "SEMINAR, seed 1"
     assert short_label("SEMINAR, A=1", "") == "SEMINAR, A=1"
+
+
+def test_seeds_of_one_method_share_a_method_name():
+    assert method_and_seed("DIN, seed 1") == ("DIN", 1)
+    assert method_and_seed("w/o pretraining, seed 12") == ("w/o pretraining", 12)
+    assert method_and_seed("TWIN") == ("TWIN", 0)
 
 
 def test_main_writes_a_png_and_names_a_match_that_finds_nothing(tmp_path, capsys):

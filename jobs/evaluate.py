@@ -4,7 +4,8 @@
     ray job submit --working-dir . -- python jobs/evaluate.py --checkpoint /shared/runs/seminar --split test --out
     /shared/eval
 
-Writes OUT/metrics.json: HR@K, NDCG@K (K = 1, 5, 10, 50), MRR, AUC, gAUC, overall and per target type.
+Writes OUT/metrics.json: HR@K, NDCG@K (K = 1, 5, 10, 50), MRR, AUC, gAUC, overall, per target type and per
+history length (the behaviours before the target: 0-4, 5-9, 10-19, ...).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from seminar_ray.train.evaluation import evaluate_checkpoint, metrics_table, wri
 
 
 def table_rows(metrics: dict) -> dict[str, dict]:
-    """Overall and per target type (AUC and gAUC are overall only)."""
+    """Overall, per target type and per history length (AUC and gAUC are overall only)."""
     nan = {"auc": float("nan"), "gauc": float("nan")}
-    return {"all": metrics, **{k: metrics[k] | nan for k in ("search", "browse") if k in metrics}}
+    lengths = {f"history {k} ({m['targets']})": m | nan for k, m in metrics.get("by_history_length", {}).items()}
+    return {"all": metrics, **{k: metrics[k] | nan for k in ("search", "browse") if k in metrics}, **lengths}
 
 
 def main(argv: list[str] | None = None) -> int:

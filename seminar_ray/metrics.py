@@ -1,4 +1,5 @@
-"""Ranking and CTR metrics (paper §4.1): HR@K, NDCG@K, MRR, AUC, gAUC.
+"""Ranking and CTR metrics (paper §4.1): HR@K, NDCG@K, MRR, AUC, gAUC; overall, per target type and per history
+length.
 
 Every ranking metric is its expected value under random tie-breaking: a negative scored equal to
 the positive is neither a win nor a loss; the positive's rank is uniform over its tie block.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 KS = (1, 5, 10, 50)
+HISTORY_EDGES = (0, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)  # lower edges of the history-length buckets
 
 
 def _tie_block(scores: np.ndarray, pos_col: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -80,8 +82,14 @@ def gauc(user_ids: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> float:
     return float(total / weight) if weight else float("nan")
 
 
-def evaluate_scores(user_ids: np.ndarray, target_queries: np.ndarray, scores: np.ndarray) -> dict:
-    """All metrics for ranking candidates [targets, C] (positive in column 0), overall and per target type."""
+def evaluate_scores(
+    user_ids: np.ndarray,
+    target_queries: np.ndarray,
+    scores: np.ndarray,
+    history_lengths: np.ndarray | None = None,
+) -> dict:
+    """All metrics for ranking candidates [targets, C] (positive in column 0), overall, per target type and, given
+    each target's history length [targets], per length bucket (`by_history_length`)."""
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.zeros_like(scores)
     labels[:, 0] = 1
@@ -91,6 +99,30 @@ def evaluate_scores(user_ids: np.ndarray, target_queries: np.ndarray, scores: np
     out["targets"] = int(len(scores))
     search = np.asarray(target_queries)[:, 0] != 0
     for name, rows in (("search", search), ("browse", ~search)):
+        if rows.any():
+            out[name] = {**ranking_metrics(scores[rows]), "targets": int(rows.sum())}
+    if history_lengths is not None:
+        out["by_history_length"] = by_history_length(scores, np.asarray(history_lengths))
+    return out
+
+
+def history_bucket(length: int) -> str:
+    """The HISTORY_EDGES bucket of a history length: "0-4", "5-9", ..., "2000+"."""
+    i = int(np.searchsorted(HISTORY_EDGES, length, side="right")) - 1
+    lo = HISTORY_EDGES[i]
+    return f"{lo}+" if i == len(HISTORY_EDGES) - 1 else f"{lo}-{HISTORY_EDGES[i + 1] - 1}"
+
+
+def by_history_length(scores: np.ndarray, lengths: np.ndarray) -> dict[str, dict]:
+    """Ranking metrics of the targets [targets, C] in each non-empty bucket of the users' history lengths [targets]
+    (behaviours before the target, whatever window L a model reads), shortest first: where a lifelong model's
+    history helps."""
+    if len(lengths) != len(scores):
+        raise ValueError(f"history_lengths has {len(lengths)} entries for {len(scores)} targets")
+    buckets = np.array([history_bucket(int(n)) for n in lengths])
+    out = {}
+    for name in dict.fromkeys(history_bucket(e) for e in HISTORY_EDGES):
+        rows = buckets == name
         if rows.any():
             out[name] = {**ranking_metrics(scores[rows]), "targets": int(rows.sum())}
     return out

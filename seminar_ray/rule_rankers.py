@@ -76,6 +76,7 @@ def evaluate_rule(
         ev["user_id"],
         ev["target_queries"],
         rule_scores(rule, seqs, cfg.num_items, ev["target_queries"], ev["target_items"]),
+        ev["history_length"],
     )
     out.update(
         split=split,

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from seminar_ray.metrics import auc, evaluate_scores, gauc, ranking_metrics
+from seminar_ray.metrics import auc, by_history_length, evaluate_scores, gauc, history_bucket, ranking_metrics
 
 
 def test_hr_ndcg_mrr_of_clear_ranks():
@@ -48,6 +48,28 @@ def test_evaluate_scores_splits_by_target_type():
     queries = np.array([[5, 5, 5], [0, 0, 0]])
     out = evaluate_scores(np.array([1, 2]), queries, scores)
     assert out["search"]["hr@1"] == 1.0 and out["browse"]["hr@1"] == 0.0 and out["targets"] == 2
+
+
+def test_metrics_by_history_length_bucket_each_target_by_what_the_model_read():
+    assert [history_bucket(n) for n in (0, 4, 5, 99, 100, 1999, 2000, 5000)] == [
+        "0-4",
+        "0-4",
+        "5-9",
+        "50-99",
+        "100-199",
+        "1000-1999",
+        "2000+",
+        "2000+",
+    ]
+    scores = np.array([[2.0, 1.0], [0.0, 1.0], [3.0, 1.0]])  # hit, miss, hit
+    out = evaluate_scores(np.array([1, 2, 3]), np.zeros((3, 2), dtype=int), scores, np.array([3, 60, 70]))
+    assert list(out["by_history_length"]) == ["0-4", "50-99"], "shortest first, empty buckets left out"
+    assert out["by_history_length"]["0-4"] == {**ranking_metrics(scores[:1]), "targets": 1}
+    assert out["by_history_length"]["50-99"]["hr@1"] == 0.5 and "by_history_length" not in evaluate_scores(
+        np.array([1, 2, 3]), np.zeros((3, 2), dtype=int), scores
+    )
+    with pytest.raises(ValueError, match="2 entries for 3 targets"):
+        by_history_length(scores, np.array([1, 2]))
 
 
 def test_nan_or_one_dimensional_scores_are_rejected():

@@ -48,6 +48,9 @@ def test_models_of_other_seeds_rank_the_same_users_and_candidates(ray_local, tin
     assert len({t["candidates_digest"] for t in tests}) == 1, "every model and the rule rank identical candidate lists"
     assert tests[0]["ndcg@10"] != tests[1]["ndcg@10"], "the two seeds did train different models"
     assert {t["eval_seed"] for t in tests} == {0}
+    counts = [{k: m["targets"] for k, m in t["by_history_length"].items()} for t in [*tests, history[0]["valid"]]]
+    assert counts[0] == counts[1] == counts[2], "the Ray Data scorer and the rule read the same history lengths"
+    assert sum(counts[0].values()) == tests[0]["targets"] and sum(counts[3].values()) == 20
 
 
 class _AscendingDIN(DIN):

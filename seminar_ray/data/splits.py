@@ -4,7 +4,8 @@ A user with N behaviours gives N-1 targets: position N-1 is the test target, N-2
 target and every position 1 ≤ n ≤ N-3 a training (and pretraining) target, each with the behaviours
 before it as history, left-truncated to L. Two batch forms (models/__init__.py):
 - per-target (evaluation, serving): user_id [B]; hist_items, hist_queries [B, L] left-padded with 0;
-  target_items, target_queries, labels [B, C] with the positive in column 0;
+  target_items, target_queries, labels [B, C] with the positive in column 0; evaluation rows also carry
+  history_length [B], the behaviours before the target in the user's whole history (metrics by length);
 - user-level (training, `user_batch`): a user's window once, seq_items, seq_queries [R, N]; target_pos,
   target_valid [R, T]; target_items, target_queries, labels [R, T, C].
 """
@@ -130,7 +131,8 @@ def eval_batch(
         rng = _rng(cfg.eval_seed, seqs.user_id[u], SPLIT_OFFSET[split])
         t_items[j, 1:] = sample_negatives(rng, cfg.num_items, seqs.user_items(int(u)), cfg.eval_neg)
         t_queries[j] = seqs.queries[absolute]
-    return _batch(seqs.user_id[keep], hist_queries, hist_items, t_queries, t_items)
+    batch = _batch(seqs.user_id[keep], hist_queries, hist_items, t_queries, t_items)
+    return {**batch, "history_length": pos.astype(np.int64)}
 
 
 def eval_users(user_ids: np.ndarray, lengths: np.ndarray, n: int, eval_seed: int = EVAL_SEED) -> np.ndarray | None:

@@ -37,6 +37,7 @@ class CandidateScorer:
             "query": batch["target_queries"][:, 0],
             "items": batch["target_items"],
             "scores": scores.float().numpy(),
+            "history_length": batch["history_length"],
         }
 
 
@@ -87,7 +88,12 @@ def evaluate_checkpoint(
     ).to_pandas()
     scores = np.stack(scored["scores"].to_numpy())
     query = scored["query"].to_numpy()
-    out = evaluate_scores(scored["user_id"].to_numpy(), np.repeat(query[:, None], scores.shape[1], 1), scores)
+    out = evaluate_scores(
+        scored["user_id"].to_numpy(),
+        np.repeat(query[:, None], scores.shape[1], 1),
+        scores,
+        scored["history_length"].to_numpy(),
+    )
     out.update(
         split=split,
         checkpoint=str(shared),

@@ -155,7 +155,8 @@ def train_one_epoch(
 
 @torch.no_grad()
 def score_batches(model: nn.Module, batches: Iterable[Batch], device: torch.device | str = "cpu"):
-    """(user ids, target queries [targets, C], target items [targets, C], scores [targets, C]) of every batch."""
+    """(user ids, target queries [targets, C], target items [targets, C], scores [targets, C], history lengths
+    [targets] or None where the batches carry none) of every batch."""
     net = unwrap(model).eval()
     parts: dict[str, list[np.ndarray]] = defaultdict(list)
     for batch in batches:
@@ -163,13 +164,17 @@ def score_batches(model: nn.Module, batches: Iterable[Batch], device: torch.devi
         parts["scores"].append(net(batch).float().cpu().numpy())
         for key in ("user_id", "target_queries", "target_items"):
             parts[key].append(batch[key].cpu().numpy())
+        if "history_length" in batch:  # evaluation rows (splits.eval_batch) carry it
+            parts["history_length"].append(batch["history_length"].cpu().numpy())
     if not parts["scores"]:
         raise ValueError("no evaluation targets: every user needs at least 3 behaviours")
-    return tuple(np.concatenate(parts[k]) for k in ("user_id", "target_queries", "target_items", "scores"))
+    out = tuple(np.concatenate(parts[k]) for k in ("user_id", "target_queries", "target_items", "scores"))
+    return (*out, np.concatenate(parts["history_length"]) if parts["history_length"] else None)
 
 
 def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device | str = "cpu") -> dict:
-    """HR/NDCG@K, MRR, AUC and gAUC, overall and per target type (seminar_ray.metrics), and the candidate lists'
-    digest (`candidates_digest`), which shows that two evaluations ranked the same users' same candidates."""
-    users, queries, items, scores = score_batches(model, batches, device)
-    return {**evaluate_scores(users, queries, scores), "candidates_digest": candidates_digest(users, items)}
+    """HR/NDCG@K, MRR, AUC and gAUC, overall, per target type and per history length (seminar_ray.metrics), and the
+    candidate lists' digest (`candidates_digest`), which shows that two evaluations ranked the same users' same
+    candidates."""
+    users, queries, items, scores, lengths = score_batches(model, batches, device)
+    return {**evaluate_scores(users, queries, scores, lengths), "candidates_digest": candidates_digest(users, items)}

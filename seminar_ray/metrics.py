@@ -119,10 +119,10 @@ def by_history_length(scores: np.ndarray, lengths: np.ndarray) -> dict[str, dict
     history helps."""
     if len(lengths) != len(scores):
         raise ValueError(f"history_lengths has {len(lengths)} entries for {len(scores)} targets")
-    buckets = np.array([history_bucket(int(n)) for n in lengths])
+    bucket = np.searchsorted(HISTORY_EDGES, lengths, side="right") - 1  # [targets], an index into HISTORY_EDGES
     out = {}
-    for name in dict.fromkeys(history_bucket(e) for e in HISTORY_EDGES):
-        rows = buckets == name
+    for i, lo in enumerate(HISTORY_EDGES):
+        rows = bucket == i
         if rows.any():
-            out[name] = {**ranking_metrics(scores[rows]), "targets": int(rows.sum())}
+            out[history_bucket(lo)] = {**ranking_metrics(scores[rows]), "targets": int(rows.sum())}
     return out

@@ -53,11 +53,11 @@ def plot(runs: dict[str, dict], popularity: float | None, out: Path, title: str)
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    methods: list[str] = []
+    colors: dict[str, str] = {}  # method → its colour, in order of first appearance
     for name, run in runs.items():
         method, seed = method_and_seed(name)
-        methods += [method] if method not in methods else []
-        color, marker = f"C{methods.index(method) % 10}", SEED_MARKERS[seed % len(SEED_MARKERS)]
+        color = colors.setdefault(method, f"C{len(colors) % 10}")
+        marker = SEED_MARKERS[seed % len(SEED_MARKERS)]
         valid = run["valid_ndcg@10"]
         epochs = range(1, len(valid) + 1)
         psu = run.get("psu_valid_ndcg@10") or []

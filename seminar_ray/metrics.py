@@ -100,7 +100,7 @@ def evaluate_scores(
     search = np.asarray(target_queries)[:, 0] != 0
     for name, rows in (("search", search), ("browse", ~search)):
         if rows.any():
-            out[name] = {**ranking_metrics(scores[rows]), "targets": int(rows.sum())}
+            out[name] = _subset_metrics(scores, rows)
     if history_lengths is not None:
         out["by_history_length"] = by_history_length(scores, np.asarray(history_lengths))
     return out
@@ -124,5 +124,10 @@ def by_history_length(scores: np.ndarray, lengths: np.ndarray) -> dict[str, dict
     for i, lo in enumerate(HISTORY_EDGES):
         rows = bucket == i
         if rows.any():
-            out[history_bucket(lo)] = {**ranking_metrics(scores[rows]), "targets": int(rows.sum())}
+            out[history_bucket(lo)] = _subset_metrics(scores, rows)
     return out
+
+
+def _subset_metrics(scores: np.ndarray, rows: np.ndarray) -> dict:
+    """Ranking metrics of the targets [targets, C] that `rows` [targets] selects, and how many they are."""
+    return {**ranking_metrics(scores[rows]), "targets": int(rows.sum())}

@@ -50,7 +50,7 @@ def test_evaluate_scores_splits_by_target_type():
     assert out["search"]["hr@1"] == 1.0 and out["browse"]["hr@1"] == 0.0 and out["targets"] == 2
 
 
-def test_metrics_by_history_length_bucket_each_target_by_what_the_model_read():
+def test_metrics_by_history_length_bucket_each_target_by_the_behaviours_before_it():
     assert [history_bucket(n) for n in (0, 4, 5, 99, 100, 1999, 2000, 5000)] == [
         "0-4",
         "0-4",

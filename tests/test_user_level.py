@@ -20,6 +20,7 @@ from seminar_ray.data.splits import (
     train_targets,
     user_batch,
 )
+from seminar_ray.errors import InputError
 from seminar_ray.models import MODELS, ModelConfig, build_model
 from seminar_ray.models.psu import PSU
 
@@ -99,7 +100,14 @@ def test_user_batch_holds_the_same_targets_and_candidates_with_their_histories_i
     assert user["seq_items"].numel() < per["hist_items"].numel() / 3
 
 
-@pytest.mark.parametrize("kind, extras", [(kind, {}) for kind in CTR_KINDS] + [("seminar", {"target_products": True})])
+SOFTMAX = {"ctr_loss": "softmax"}
+
+
+@pytest.mark.parametrize(
+    "kind, extras",
+    [(kind, {}) for kind in CTR_KINDS]
+    + [("seminar", {"target_products": True}), ("seminar", SOFTMAX), ("twin", SOFTMAX), ("sim", SOFTMAX)],
+)
 def test_ctr_logits_and_loss_equal_the_per_target_path(kind, extras, seqs, tables, tiny_data):
     mc = model_cfg(**extras)
     model = build_model(kind, mc, tables).eval()
@@ -115,6 +123,32 @@ def test_ctr_logits_and_loss_equal_the_per_target_path(kind, extras, seqs, table
     loss_p, parts_p = model.loss(per)
     torch.testing.assert_close(loss_u, loss_p, **TOL)
     assert parts_u.keys() == parts_p.keys()
+
+
+@pytest.mark.parametrize("kind", ["seminar", "din"])
+def test_softmax_click_loss_is_each_targets_cross_entropy_over_its_candidates(kind, seqs, tables, tiny_data):
+    mc = model_cfg(**SOFTMAX)
+    model = build_model(kind, mc, tables).eval()
+    _, per = both_batches(seqs, sample_cfg(tiny_data, mc), targets_per_row=9)
+    with torch.no_grad():
+        logits = model(per)  # [B, C], the positive in column 0
+        _, parts = model.loss(per)
+        bce = build_model(kind, replace(mc, ctr_loss="bce"), tables).eval()
+        bce.load_state_dict(model.state_dict())
+        _, bce_parts = bce.loss(per)
+    assert logits.shape[1] == 1 + mc.n_neg
+    want = float(-torch.log_softmax(logits, dim=1)[:, 0].mean())
+    assert parts["ctr"] == pytest.approx(want, rel=1e-5)
+    assert abs(bce_parts["ctr"] - parts["ctr"]) > 0.05, "the softmax loss is not the BCE"
+    assert ("gsu" in parts) == (kind == "seminar")
+    if "gsu" in parts:  # the GSU's auxiliary loss takes the same form
+        assert parts["loss"] == pytest.approx(parts["ctr"] + mc.beta_gsu * parts["gsu"], rel=1e-6)
+
+
+@pytest.mark.parametrize("bad", [{"ctr_loss": "hinge"}, {"ctr_loss": "softmax", "n_neg": 0}])
+def test_a_click_loss_it_cannot_compute_is_refused_by_name(bad):
+    with pytest.raises(InputError, match="ctr_loss"):
+        model_cfg(**bad)
 
 
 @pytest.mark.parametrize("kind", ["seminar", "psu"])

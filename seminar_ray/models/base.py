@@ -142,21 +142,30 @@ class LifelongCTR(EmbeddingModel):
         return self.head(enc, idx).view_as(batch["target_items"])
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        """BCE over the labels of the batch's (valid) targets, plus β·L_GSU where the retrieval has an auxiliary loss
-        (docs/design.md, Model contracts). Both batch forms give the same mean over the same targets."""
+        """The click loss (`ctr_loss`) over the batch's (valid) targets, plus β·L_GSU where the retrieval has an
+        auxiliary loss (docs/design.md, Model contracts). Both batch forms give the same mean over the same targets."""
         enc = self.encode_batch(batch)
         idx, aux = self.retrieve(enc, with_aux=True)
         keep = _valid_candidates(batch)
-        labels = batch["labels"].to(enc.keys.dtype).reshape(keep.shape)[keep]
-        ctr = F.binary_cross_entropy_with_logits(self.head(enc, idx)[keep], labels)
+        labels = batch["labels"].to(enc.keys.dtype).reshape(keep.shape)
+        c = batch["labels"].shape[-1]
+        ctr = self.click_loss(self.head(enc, idx), labels, keep, c)
         parts = {"ctr": float(ctr.detach())}
         total = ctr
         if aux is not None:
-            gsu = F.binary_cross_entropy_with_logits(aux[keep], labels)
+            gsu = self.click_loss(aux, labels, keep, c)
             total = ctr + self.cfg.beta_gsu * gsu
             parts["gsu"] = float(gsu.detach())
         parts["loss"] = float(total.detach())
         return total, parts
+
+    def click_loss(self, logits: Tensor, labels: Tensor, keep: Tensor, c: int) -> Tensor:
+        """Mean loss of the kept candidates' logits [B, T·C] against their labels [B, T·C], C candidates a target: BCE
+        per candidate, or ("softmax") cross-entropy over each target's C, its positive against its own negatives."""
+        if self.cfg.ctr_loss == "bce":
+            return F.binary_cross_entropy_with_logits(logits[keep], labels[keep])
+        rows = keep.reshape(-1, c)[:, 0]  # [B·T] a target's candidates are all kept or all not
+        return F.cross_entropy(logits.reshape(-1, c)[rows], labels.reshape(-1, c)[rows])
 
     def score_with_topk(
         self,

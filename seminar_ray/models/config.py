@@ -49,6 +49,9 @@ class ModelConfig:
     # True: the MLP also reads target ⊙ lifelong and target ⊙ recent, the inner products an MLP over concatenated
     # vectors learns poorly (not in the paper, whose MLP reads the concatenation: False)
     target_products: bool = False
+    # "bce": the paper's click loss, each candidate on its own (§3.3.2); "softmax": cross-entropy over each target's
+    # 1 + n_neg candidates, the positive against its own negatives (a sampled softmax, not in the paper)
+    ctr_loss: str = "bce"
     # baselines
     din_recent: int = 50  # DIN attends over the most recent behaviours
     qin_k1: int = 400  # QIN: the target query keeps K1 behaviours ...
@@ -76,6 +79,7 @@ class ModelConfig:
             "recent_len": self.recent_len > 0,
             "n_neg": self.n_neg >= 0,
             "loss_norm": self.loss_norm in ("none", "chance"),
+            "ctr_loss": self.ctr_loss == "bce" or (self.ctr_loss == "softmax" and self.n_neg > 0),
             "dropout": 0.0 <= self.dropout < 1.0,
             "emb_dropout": 0.0 <= self.emb_dropout < 1.0,
             "weight_decay": self.weight_decay >= 0.0,

@@ -44,6 +44,11 @@ def method_and_seed(label: str) -> tuple[str, int]:
     return (m.group(1), int(m.group(2))) if m else (label, 0)
 
 
+def epoch_points(valid: list[float], start: int) -> list[tuple[int, float]]:
+    """(epoch, validation NDCG@10) from epoch `start` on, epochs counted from 1; empty for a run that ended before."""
+    return [(e, v) for e, v in enumerate(valid, 1) if e >= start]
+
+
 def plot(runs: dict[str, dict], popularity: float | None, out: Path, title: str) -> None:
     """Left: every epoch (PSU epochs dashed, at 1-P..0); right: from ZOOM_FROM on. The best epoch is ringed; the
     seeds of one method share its colour and differ by marker."""
@@ -59,12 +64,12 @@ def plot(runs: dict[str, dict], popularity: float | None, out: Path, title: str)
         color = colors.setdefault(method, f"C{len(colors) % 10}")
         marker = SEED_MARKERS[seed % len(SEED_MARKERS)]
         valid = run["valid_ndcg@10"]
-        epochs = range(1, len(valid) + 1)
         psu = run.get("psu_valid_ndcg@10") or []
         best = run.get("test", {}).get("best_epoch")
         for ax, start in zip(axes, (1, ZOOM_FROM)):
-            shown = [(e, v) for e, v in zip(epochs, valid) if e >= start]
-            ax.plot(*zip(*shown), f"{marker}-", ms=3, color=color, label=name)
+            shown = epoch_points(valid, start)
+            if shown:  # a run stopped before the zoom's first epoch has nothing in that panel
+                ax.plot(*zip(*shown), f"{marker}-", ms=3, color=color, label=name)
             if best and best >= start:
                 ax.plot(best, valid[best - 1], "o", ms=10, mfc="none", color=color)
         if psu:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bench.plot_curves import main, method_and_seed, select_runs, short_label
+from bench.plot_curves import ZOOM_FROM, epoch_points, main, method_and_seed, select_runs, short_label
 
 CURVES = {
     "runs": {
@@ -33,6 +33,12 @@ def test_seeds_of_one_method_share_a_method_name():
     assert method_and_seed("DIN, seed 1") == ("DIN", 1)
     assert method_and_seed("w/o pretraining, seed 12") == ("w/o pretraining", 12)
     assert method_and_seed("TWIN") == ("TWIN", 0)
+
+
+def test_a_run_that_ended_before_the_zoom_has_no_points_in_it():
+    assert epoch_points([0.40, 0.45, 0.44], 2) == [(2, 0.45), (3, 0.44)]
+    assert epoch_points([0.40] * (ZOOM_FROM - 1), ZOOM_FROM) == []
+    assert epoch_points([0.40] * ZOOM_FROM, ZOOM_FROM) == [(ZOOM_FROM, 0.40)]
 
 
 def test_main_writes_a_png_and_names_a_match_that_finds_nothing(tmp_path, capsys):

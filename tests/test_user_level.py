@@ -141,7 +141,10 @@ def test_softmax_click_loss_is_each_targets_cross_entropy_over_its_candidates(ki
     assert parts["ctr"] == pytest.approx(want, rel=1e-5)
     assert abs(bce_parts["ctr"] - parts["ctr"]) > 0.05, "the softmax loss is not the BCE"
     assert ("gsu" in parts) == (kind == "seminar")
-    if "gsu" in parts:  # the GSU's auxiliary loss takes the same form
+    if "gsu" in parts:  # the GSU's auxiliary loss takes the same form, over its own logits
+        with torch.no_grad():
+            _, aux = model.retrieve(model.encode_batch(per), with_aux=True)  # [B, C]
+        assert parts["gsu"] == pytest.approx(float(-torch.log_softmax(aux, dim=1)[:, 0].mean()), rel=1e-5)
         assert parts["loss"] == pytest.approx(parts["ctr"] + mc.beta_gsu * parts["gsu"], rel=1e-6)
 
 

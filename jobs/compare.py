@@ -165,7 +165,7 @@ def wrap_prose(text: str, width: int = 118) -> str:
 def budget(args: argparse.Namespace) -> str:
     """What every trained row got: config, samples per user and the stopping rule."""
     return (
-        f"Config {args.config.name} {' '.join(args.set)}, samples per user {args.samples_per_user or 'all'}. "
+        f"Config {' '.join([args.config.name, *args.set])}, samples per user {args.samples_per_user or 'all'}. "
         f"Stopping rule: every model trains until validation NDCG@10 has not improved for {args.patience} epochs, "
         f"at most {args.epochs}, and keeps its best epoch; the PSU pretrains {args.pretrain_epochs} epochs."
     )

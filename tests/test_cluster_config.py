@@ -139,3 +139,26 @@ def test_cluster_yaml_head_publishes_its_node_types_for_the_placement_check(prep
         "seminar_ray.autoscaling publish ~/ray_bootstrap_config.yaml" in c for c in prepared["head_start_ray_commands"]
     )
     assert {t["name"]: t["max_count"] for t in launchable(prepared)} == {"cpu_worker": 6, "gpu_trainer": 4}
+
+
+def test_a_head_that_exits_in_start_up_is_started_again_then_reported_with_its_log(monkeypatch):
+    """`ray start --head` exits when its raylet misses Ray's fixed 30 s to register (a loaded machine): the local
+    cluster starts it again, a bounded number of times, then raises with the head's log, leaving nothing behind."""
+    import os
+
+    from seminar_ray.testing import fake_cluster
+
+    starts: list[Path] = []
+
+    def exiting_head(config_path, *args):
+        starts.append(config_path)
+        assert config_path.exists(), "each start writes its config anew (a failed start removes the directory)"
+        return ["sh", "-c", "echo raylet timed out during startup; exit 3"]
+
+    monkeypatch.setattr(fake_cluster, "head_start_command", exiting_head)
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    cluster = fake_cluster.LocalAutoscalingCluster({})
+    with pytest.raises(fake_cluster.HeadExited, match="exited with 3: raylet timed out during startup"):
+        cluster.start(timeout_s=30, attempts=2)
+    assert len(starts) == 2
+    assert not starts[0].parent.exists() and os.environ.get("RAY_AUTH_TOKEN") == token

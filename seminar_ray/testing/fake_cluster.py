@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -31,6 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -41,6 +43,12 @@ HEAD_TYPE = "ray.head.default"  # the fake provider names the head node type so
 RESERVED = {"CPU", "GPU", "memory", "object_store_memory"}
 
 FAKE_ENV = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+
+logger = logging.getLogger(__name__)
+
+
+class HeadExited(RuntimeError):
+    """`ray start --head` exited while the cluster was starting or in use (its message carries the head's log)."""
 
 
 def local_node_types(
@@ -167,6 +175,16 @@ def head_start_command(
     return cmd
 
 
+def head_registered(gcs: Any) -> bool:  # a ray._raylet.GcsClient, a Cython class mypy cannot see
+    """Whether the head's GCS answers and its raylet has registered with it, the point after which `ray start --head`
+    no longer exits on its own (it gives the raylet a fixed 30 s to register: a GCS that answers is not yet a head
+    that stays up)."""
+    from ray.core.generated.gcs_pb2 import GcsNodeInfo  # type: ignore[attr-defined]  # protobuf-generated
+
+    alive = gcs.get_all_node_info(timeout=2, state_filter=GcsNodeInfo.GcsNodeState.ALIVE)
+    return bool(alive) and bool(gcs.internal_kv_get(b"session_name", b"session", timeout=2))
+
+
 class LocalAutoscalingCluster:
     """A head raylet with the autoscaler on the fake_multinode provider; worker nodes come and go with demand.
 
@@ -196,7 +214,20 @@ class LocalAutoscalingCluster:
         self._saved_env: dict[str, str | None] = {}
         self.head_env: dict[str, str] = {}  # extra environment for the head's processes only
 
-    def start(self, timeout_s: float = 120) -> LocalAutoscalingCluster:
+    def start(self, timeout_s: float = 120, attempts: int = 2) -> LocalAutoscalingCluster:
+        """Start the head and wait for its GCS. A head that exits during start-up is started again, up to `attempts`
+        times: Ray gives the head's raylet a fixed 30 s to register with the GCS, which a loaded machine can miss
+        (seen at load average 8, the head exiting with "timed out during startup")."""
+        for attempt in range(1, attempts):
+            try:
+                return self._start_once(timeout_s)
+            except HeadExited:
+                logger.warning("the Ray head exited during start-up; starting it again (attempt %d)", attempt + 1)
+                time.sleep(5)
+        return self._start_once(timeout_s)
+
+    def _start_once(self, timeout_s: float) -> LocalAutoscalingCluster:
+        Path(self._dir).mkdir(parents=True, exist_ok=True)  # shutdown() removes it
         config_path = Path(self._dir) / "autoscaling.yaml"
         config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
         self._use_auth_env()
@@ -238,26 +269,25 @@ class LocalAutoscalingCluster:
         """Fail at once when the head is gone: `ray start --head --block` exits, taking its GCS with it, when the head
         times out during start-up (seen at load average 150), and a driver would wait on the dead GCS for minutes."""
         if self._proc is not None and self._proc.poll() is not None:
-            raise RuntimeError(f"ray start --head exited with {self._proc.returncode}: {self.log_tail()}")
+            raise HeadExited(f"ray start --head exited with {self._proc.returncode}: {self.log_tail()}")
 
     def _wait_for_head(self, timeout_s: float) -> None:
         from ray._raylet import GcsClient  # type: ignore[attr-defined]  # a Cython class mypy cannot see
 
         deadline = time.time() + timeout_s
         while True:
-            assert self._proc is not None, "start() launches the head first"
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"ray start --head exited with {self._proc.returncode}: {self.log_tail()}")
+            time.sleep(1)  # first: a head that fails at once has exited by now, before a GCS client waits on it
+            self._check_head()
             try:
-                if GcsClient(address=self.address).internal_kv_get(b"session_name", b"session", timeout=2):
+                if head_registered(GcsClient(address=self.address)):
                     return
             except Exception as exc:  # the GCS is not listening yet: retried until the deadline
+                self._check_head()
                 if time.time() > deadline:
                     raise RuntimeError(
                         f"the head's GCS at {self.address} did not come up in {timeout_s:.0f} s: "
                         f"{exc}; {self.log_tail()}"
                     ) from exc
-            time.sleep(1)
 
     def _publish(self) -> None:
         from ray._raylet import GcsClient  # type: ignore[attr-defined]  # a Cython class mypy cannot see

@@ -215,9 +215,10 @@ class LocalAutoscalingCluster:
         self.head_env: dict[str, str] = {}  # extra environment for the head's processes only
 
     def start(self, timeout_s: float = 120, attempts: int = 2) -> LocalAutoscalingCluster:
-        """Start the head and wait for its GCS. A head that exits during start-up is started again, up to `attempts`
-        times: Ray gives the head's raylet a fixed 30 s to register with the GCS, which a loaded machine can miss
-        (seen at load average 8, the head exiting with "timed out during startup")."""
+        """Start the head and wait until its raylet has registered (`head_registered`). A head that exits during
+        start-up is started again, up to `attempts` times: Ray gives the head's raylet a fixed 30 s to register with
+        the GCS, which a loaded machine can miss (seen at load average 8, the head exiting with "timed out during
+        startup")."""
         for attempt in range(1, attempts):
             try:
                 return self._start_once(timeout_s)

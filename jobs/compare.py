@@ -56,6 +56,12 @@ TABLE_KEYS = ("ndcg@5", "ndcg@10", "ndcg@50", "hr@10", "mrr", "auc")
 TRAINING_KEYS = ("epochs", "best_epoch", "stopped_early")  # from each trained row's run summary
 
 
+def train_seconds(summary: dict) -> float:
+    """Seconds a run spent training, summed over its epochs' history: the same whether it ran in one process or
+    resumed across several (validation and start-up excluded)."""
+    return float(sum(h["train_seconds"] for h in summary["history"]))
+
+
 def query_mode(data: Path) -> str:
     from seminar_ray.data.schema import DatasetMeta
 
@@ -103,8 +109,8 @@ def train_variant(name: str, seed: int, args, base, psu_runs: dict) -> dict:
                 epochs=args.pretrain_epochs,
                 **common,
             )
-            psu_runs[key] = run_training(psu)["run_dir"]
-        pretrained = psu_runs[key]
+            psu_runs[key] = run_training(psu)
+        pretrained = psu_runs[key]["run_dir"]
     run_name = name.replace(" ", "_").replace("/", "").replace(".", "")
     cfg = base.replace(seed=seed, pretrained=pretrained is not None)
     job = TrainJob(
@@ -112,7 +118,10 @@ def train_variant(name: str, seed: int, args, base, psu_runs: dict) -> dict:
     )
     summary = run_training(job)
     test = evaluate_checkpoint(summary["run_dir"], "test", actors=1, eval_seed=args.eval_seed, eval_neg=args.eval_neg)
-    return {**test, **{k: summary[k] for k in TRAINING_KEYS}}
+    seconds = {"train_seconds": train_seconds(summary)}
+    if tasks is not None:
+        seconds["pretrain_seconds"] = train_seconds(psu_runs["psu_" + "_".join(tasks)])
+    return {**test, **{k: summary[k] for k in TRAINING_KEYS}, **seconds}
 
 
 def record_finished(partial: Path, key: str, result: dict) -> dict[str, dict]:
@@ -172,15 +181,24 @@ def budget(args: argparse.Namespace) -> str:
 
 
 def training_lines(per_seed: dict[str, list[dict]]) -> str:
-    """Per trained row: epochs trained and the best (kept) epoch of each seed, and whether the rule stopped it."""
+    """Per trained row: epochs trained and the best (kept) epoch of each seed, whether the rule stopped it, and the
+    minutes it trained (its PSU's pretraining apart) where the row recorded them."""
     lines = []
     for name, runs in per_seed.items():
         if runs and all("epochs" in r for r in runs):  # rows recorded before the stopping rule lack them
-            seeds = ", ".join(
-                f"{r['epochs']} (best {r['best_epoch']}{'' if r['stopped_early'] else ', hit the cap'})" for r in runs
-            )
-            lines.append(f"- {name}: {seeds}")
-    return "\nEpochs trained per seed (best epoch):\n\n" + "\n".join(lines) + "\n" if lines else ""
+            lines.append(f"- {name}: " + ", ".join(_run_line(r) for r in runs))
+    head = "\nEpochs trained per seed (best epoch; minutes of training, PSU pretraining apart):\n\n"
+    return head + "\n".join(lines) + "\n" if lines else ""
+
+
+def _run_line(r: dict) -> str:
+    """ "25 (best 20, 160 min + PSU 11 min)" for one seed of one row."""
+    parts = [f"best {r['best_epoch']}"] + ([] if r["stopped_early"] else ["hit the cap"])
+    if "train_seconds" in r:  # rows recorded before the times were kept lack them
+        parts.append(f"{r['train_seconds'] / 60:.0f} min")
+        if "pretrain_seconds" in r:
+            parts[-1] += f" + PSU {r['pretrain_seconds'] / 60:.0f} min"
+    return f"{r['epochs']} ({', '.join(parts)})"
 
 
 def verdict(agg: dict, seeds: int) -> list[str]:

@@ -212,3 +212,17 @@ def test_compare_processes_sharing_one_out_keep_every_finished_row(tmp_path):
     assert [w.exitcode for w in writers] == [0, 0]
     done = json.loads(partial.read_text())
     assert sorted(done) == sorted(f"{name}/{i}" for name in ("SEMINAR", "DIN") for i in range(40))
+
+
+def test_compare_states_each_rows_training_time_summed_over_resumed_segments():
+    """A row's minutes are the sum of its epochs' training seconds, however many processes ran them; rows recorded
+    before the times were kept still print their epochs."""
+    from jobs.compare import train_seconds, training_lines
+
+    summary = {"history": [{"train_seconds": 600.0}, {"train_seconds": 1200.0}]}  # say, two sessions
+    assert train_seconds(summary) == 1800.0
+    timed = {"epochs": 2, "best_epoch": 2, "stopped_early": False, "train_seconds": 1800.0, "pretrain_seconds": 660.0}
+    old = {"epochs": 9, "best_epoch": 4, "stopped_early": True}
+    text = training_lines({"SEMINAR": [timed, old], "Popularity": [{}]})
+    assert "- SEMINAR: 2 (best 2, hit the cap, 30 min + PSU 11 min), 9 (best 4)\n" in text
+    assert "Popularity" not in text

@@ -117,7 +117,9 @@ def train_variant(name: str, seed: int, args, base, psu_runs: dict) -> dict:
         kind=kind, run_name=run_name, model=cfg.to_dict(), epochs=args.epochs, pretrained=pretrained, **common
     )
     summary = run_training(job)
-    test = evaluate_checkpoint(summary["run_dir"], "test", actors=1, eval_seed=args.eval_seed, eval_neg=args.eval_neg)
+    test = evaluate_checkpoint(
+        summary["run_dir"], "test", actors=1, eval_seed=args.eval_seed, eval_neg=args.eval_neg, per_target=True
+    )
     seconds = {"train_seconds": train_seconds(summary)}
     if tasks is not None:
         seconds["pretrain_seconds"] = train_seconds(psu_runs["psu_" + "_".join(tasks)])
@@ -217,6 +219,42 @@ def verdict(agg: dict, seeds: int) -> list[str]:
     return lines
 
 
+def paired(per_seed: dict[str, list[dict]]) -> list[str]:
+    """SEMINAR against each other trained row on the same test targets: the mean difference of the targets' NDCG@10
+    (each target's averaged over seeds) ± its standard error (`metrics.paired_difference`), where both rows kept
+    their targets' figures (rows recorded before they were kept, and the rules, have none)."""
+    from seminar_ray.metrics import paired_difference
+
+    if "SEMINAR" not in per_seed or not _kept_targets(per_seed["SEMINAR"]):
+        return []
+    users, mine = _seed_mean(per_seed["SEMINAR"])
+    lines = []
+    for other, runs in per_seed.items():
+        if other == "SEMINAR" or not _kept_targets(runs):
+            continue
+        their_users, theirs = _seed_mean(runs)
+        if their_users != users:
+            raise RuntimeError(f"SEMINAR and {other} kept figures of different test targets: cannot pair them")
+        diff, se = paired_difference(mine, theirs)
+        lines.append(
+            f"SEMINAR − {other}: {diff:+.4f} ± {se:.4f} NDCG@10 (paired over the {len(users)} test targets, "
+            f"{len(runs)} seed(s) averaged; ± one standard error)"
+        )
+    return lines
+
+
+def _kept_targets(runs: list[dict]) -> bool:
+    return bool(runs) and all("per_target" in r for r in runs)
+
+
+def _seed_mean(runs: list[dict]) -> tuple[list[int], np.ndarray]:
+    """(the targets' user ids, each target's NDCG@10 averaged over the seeds); every seed must hold the same users."""
+    users = runs[0]["per_target"]["user_id"]
+    if any(r["per_target"]["user_id"] != users for r in runs):
+        raise RuntimeError("the seeds of one row kept figures of different test targets")
+    return users, np.mean([r["per_target"]["ndcg@10"] for r in runs], axis=0)
+
+
 def main(argv: list[str] | None = None) -> int:
     from seminar_ray.models import ModelConfig
 
@@ -302,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         + markdown(agg, table2, "Table 2: SEMINAR against the baselines")
         + "\n"
         + (markdown(agg, table3, "Table 3: ablation of the PSU pretraining tasks") + "\n" if table3 else "")
-        + ("\n".join(f"- {v}" for v in verdict(agg, args.seeds)) + "\n" if "SEMINAR" in agg else "")
+        + ("\n".join(f"- {v}" for v in verdict(agg, args.seeds) + paired(per_seed)) + "\n" if "SEMINAR" in agg else "")
         + training_lines(per_seed)
         + ("" if args.report_only else f"\n{time.time() - t0:.0f} s in all.\n")
     )
@@ -316,7 +354,9 @@ def main(argv: list[str] | None = None) -> int:
                 "eval_seed": args.eval_seed,
                 "eval_neg": args.eval_neg,
                 "candidates_digest": digests[0],
-                "per_seed": per_seed,
+                "per_seed": {
+                    n: [{k: v for k, v in r.items() if k != "per_target"} for r in runs] for n, runs in per_seed.items()
+                },
                 "seconds": time.time() - t0,
                 "load_avg": {"start": load_start, "end": os.getloadavg()},  # 1, 5, 15 min: how busy the machine was
             },

@@ -39,14 +39,36 @@ def ranking_metrics(scores: np.ndarray, ks: tuple[int, ...] = KS) -> dict[str, f
     above, ties = _tie_block(scores)
     r = np.arange(scores.shape[1] + 1, dtype=np.float64)
     ones = np.concatenate([[0.0], np.ones(scores.shape[1])]).cumsum()
-    dcg = np.concatenate([[0.0], 1.0 / np.log2(r[1:] + 1)]).cumsum()
     inv = np.concatenate([[0.0], 1.0 / r[1:]]).cumsum()
     out = {}
     for k in ks:
         out[f"hr@{k}"] = float(_expected(ones, above, ties, k).mean())
-        out[f"ndcg@{k}"] = float(_expected(dcg, above, ties, k).mean())
+        out[f"ndcg@{k}"] = float(_expected(_dcg_prefix(scores.shape[1]), above, ties, k).mean())
     out["mrr"] = float(_expected(inv, above, ties, None).mean())
     return out
+
+
+def _dcg_prefix(candidates: int) -> np.ndarray:
+    """[C + 1]: prefix[r] = Σ_{s≤r} 1/log2(s + 1), the gain of a positive at rank r summed from rank 1."""
+    r = np.arange(1, candidates + 1, dtype=np.float64)
+    return np.concatenate([[0.0], 1.0 / np.log2(r + 1)]).cumsum()
+
+
+def target_ndcg(scores: np.ndarray, k: int = 10) -> np.ndarray:
+    """NDCG@k of each target [targets] (what `ranking_metrics` averages), for paired comparisons of two models on
+    the same candidate lists."""
+    scores = np.asarray(scores, dtype=np.float64)
+    above, ties = _tie_block(scores)
+    return _expected(_dcg_prefix(scores.shape[1]), above, ties, k)
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(mean of a − b, its standard error) over targets [targets] that two models ranked alike: the sampling error
+    of a difference measured on one test set, smaller than either mean's when the models err on the same targets."""
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if diff.ndim != 1 or len(diff) < 2:
+        raise ValueError(f"paired_difference needs two equal 1-d arrays of ≥ 2 targets, got shape {diff.shape}")
+    return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff)))
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:

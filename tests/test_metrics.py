@@ -5,7 +5,16 @@ import math
 import numpy as np
 import pytest
 
-from seminar_ray.metrics import auc, by_history_length, evaluate_scores, gauc, history_bucket, ranking_metrics
+from seminar_ray.metrics import (
+    auc,
+    by_history_length,
+    evaluate_scores,
+    gauc,
+    history_bucket,
+    paired_difference,
+    ranking_metrics,
+    target_ndcg,
+)
 
 
 def test_hr_ndcg_mrr_of_clear_ranks():
@@ -77,3 +86,18 @@ def test_nan_or_one_dimensional_scores_are_rejected():
         ranking_metrics(np.array([[np.nan, 1.0]]))
     with pytest.raises(ValueError, match="shape"):
         ranking_metrics(np.array([1.0, 2.0]))
+
+
+def test_per_target_ndcg_averages_to_the_table_figure_and_pairs_two_models():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 6, size=(300, 20)).astype(float)  # many ties
+    b = a + rng.normal(0, 1.0, size=a.shape)
+    per_a, per_b = target_ndcg(a), target_ndcg(b)
+    assert per_a.shape == (300,) and per_a.mean() == pytest.approx(ranking_metrics(a)["ndcg@10"])
+    assert target_ndcg(np.array([[1.0, 1.0, 0.0]]))[0] == pytest.approx((1 + 1 / math.log2(3)) / 2)  # a tie of two
+    diff, se = paired_difference(per_a, per_b)
+    assert diff == pytest.approx(per_a.mean() - per_b.mean())
+    assert se == pytest.approx(np.std(per_a - per_b, ddof=1) / math.sqrt(300))
+    assert paired_difference(per_a, per_a) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="≥ 2 targets"):
+        paired_difference(per_a[:1], per_b[:1])

@@ -43,10 +43,13 @@ def test_models_of_other_seeds_rank_the_same_users_and_candidates(ray_local, tin
     assert {h["valid"]["targets"] for h in history} == {20}
     assert len({h["valid_candidates"] for h in history}) == 1, "the same validation users and negatives every epoch"
     assert {h["eval_seed"] for h in history} == {0}
-    tests = [evaluate_checkpoint(run["run_dir"], "test", actors=1) for run in (a, b)]
+    tests = [evaluate_checkpoint(run["run_dir"], "test", actors=1, per_target=True) for run in (a, b)]
     tests.append(evaluate_rule("popularity", tiny_data, "test"))
     assert len({t["candidates_digest"] for t in tests}) == 1, "every model and the rule rank identical candidate lists"
     assert tests[0]["ndcg@10"] != tests[1]["ndcg@10"], "the two seeds did train different models"
+    kept = [t["per_target"] for t in tests[:2]]
+    assert kept[0]["user_id"] == kept[1]["user_id"] == sorted(kept[0]["user_id"]), "paired target by target"
+    assert [sum(k["ndcg@10"]) / len(k["ndcg@10"]) for k in kept] == pytest.approx([t["ndcg@10"] for t in tests[:2]])
     assert {t["eval_seed"] for t in tests} == {0}
     counts = [{k: m["targets"] for k, m in t["by_history_length"].items()} for t in [*tests, history[0]["valid"]]]
     assert counts[0] == counts[1] == counts[2], "the Ray Data scorer and the rule read the same history lengths"
@@ -226,3 +229,27 @@ def test_compare_states_each_rows_training_time_summed_over_resumed_segments():
     text = training_lines({"SEMINAR": [timed, old], "Popularity": [{}]})
     assert "- SEMINAR: 2 (best 2, hit the cap, 30 min + PSU 11 min), 9 (best 4)\n" in text
     assert "Popularity" not in text
+
+
+def _row(ndcg: list[float], users: list[int]) -> dict:
+    return {"ndcg@10": sum(ndcg) / len(ndcg), "per_target": {"user_id": users, "ndcg@10": ndcg}}
+
+
+def test_compare_pairs_seminar_with_each_row_on_the_same_test_targets():
+    """The paired lines under a table: SEMINAR's per-target NDCG@10 (averaged over seeds) minus another row's, ± the
+    standard error over targets; rows without per-target figures (the rules, older rows) are left out, and rows
+    that kept different targets are an error rather than a wrong pairing."""
+    from jobs.compare import paired
+
+    users = [1, 2, 3, 4]
+    per_seed = {
+        "SEMINAR": [_row([1.0, 1.0, 0.5, 0.0], users), _row([1.0, 0.5, 0.5, 0.0], users)],
+        "DIN": [_row([1.0, 0.5, 0.0, 0.0], users), _row([0.5, 0.5, 0.0, 0.0], users)],
+        "Popularity": [{"ndcg@10": 0.2}] * 2,
+    }
+    (line,) = paired(per_seed)
+    # seed means: SEMINAR [1, .75, .5, 0], DIN [.75, .5, 0, 0] → differences [.25, .25, .5, 0], mean .25
+    assert line.startswith("SEMINAR − DIN: +0.2500 ± 0.1021 NDCG@10 (paired over the 4 test targets, 2 seed(s)")
+    per_seed["DIN"][1] = _row([0.5, 0.5, 0.0, 0.0], [1, 2, 3, 5])
+    with pytest.raises(RuntimeError, match="different test targets"):
+        paired(per_seed)

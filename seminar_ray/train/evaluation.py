@@ -12,7 +12,7 @@ from seminar_ray import storage
 from seminar_ray.data.entities import EntityTables
 from seminar_ray.data.splits import EVAL_NEG, EVAL_SEED, candidates_digest
 from seminar_ray.errors import InputError
-from seminar_ray.metrics import evaluate_scores
+from seminar_ray.metrics import evaluate_scores, target_ndcg
 from seminar_ray.models import load_checkpoint
 from seminar_ray.runs import METRICS_FILE, find_checkpoint, resolve_checkpoint
 
@@ -56,12 +56,14 @@ def evaluate_checkpoint(
     max_len: int | None = None,
     eval_seed: int = EVAL_SEED,
     eval_neg: int | None = None,
+    per_target: bool = False,
 ) -> dict:
     """Metrics of the checkpoint (or a run directory's selected one) on the validation or test targets.
 
     The candidates depend on `eval_seed` and `eval_neg` (negatives per target; None = as many as the run was
     validated with) alone, never on the model's seed: every model ranks the same lists, which the recorded
-    `candidates_digest` shows.
+    `candidates_digest` shows. With `per_target`, out["per_target"] holds each target's user id and NDCG@10, ordered
+    by user and positive item, for paired comparisons (`metrics.paired_difference`).
     """
     import ray.data
 
@@ -87,9 +89,10 @@ def evaluate_checkpoint(
         num_cpus=SCORER_CPUS,
     ).to_pandas()
     scores = np.stack(scored["scores"].to_numpy())
+    users, items = scored["user_id"].to_numpy(), np.stack(scored["items"].to_numpy())
     query = scored["query"].to_numpy()
     out = evaluate_scores(
-        scored["user_id"].to_numpy(),
+        users,
         np.repeat(query[:, None], scores.shape[1], 1),
         scores,
         scored["history_length"].to_numpy(),
@@ -101,8 +104,14 @@ def evaluate_checkpoint(
         data=data,
         eval_seed=eval_seed,
         eval_neg=eval_neg,
-        candidates_digest=candidates_digest(scored["user_id"].to_numpy(), np.stack(scored["items"].to_numpy())),
+        candidates_digest=candidates_digest(users, items),
     )
+    if per_target:
+        order = np.lexsort((items[:, 0], users))  # by user, then positive item
+        out["per_target"] = {
+            "user_id": users[order].tolist(),
+            "ndcg@10": np.round(target_ndcg(scores[order]), 6).tolist(),
+        }
     return out
 
 

@@ -98,7 +98,7 @@ def train_variant(name: str, seed: int, args, base, psu_runs: dict) -> dict:
         eval_neg=args.eval_neg,
         patience=args.patience,
     )
-    pretrained = None
+    pretrained, seconds = None, {}
     if tasks is not None:
         key = "psu_" + "_".join(tasks)
         if key not in psu_runs:
@@ -111,6 +111,7 @@ def train_variant(name: str, seed: int, args, base, psu_runs: dict) -> dict:
             )
             psu_runs[key] = run_training(psu)
         pretrained = psu_runs[key]["run_dir"]
+        seconds["pretrain_seconds"] = train_seconds(psu_runs[key])
     run_name = name.replace(" ", "_").replace("/", "").replace(".", "")
     cfg = base.replace(seed=seed, pretrained=pretrained is not None)
     job = TrainJob(
@@ -120,10 +121,7 @@ def train_variant(name: str, seed: int, args, base, psu_runs: dict) -> dict:
     test = evaluate_checkpoint(
         summary["run_dir"], "test", actors=1, eval_seed=args.eval_seed, eval_neg=args.eval_neg, per_target=True
     )
-    seconds = {"train_seconds": train_seconds(summary)}
-    if tasks is not None:
-        seconds["pretrain_seconds"] = train_seconds(psu_runs["psu_" + "_".join(tasks)])
-    return {**test, **{k: summary[k] for k in TRAINING_KEYS}, **seconds}
+    return {**test, **{k: summary[k] for k in TRAINING_KEYS}, "train_seconds": train_seconds(summary), **seconds}
 
 
 def record_finished(partial: Path, key: str, result: dict) -> dict[str, dict]:

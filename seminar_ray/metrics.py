@@ -40,10 +40,11 @@ def ranking_metrics(scores: np.ndarray, ks: tuple[int, ...] = KS) -> dict[str, f
     r = np.arange(scores.shape[1] + 1, dtype=np.float64)
     ones = np.concatenate([[0.0], np.ones(scores.shape[1])]).cumsum()
     inv = np.concatenate([[0.0], 1.0 / r[1:]]).cumsum()
+    dcg = _dcg_prefix(scores.shape[1])
     out = {}
     for k in ks:
         out[f"hr@{k}"] = float(_expected(ones, above, ties, k).mean())
-        out[f"ndcg@{k}"] = float(_expected(_dcg_prefix(scores.shape[1]), above, ties, k).mean())
+        out[f"ndcg@{k}"] = float(_expected(dcg, above, ties, k).mean())
     out["mrr"] = float(_expected(inv, above, ties, None).mean())
     return out
 

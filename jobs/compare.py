@@ -7,7 +7,8 @@ candidates digest is checked equal). Every model gets the same config, samples p
 improved for --patience epochs, at most --epochs, and keep their best epoch (`selection_score`); SEMINAR's PSU
 pretrains for exactly --pretrain-epochs (its selection score is its epoch, so the rule never stops it) and keeps its
 last epoch. The table reports the test split, mean ± std over seeds, and each row's epochs trained and best epoch;
-the rules (Popularity, and QueryMatch+Pop on derived queries) are deterministic.
+the rules (Popularity, QueryMatch+Pop on derived queries, and on synthetic data the generator's own Oracle, the
+ceiling) are deterministic.
 
     python jobs/compare.py --data data/small --out runs/compare --seeds 3
     python jobs/compare.py --data data/ml100k --out runs/ml100k --seeds 2 --samples-per-user 0 --epochs 50
@@ -35,7 +36,7 @@ import numpy as np
 from jobs.common import add_eval_neg_flag, parse_overrides
 from seminar_ray.data.splits import EVAL_SEED
 from seminar_ray.errors import InputError
-from seminar_ray.rule_rankers import evaluate_rule
+from seminar_ray.rule_rankers import TRUTH_FILE, evaluate_rule
 from seminar_ray.runs import MAX_EPOCHS, PATIENCE
 from seminar_ray.runtime import init_ray, run_cli, setup_logging
 
@@ -69,10 +70,12 @@ def query_mode(data: Path) -> str:
 
 
 def rule_rows(data: Path) -> dict[str, str]:
-    """The rule rows of a table: popularity always, QueryMatch+Pop where the queries are derived from the items."""
+    """The rule rows of a table: popularity always, QueryMatch+Pop where the queries are derived from the items, and
+    the Oracle (the ceiling) where the data is synthetic and carries its generator's truth."""
     return {
         "Popularity": "popularity",
         **({"QueryMatch+Pop": "querymatch_pop"} if query_mode(data) == "derived" else {}),
+        **({"Oracle": "oracle"} if (data / TRUTH_FILE).exists() else {}),
     }
 
 
@@ -202,12 +205,13 @@ def _run_line(r: dict) -> str:
 
 
 def verdict(agg: dict, seeds: int) -> list[str]:
-    """Does SEMINAR beat the no-pretraining ablation and every baseline on NDCG@10 by more than the seed std?"""
+    """Does SEMINAR beat the no-pretraining ablation and every baseline on NDCG@10 by more than the seed std? (The
+    Oracle is the ceiling, not a competitor.)"""
     if seeds < 2:
         return ["one seed: no seed-to-seed spread to judge a difference against"]
     lines = []
     m, s = agg["SEMINAR"]["ndcg@10"]
-    for other in [n for n in agg if n != "SEMINAR" and not n.startswith("w. ")]:
+    for other in [n for n in agg if n not in ("SEMINAR", "Oracle") and not n.startswith("w. ")]:
         om, os_ = agg[other]["ndcg@10"]
         margin = max(s, os_)
         lines.append(
@@ -321,7 +325,18 @@ def main(argv: list[str] | None = None) -> int:
     agg = aggregate(per_seed)
     table2 = [
         n
-        for n in ("Popularity", "QueryMatch+Pop", "DIN", "SIM", "QIN", "ETA", "TWIN", "SEMINAR", "w/o pretraining")
+        for n in (
+            "Popularity",
+            "QueryMatch+Pop",
+            "DIN",
+            "SIM",
+            "QIN",
+            "ETA",
+            "TWIN",
+            "SEMINAR",
+            "w/o pretraining",
+            "Oracle",
+        )
         if n in agg
     ]
     table3 = [

@@ -4,6 +4,9 @@
 - QueryMatch+Pop: on `derived` queries (seminar_ray.data.queries) every candidate carries the positive's query, and
   that query was derived from the positive item's own description or category. This rule ranks the candidates whose
   own derived query equals the target's query first, then by popularity: what matching query to item text alone gives.
+- Oracle: on synthetic data only, the generator's own probability of each candidate given the user's latent
+  interests and the target's query (`seminar_ray.data.synthetic.Oracle`, read from the data's truth.npz): the
+  ceiling, what a model that had learned the planted structure exactly would reach.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ import numpy as np
 from seminar_ray.data.pipeline import sample_config
 from seminar_ray.data.schema import read_table
 from seminar_ray.data.splits import EVAL_NEG, EVAL_SEED, SPLIT_OFFSET, SequenceBatch, candidates_digest, eval_batch
+from seminar_ray.data.synthetic import TRUTH_FILE, Oracle
 from seminar_ray.errors import InputError
 from seminar_ray.metrics import evaluate_scores
 
-RULES = ("popularity", "querymatch_pop")
+DATA_RULES = ("popularity", "querymatch_pop")  # scored from the sequences alone (`rule_scores`)
+RULES = (*DATA_RULES, "oracle")
 
 
 def _training_mask(seqs: SequenceBatch) -> np.ndarray:
@@ -61,7 +66,20 @@ def rule_scores(
     if rule == "querymatch_pop":
         match = (item_queries(seqs, num_items)[target_items] == target_queries) & (target_queries != 0)
         return scores + match * (popularity.max() + 1.0)
-    raise InputError(f"unknown rule {rule!r}; choose from {RULES}")
+    raise InputError(f"unknown rule {rule!r}; choose from {DATA_RULES} (the oracle: `oracle_scores`)")
+
+
+def oracle_scores(data: str | Path, split: str, ev: dict[str, np.ndarray]) -> np.ndarray:
+    """[targets, C] the generator's log-probabilities of the candidates of `eval_batch`'s lists."""
+    truth = Path(data) / TRUTH_FILE
+    if not truth.exists():
+        raise InputError(
+            f"{truth} not found: the oracle rule needs the synthetic generator's truth "
+            "(jobs/prepare_data.py --source synthetic writes it); real data has no oracle"
+        )
+    oracle = Oracle(truth)
+    queries, items = ev["target_queries"][:, 0], ev["target_items"]
+    return np.stack([oracle.score(int(u), int(q), c, split) for u, q, c in zip(ev["user_id"], queries, items)])
 
 
 def evaluate_rule(
@@ -69,15 +87,16 @@ def evaluate_rule(
 ) -> dict:
     """Metrics of `rule` on the split's candidates, exactly those a model evaluated with (`eval_seed`, `eval_neg`)
     ranks."""
+    if rule not in RULES:
+        raise InputError(f"unknown rule {rule!r}; choose from {RULES}")
     seqs = SequenceBatch.from_arrow(read_table(data, "sequences"))
     cfg = sample_config(data, eval_seed=eval_seed, eval_neg=eval_neg)
     ev = eval_batch(seqs, split, cfg)
-    out = evaluate_scores(
-        ev["user_id"],
-        ev["target_queries"],
-        rule_scores(rule, seqs, cfg.num_items, ev["target_queries"], ev["target_items"]),
-        ev["history_length"],
-    )
+    if rule == "oracle":
+        scores = oracle_scores(data, split, ev)
+    else:
+        scores = rule_scores(rule, seqs, cfg.num_items, ev["target_queries"], ev["target_items"])
+    out = evaluate_scores(ev["user_id"], ev["target_queries"], scores, ev["history_length"])
     out.update(
         split=split,
         model=rule,

@@ -253,3 +253,26 @@ def test_compare_pairs_seminar_with_each_row_on_the_same_test_targets():
     per_seed["DIN"][1] = _row([0.5, 0.5, 0.0, 0.0], [1, 2, 3, 5])
     with pytest.raises(RuntimeError, match="different test targets"):
         paired(per_seed)
+
+
+def test_synthetic_tables_have_the_generators_oracle_as_their_ceiling(tiny_data, tmp_path):
+    """The Oracle rule ranks the same candidates as every model with the generator's own probabilities; it exists only
+    where the data carries its generator's truth, and the verdict lines never judge SEMINAR against it."""
+    import shutil
+
+    from jobs.compare import rule_rows, verdict
+    from seminar_ray.errors import InputError
+
+    oracle, popularity = evaluate_rule("oracle", tiny_data), evaluate_rule("popularity", tiny_data)
+    assert oracle["candidates_digest"] == popularity["candidates_digest"]
+    assert oracle["ndcg@10"] > popularity["ndcg@10"] + 0.3
+    assert evaluate_rule("oracle", tiny_data, "valid")["ndcg@10"] > popularity["ndcg@10"] + 0.3
+    assert rule_rows(tiny_data)["Oracle"] == "oracle"
+    real = Path(shutil.copytree(tiny_data, tmp_path / "real", ignore=shutil.ignore_patterns("truth.npz")))
+    assert "Oracle" not in rule_rows(real)
+    with pytest.raises(InputError, match="truth.npz not found: the oracle rule needs the synthetic generator's truth"):
+        evaluate_rule("oracle", real)
+    with pytest.raises(InputError, match="unknown rule 'bogus'"):
+        evaluate_rule("bogus", tiny_data)
+    agg = {n: {"ndcg@10": (m, 0.01)} for n, m in (("SEMINAR", 0.5), ("DIN", 0.4), ("Oracle", 0.9))}
+    assert [line.split(":")[0] for line in verdict(agg, seeds=2)] == ["SEMINAR 0.5000 vs DIN 0.4000"]

@@ -14,7 +14,7 @@ Generative story, all in a latent space of `latent_dim` dimensions:
   interest's topic and then an item ∝ pop^a · exp(β<z, v_q>); a browse behaviour (empty query)
   picks an item ∝ pop^a · exp(β<z, u_k>). With probability `noise` the item is a random popular one.
 The truth (z, pop, u, mixture weights, the interest behind each user's last behaviours) is kept in
-truth.npz so tests can score candidates with an oracle.
+truth.npz (`TRUTH_FILE`) so tests and the tables score candidates with an oracle.
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ from seminar_ray.data.schema import FEATURE_DIM, SEQUENCES, DatasetMeta, Dataset
 from seminar_ray.errors import InputError
 
 log = logging.getLogger(__name__)
+
+
+TRUTH_FILE = "truth.npz"  # the generator's latent state, written beside the tables for `Oracle`
 
 
 @dataclass(frozen=True)
@@ -306,7 +309,7 @@ def _generate(cfg: SyntheticConfig, sink: Callable[[pa.Table], None], progress: 
         extra={"config": asdict(cfg), "timestamp_unit": "s"},
     )
     truth = _truth_npz(cfg, world, users.interests, users.weights, users.last_ks, users.topics)
-    return DatasetTables(items_tbl, queries_tbl, SEQUENCES.empty_table(), meta, {"truth.npz": truth})
+    return DatasetTables(items_tbl, queries_tbl, SEQUENCES.empty_table(), meta, {TRUTH_FILE: truth})
 
 
 def _all_users(

@@ -69,15 +69,19 @@ def rule_scores(
     raise InputError(f"unknown rule {rule!r}; choose from {DATA_RULES} (the oracle: `oracle_scores`)")
 
 
-def oracle_scores(data: str | Path, split: str, ev: dict[str, np.ndarray]) -> np.ndarray:
-    """[targets, C] the generator's log-probabilities of the candidates of `eval_batch`'s lists."""
+def load_oracle(data: str | Path) -> Oracle:
+    """The synthetic generator's oracle for the tables in `data`; an error naming the file where there is none."""
     truth = Path(data) / TRUTH_FILE
     if not truth.exists():
         raise InputError(
             f"{truth} not found: the oracle rule needs the synthetic generator's truth "
             "(jobs/prepare_data.py --source synthetic writes it); real data has no oracle"
         )
-    oracle = Oracle(truth)
+    return Oracle(truth)
+
+
+def oracle_scores(oracle: Oracle, split: str, ev: dict[str, np.ndarray]) -> np.ndarray:
+    """[targets, C] the generator's log-probabilities of the candidates of `eval_batch`'s lists."""
     queries, items = ev["target_queries"][:, 0], ev["target_items"]
     return np.stack([oracle.score(int(u), int(q), c, split) for u, q, c in zip(ev["user_id"], queries, items)])
 
@@ -89,11 +93,12 @@ def evaluate_rule(
     ranks."""
     if rule not in RULES:
         raise InputError(f"unknown rule {rule!r}; choose from {RULES}")
+    oracle = load_oracle(data) if rule == "oracle" else None  # before any work: real data has none
     seqs = SequenceBatch.from_arrow(read_table(data, "sequences"))
     cfg = sample_config(data, eval_seed=eval_seed, eval_neg=eval_neg)
     ev = eval_batch(seqs, split, cfg)
-    if rule == "oracle":
-        scores = oracle_scores(data, split, ev)
+    if oracle is not None:
+        scores = oracle_scores(oracle, split, ev)
     else:
         scores = rule_scores(rule, seqs, cfg.num_items, ev["target_queries"], ev["target_items"])
     out = evaluate_scores(ev["user_id"], ev["target_queries"], scores, ev["history_length"])

@@ -32,8 +32,9 @@ from seminar_ray.data.splits import (
     train_batch,
     train_positions,
 )
-from seminar_ray.data.synthetic import Oracle, SyntheticConfig, generate
+from seminar_ray.data.synthetic import TRUTH_FILE, Oracle, SyntheticConfig, generate
 from seminar_ray.metrics import ranking_metrics
+from seminar_ray.rule_rankers import oracle_scores
 
 
 @pytest.fixture(scope="module")
@@ -77,10 +78,7 @@ def test_planted_structure_lets_an_oracle_beat_popularity(tiny_data, seqs):
     """An oracle scoring by the user's latent interests ranks well; popularity alone does not; most ids are rare."""
     cfg = SampleConfig(max_len=64, num_items=DatasetMeta.load(tiny_data).num_items)
     ev = eval_batch(seqs, "test", cfg)
-    oracle = Oracle(tiny_data / "truth.npz")
-    scores = np.stack(
-        [oracle.score(u, q, c) for u, q, c in zip(ev["user_id"], ev["target_queries"][:, 0], ev["target_items"])]
-    )
+    scores = oracle_scores(Oracle(tiny_data / TRUTH_FILE), "test", ev)
     counts = np.bincount(seqs.items, minlength=cfg.num_items + 1)
     assert ranking_metrics(scores)["ndcg@10"] >= 0.8
     assert ranking_metrics(counts[ev["target_items"]].astype(float))["ndcg@10"] <= 0.35
